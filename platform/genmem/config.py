@@ -1,0 +1,225 @@
+"""Typed configuration for every genmem job.
+
+Configs are pydantic models that refuse unknown keys, are loaded from YAML, take dotted
+``--set key=value`` overrides, and are validated before any Ray work starts. Every error is one
+sentence naming the offending key and what to do about it.
+
+Usage::
+
+    cfg = load_config("configs/digits_flow.yaml", ["train.images=20000", "model.hidden=128"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded as one sentence for the user."""
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+TOY_SOURCES = ("moons", "circles", "8gaussians", "6gaussians", "checkerboard")
+FILE_SOURCES = ("parquet", "array", "mnist", "cifar10")
+DATA_SOURCES = ("digits", *TOY_SOURCES, "manifold", *FILE_SOURCES)
+
+
+class DataConfig(Strict):
+    """Where training data comes from and how it is split."""
+
+    source: Literal[DATA_SOURCES] = "digits"  # type: ignore[valid-type]
+    path: str | None = None  # file or folder, for the sources parquet/array/mnist/cifar10
+    n: int = Field(8000, gt=0)  # points drawn for generated sources (toys, manifold)
+    heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    train_size: int | None = Field(None, gt=0)  # seeded subset of the training split
+    seed: int = 0  # drives generation, the split and the subset
+    noise: float = Field(0.0, ge=0.0)  # extra Gaussian noise for 2-D toys (0 = source default)
+    manifold_dim: int = Field(2, gt=0)  # d of y = F z
+    ambient_dim: int = Field(16, gt=0)  # D of y = F z
+    manifold_variances: list[float] | None = None  # variances of z (length d); default 1..d spread
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.source in FILE_SOURCES and not self.path:
+            raise ValueError(f"data.source '{self.source}' reads user data: set data.path to the file or folder")
+        if self.source == "manifold":
+            if self.manifold_dim > self.ambient_dim:
+                raise ValueError("data.manifold_dim must not exceed data.ambient_dim")
+            if self.manifold_variances is not None:
+                if len(self.manifold_variances) != self.manifold_dim:
+                    raise ValueError("data.manifold_variances needs exactly data.manifold_dim entries")
+                if any(v <= 0 for v in self.manifold_variances):
+                    raise ValueError("data.manifold_variances must all be positive")
+        return self
+
+
+class ModelConfig(Strict):
+    """Network architecture; the input shape comes from the data."""
+
+    kind: Literal["mlp", "unet"] = "mlp"
+    hidden: int = Field(256, gt=0)  # MLP width
+    depth: int = Field(3, gt=0)  # MLP residual blocks
+    time_dim: int = Field(64, gt=0)  # sinusoidal time-embedding width
+    channels: int = Field(32, gt=0)  # U-Net base channels
+    channel_mults: list[int] = Field(default_factory=lambda: [1, 2])
+    blocks_per_level: int = Field(1, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ProcessConfig(Strict):
+    """The generative process: flow matching (straight path) or VP diffusion."""
+
+    kind: Literal["flow", "diffusion"] = "flow"
+    ot_coupling: bool = False  # minibatch optimal-transport pairing of (x0, x1), flow only
+    schedule: Literal["cosine", "linear"] = "cosine"  # diffusion noise schedule
+
+
+class SamplerConfig(Strict):
+    """How samples are drawn."""
+
+    method: Literal["euler", "heun", "rk4", "dopri5", "sde"] = "heun"
+    steps: int = Field(32, gt=0)  # fixed-step solvers and the SDE
+    rtol: float = Field(1e-5, gt=0)  # dopri5
+    atol: float = Field(1e-5, gt=0)  # dopri5
+
+
+class OptimConfig(Strict):
+    """AdamW with linear warm-up."""
+
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_images: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class ScalingConfig(Strict):
+    """Ray Train scaling; used when training runs on Ray workers."""
+
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1)
+    num_to_keep: int = Field(2, gt=0)
+
+
+class TrainConfig(Strict):
+    """Everything `genmem train` needs; saved in every checkpoint."""
+
+    name: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    process: ProcessConfig = Field(default_factory=ProcessConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    batch_size: int = Field(128, gt=0)  # global batch, whatever the worker count
+    images: int = Field(200_000, gt=0)  # training budget in images seen
+    ema_halflife_images: int = Field(10_000, ge=0)  # 0 disables EMA
+    log_every_images: int = Field(10_000, gt=0)
+    grid_every_images: int = Field(0, ge=0)  # 0 = only at the end
+    checkpoint_every_images: int = Field(0, ge=0)  # 0 = only at the end
+    grid_size: int = Field(64, gt=0)  # samples in a grid PNG
+    output: str | None = None  # checkpoint folder; default <storage>/checkpoints/<name>-<id>
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.process.ot_coupling and self.process.kind != "flow":
+            raise ValueError("process.ot_coupling applies to flow matching only: set process.kind=flow or drop it")
+        if self.sampler.method == "sde" and self.process.kind != "diffusion":
+            raise ValueError("sampler.method=sde needs process.kind=diffusion; flow matching samples with an ODE solver")
+        if self.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by scaling.num_workers {self.scaling.num_workers}"
+            )
+        return self
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _describe(err: ValidationError) -> str:
+    """One sentence per pydantic error, naming the dotted key."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown config key '{key}': check its spelling against the documented keys")
+        elif e["type"] == "value_error":
+            parts.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            parts.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides; values are parsed as YAML (numbers, bools, lists)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' is not of the form key=value (for example model.hidden=128)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def validate(cls: type[C], tree: dict[str, Any]) -> C:
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type[C] = TrainConfig) -> C:
+    """Read a YAML config (or start from defaults), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist: pass a YAML file such as configs/digits_flow.yaml")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML ({exc.__class__.__name__}): fix its syntax") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys at the top level")
+    return validate(cls, apply_overrides(tree, overrides))
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used for MLflow params and sweep keys."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
