@@ -1,0 +1,39 @@
+# genmem: bootstrap a virtual environment with nothing but Python and pip, then run things in it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.genmem-installed
+# Where no GPU is present, the CPU build of torch is installed first so nothing pulls a CUDA
+# build. Elsewhere, point TORCH_CPU at another spec or add an index, e.g.
+#   make TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench mlflow-ui clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing torch with CUDA"; $(BIN)/pip install --quiet torch; \
+	else \
+		echo "no GPU: installing the CPU build of torch ($(TORCH_CPU))"; $(BIN)/pip install --quiet $(TORCH_CPU); \
+	fi
+	$(BIN)/pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/genmem train --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) genmem-store mlflow.db mlartifacts

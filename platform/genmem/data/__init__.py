@@ -1,0 +1,30 @@
+"""Data: built-in and user sources, Parquet shards with manifests, seeded splits and mixing.
+
+Usage::
+
+    from genmem.data import load_dataset, mix
+    train, heldout = load_dataset(cfg.data)
+    training_set = mix(train, synthetic, ratio=0.5, seed=cfg.seed)
+"""
+
+from .dataset import ArrayDataset, Manifest, content_hash
+from .errors import DataError, DataNotFoundError
+from .materialise import build_source, dataset_key, load_dataset
+from .shards import read_shards, write_shards
+from .splits import mix, split, subset
+
+__all__ = [
+    "ArrayDataset",
+    "DataError",
+    "DataNotFoundError",
+    "Manifest",
+    "build_source",
+    "content_hash",
+    "dataset_key",
+    "load_dataset",
+    "mix",
+    "read_shards",
+    "split",
+    "subset",
+    "write_shards",
+]

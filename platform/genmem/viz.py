@@ -1,0 +1,77 @@
+"""Pictures people read at a glance: sample grids (images) and scatter plots (2-D data).
+
+Returns uint8 RGB arrays (H, W, 3), so the same picture can be written as PNG or sent to MLflow.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_grid(x: torch.Tensor, nrow: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile images (n, C, H, W) in [-1, 1] into one RGB array; small images are upscaled."""
+    x = x.detach().float().cpu().clamp(-1, 1)
+    n, c, h, w = x.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    ncol = math.ceil(n / nrow)
+    scale = scale or max(1, 64 // max(h, w))
+    imgs = ((x + 1) * 127.5).round().to(torch.uint8)
+    if c == 1:
+        imgs = imgs.expand(n, 3, h, w)
+    elif c == 2:
+        imgs = torch.cat([imgs, imgs[:, :1]], dim=1)
+    canvas = torch.full((3, ncol * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = imgs[i]
+    arr = canvas.permute(1, 2, 0).numpy()
+    return np.kron(arr, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else arr
+
+
+def scatter(x: torch.Tensor, reference: torch.Tensor | None = None, title: str = "") -> np.ndarray:
+    """Scatter of the first two coordinates of vectors, optionally over a reference sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    if reference is not None:
+        ref = reference.detach().cpu().flatten(1).numpy()
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="#bbbbbb", label="data")
+    pts = x.detach().cpu().flatten(1).numpy()
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, c="#d62728", label="samples")
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=7, markerscale=4)
+    return figure_to_array(fig)
+
+
+def figure_to_array(fig) -> np.ndarray:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def sample_picture(x: torch.Tensor, reference: torch.Tensor | None = None, title: str = "") -> np.ndarray:
+    """A grid for images (n, C, H, W), a scatter for anything else."""
+    if x.dim() == 4 and x.shape[1] <= 3:
+        return image_grid(x)
+    return scatter(x, reference, title)
+
+
+def save_png(picture: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(path)
+    return path

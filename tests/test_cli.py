@@ -1,0 +1,83 @@
+"""The `genmem` command: --json output, and one-sentence errors for bad input with nothing
+left half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from genmem.cli import main
+from genmem.data import read_shards
+
+TINY = ["--set", "data.source=moons", "--set", "data.n=500", "--set", "model.hidden=32", "--set", "model.depth=1",
+        "--set", "batch_size=50", "--set", "images=500", "--set", "grid_size=16"]
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("genmem ") and ": error: " in err
+    return err
+
+
+def test_train_then_sample_with_json(storage, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "genmem.cli", "train", *TINY, "--json"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["images_seen"] == 500 and result["step"] == 10
+    assert result["checkpoint"].startswith(str(storage)) and result["grid"].endswith(".png")
+
+    samples = tmp_path / "samples"
+    out = subprocess.run(
+        [sys.executable, "-m", "genmem.cli", "sample", "--checkpoint", result["checkpoint"], "--n", "37", "--out", str(samples), "--seed", "4", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    ds = read_shards(samples)
+    assert len(ds) == 37 and ds.shape == (2,)
+    assert set(ds.meta["model_id"]) == {info["checkpoint_id"]}
+    assert set(ds.meta["seed"].tolist()) == {4} and ds.index.tolist() == list(range(37))
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--set", "data.source=mnistt"], "data.source"),
+        (["--set", "model.hiden=3"], "unknown config key 'model.hiden'"),
+        (["--set", "images=0"], "config key 'images'"),
+        (["--set", "images=-5"], "config key 'images'"),
+        (["--set", "data.source=parquet"], "set data.path"),
+        (["--config", "does/not/exist.yaml"], "does not exist"),
+        (["--set", "sampler.method=sde"], "needs process.kind=diffusion"),
+    ],
+)
+def test_bad_config_is_one_sentence_before_any_work(argv, fragment, capsys, storage):
+    assert fragment in _error(capsys, ["train", *argv])
+    assert not storage.exists()  # nothing was written
+
+
+def test_bad_user_data_is_one_sentence(capsys, storage, tmp_path):
+    missing = tmp_path / "missing.parquet"
+    assert "does not exist" in _error(capsys, ["train", *TINY, "--set", "data.source=parquet", "--set", f"data.path={missing}"])
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    assert "not a readable Parquet file" in _error(capsys, ["train", *TINY, "--set", "data.source=parquet", "--set", f"data.path={corrupt}"])
+    rank3 = tmp_path / "rank5.npy"
+    np.save(rank3, np.zeros((4, 1, 2, 2, 2), dtype=np.float32))
+    assert "rank 5" in _error(capsys, ["train", *TINY, "--set", "data.source=array", "--set", f"data.path={rank3}"])
+    nonfinite = tmp_path / "nan.npy"
+    arr = np.zeros((10, 2), dtype=np.float32)
+    arr[3, 1] = np.nan
+    np.save(nonfinite, arr)
+    assert "non-finite" in _error(capsys, ["train", *TINY, "--set", "data.source=array", "--set", f"data.path={nonfinite}"])
+    assert not (storage / "runs").exists() or not any((storage / "runs").iterdir())
+
+
+def test_sample_errors(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "has no meta.json" in _error(capsys, ["sample", "--checkpoint", str(tmp_path / "empty"), "--n", "3", "--out", str(tmp_path / "o")])
+    assert "does not exist" in _error(capsys, ["sample", "--checkpoint", str(tmp_path / "nope"), "--n", "3", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
