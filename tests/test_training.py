@@ -12,7 +12,7 @@ from genmem.checkpoint import CheckpointError, load_checkpoint
 from genmem.config import ModelConfig, TrainConfig
 from genmem.data import ArrayDataset, load_dataset
 from genmem.generative import build_process, generate
-from genmem.jobs import LocalReporter
+from genmem.training import LocalReporter
 from genmem.metrics import mmd_rbf
 from genmem.models import build_model, count_parameters
 from genmem.training import TrainingError, global_positions, train_loop

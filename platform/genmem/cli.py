@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 def _sample(args: argparse.Namespace) -> dict[str, Any]:
     from genmem.jobs import run_sample
 
-    return run_sample(args.checkpoint, args.n, args.out, seed=args.seed, batch_size=args.batch_size)
+    return run_sample(args.checkpoint, args.n, args.out, seed=args.seed, tasks=args.tasks, batch_size=args.batch_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, required=True, help="number of samples")
     sample.add_argument("--out", required=True, help="output folder for the Parquet shards")
     sample.add_argument("--seed", type=int, default=0, help="sample k depends only on (seed, k)")
+    sample.add_argument("--tasks", type=int, default=None, help="Ray tasks to split the samples over (default: one per CPU or GPU)")
     sample.add_argument("--batch-size", type=int, default=256)
     sample.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     sample.set_defaults(func=_sample)

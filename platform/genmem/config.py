@@ -111,14 +111,18 @@ class ScalingConfig(Strict):
     gpus_per_worker: float = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_failures: int = Field(0, ge=-1)
-    num_to_keep: int = Field(2, gt=0)
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = forever
+    num_to_keep: int = Field(2, gt=0)  # checkpoints kept in Ray's storage
+    check_resources: bool = True  # refuse up front what the cluster cannot place (off when autoscaling)
 
 
 class TrainConfig(Strict):
     """Everything `genmem train` needs; saved in every checkpoint."""
 
     name: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$")
+    # The Ray Train run: unset gives a fresh unique name; a fixed name resumes that run from its
+    # last checkpoint (and its MLflow run) if it exists.
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -22,13 +22,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from genmem.checkpoint import Checkpoint, save_checkpoint
 from genmem.config import TrainConfig
 from genmem.data import ArrayDataset
 from genmem.generative import build_process, derive_seed, generate
 from genmem.models import build_model, count_parameters
-from genmem.viz import sample_picture
+from genmem.viz import sample_picture, save_png
 
 _DATA_STREAM, _NOISE_STREAM, _TORCH_STREAM, _INIT_STREAM, _GRID_SEED = 1, 2, 3, 4, 20_240_101
 
@@ -63,13 +64,22 @@ class Engine:
     def autocast(self) -> AbstractContextManager:
         return nullcontext()
 
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of a scalar over all ranks."""
         return value
 
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Stack a tensor from every rank along a new first axis (rank order)."""
+        return value[None]
+
 
 class Reporter(Protocol):
     """Side effects of training, called on every rank (ranks > 0 usually ignore them)."""
+
+    checkpoint_meta: dict[str, Any]  # extra fields for meta.json (e.g. the MLflow run id)
 
     def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None: ...
 
@@ -78,6 +88,32 @@ class Reporter(Protocol):
     def checkpoint_path(self, images_seen: int, final: bool) -> Path: ...
 
     def checkpoint(self, step: int, images_seen: int, metrics: dict[str, float], path: Path | None, final: bool) -> None: ...
+
+
+class LocalReporter:
+    """Training side effects for a single local process: a progress bar, grid PNGs and the
+    checkpoint folder (periodic checkpoints overwrite it; the last one stays)."""
+
+    def __init__(self, output: Path, total_images: int, start_images: int = 0, quiet: bool = False):
+        self.output = output
+        self.checkpoint_meta: dict[str, Any] = {}
+        self.grids: list[Path] = []
+        self.bar = tqdm(total=total_images, initial=start_images, unit="img", unit_scale=True, disable=quiet, desc="train")
+
+    def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
+        self.bar.update(images_seen - self.bar.n)
+        self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+
+    def picture(self, step: int, images_seen: int, name: str, picture: np.ndarray) -> None:
+        self.grids.append(save_png(picture, self.output / "grids" / f"{name}-{images_seen:012d}.png"))
+
+    def checkpoint_path(self, images_seen: int, final: bool) -> Path:
+        return self.output / "checkpoint"
+
+    def checkpoint(self, step: int, images_seen: int, metrics: dict[str, float], path: Path | None, final: bool) -> None:
+        if final:
+            self.bar.update(images_seen - self.bar.n)
+            self.bar.close()
 
 
 @dataclass
@@ -193,6 +229,7 @@ def train_loop(
                 data_manifest=data_hash,
                 ema=ema,
                 optimizer=optimizer,
+                extra=reporter.checkpoint_meta,
             )
         reporter.checkpoint(step, step * batch, metrics, path, final)
         return path
@@ -219,7 +256,7 @@ def train_loop(
         optimizer.zero_grad(set_to_none=True)
         engine.backward(loss)
         if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            engine.clip_grad_norm(model, cfg.optim.grad_clip)
         optimizer.step()
         if ema is not None:
             with torch.no_grad():
@@ -252,7 +289,7 @@ def train_loop(
 
     seconds = time.perf_counter() - t_start
     draw_grid()
-    path = write_checkpoint(True, {"train/loss": last_loss})
+    path = write_checkpoint(True, {"train/loss": last_loss, "dist/param_spread": _param_spread(engine, model)})
     done = step * batch - (int(resume.meta["images_seen"]) if resume is not None else 0)
     return TrainResult(
         checkpoint=path,
@@ -263,6 +300,15 @@ def train_loop(
         seconds=seconds,
         images_per_s=done / max(seconds, 1e-9),
     )
+
+
+def _param_spread(engine: Engine, model: nn.Module) -> float:
+    """Largest difference of a parameter checksum between any rank and rank 0: 0 when DDP keeps
+    the replicas identical, as it must."""
+    with torch.no_grad():
+        checksum = torch.stack([p.double().sum() for p in engine.unwrap(model).parameters()]).sum()
+    sums = engine.gather(checksum.reshape(1).to(engine.device)).flatten()
+    return (sums - sums[0]).abs().max().item()
 
 
 def _advance(marks: Iterator[int], seen: int) -> int | None:

@@ -10,7 +10,7 @@ Usage::
 from .dataset import ArrayDataset, Manifest, content_hash
 from .errors import DataError, DataNotFoundError
 from .materialise import build_source, dataset_key, load_dataset
-from .shards import read_shards, write_shards
+from .shards import read_shards, seal_shards, write_part, write_shards
 from .splits import mix, split, subset
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "load_dataset",
     "mix",
     "read_shards",
+    "seal_shards",
+    "write_part",
     "split",
     "subset",
     "write_shards",

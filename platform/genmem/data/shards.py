@@ -59,6 +59,29 @@ def atomic_folder(target: Path, *, replace: bool = True) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _table(x: torch.Tensor, columns: dict[str, Any] | None) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """The Arrow table of ``x`` (n, *shape) and its per-row columns, shape in the schema metadata."""
+    x = x.detach().cpu().to(torch.float32).contiguous()
+    if x.ndim < 2:
+        raise DataError(f"write_shards needs x shaped (n, *sample_shape), got shape {tuple(x.shape)}: add a feature axis")
+    n, shape = x.shape[0], tuple(x.shape[1:])
+    cols = {name: np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v) for name, v in (columns or {}).items()}
+    for name, col in cols.items():
+        if name == "x" or col.ndim != 1 or len(col) != n:
+            raise DataError(f"column '{name}' must be 1-D with one value per row of x ({n}) and not named x")
+    cols.setdefault("index", np.arange(n))
+    for name in ("label", "index"):
+        if name in cols:
+            cols[name] = cols[name].astype(np.int64)
+    arrays = {"x": pa.FixedSizeListArray.from_arrays(pa.array(x.numpy().reshape(-1)), math.prod(shape))}
+    for name, col in cols.items():
+        try:
+            arrays[name] = pa.array(col)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise DataError(f"column '{name}' cannot be stored in Parquet ({exc}): pass numbers, bools or strings") from None
+    return pa.table(arrays).replace_schema_metadata({SHAPE_KEYS[0]: json.dumps(list(shape))}), cols
+
+
 def write_shards(
     folder: str | Path,
     x: torch.Tensor,
@@ -74,35 +97,39 @@ def write_shards(
     ``columns`` may hold ``label`` and ``index`` (default 0..n-1), ``is_synthetic`` and any
     provenance columns; each needs one value per row. An existing ``folder`` is replaced.
     """
-    x = x.detach().cpu().to(torch.float32).contiguous()
-    if x.ndim < 2:
-        raise DataError(f"write_shards needs x shaped (n, *sample_shape), got {tuple(x.shape)}: add a feature axis")
-    n, shape = x.shape[0], tuple(x.shape[1:])
-    cols = {name: np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v) for name, v in (columns or {}).items()}
-    for name, col in cols.items():
-        if name == "x" or col.ndim != 1 or len(col) != n:
-            raise DataError(f"column '{name}' must be 1-D with one value per row of x ({n}) and not named x")
-    cols.setdefault("index", np.arange(n))
-    for name in ("label", "index"):
-        if name in cols:
-            cols[name] = cols[name].astype(np.int64)
+    table, cols = _table(x, columns)
     labels = torch.from_numpy(cols["label"]) if "label" in cols else None
-    manifest = Manifest(n, shape, "float32", content_hash(x, labels), source, split, extra or {})
-
-    arrays = {"x": pa.FixedSizeListArray.from_arrays(pa.array(x.numpy().reshape(-1)), math.prod(shape))}
-    for name, col in cols.items():
-        try:
-            arrays[name] = pa.array(col)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            reason = f"column '{name}' cannot be stored in Parquet ({exc})"
-            raise DataError(f"{reason}: pass numbers, bools or strings") from None
-    table = pa.table(arrays).replace_schema_metadata({SHAPE_KEYS[0]: json.dumps(list(shape))})
-
+    manifest = Manifest(len(x), tuple(x.shape[1:]), "float32", content_hash(x, labels), source, split, extra or {})
     with atomic_folder(Path(folder)) as tmp:
         # At least one part, so an empty split still carries its schema.
-        for part, start in enumerate(range(0, max(n, 1), rows_per_shard)):
+        for part, start in enumerate(range(0, max(len(x), 1), rows_per_shard)):
             pq.write_table(table.slice(start, rows_per_shard), tmp / f"part-{part:05d}.parquet")
         (tmp / "manifest.json").write_text(manifest.to_json())
+    return manifest
+
+
+def write_part(staging: str | Path, part: int, x: torch.Tensor, columns: dict[str, Any] | None = None) -> Path:
+    """One shard of a set written by several processes into ``staging``; :func:`seal_shards`
+    later publishes the folder with its manifest."""
+    table, _ = _table(x, columns)
+    path = Path(staging) / f"part-{part:05d}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def seal_shards(staging: str | Path, folder: str | Path, *, source: str, split: str, extra: dict[str, Any] | None = None) -> Manifest:
+    """Give the parts in ``staging`` their manifest (content hash over all rows, in part order)
+    and move them to ``folder`` in one rename."""
+    ds = read_shards(staging)
+    manifest = Manifest(len(ds), ds.shape, "float32", ds.manifest.sha256, source, split, extra or {})
+    (Path(staging) / "manifest.json").write_text(manifest.to_json())
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
     return manifest
 
 

@@ -1,0 +1,191 @@
+"""MLflow tracking: where runs go, one experiment per job kind, and one object that writes.
+
+``MLFLOW_TRACKING_URI`` if set, else the embedded sqlite store ``./mlflow.db`` with artifacts in
+``./mlartifacts`` beside it. Runs are addressed by id through ``MlflowClient`` (no global active
+run), so a restarted Ray worker re-attaches to the run whose id its checkpoint carries, and only
+the rank-0 worker (or the driver) ever writes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genmem.config import flatten
+
+EXPERIMENT_PREFIX = "genmem"
+_PARAM_LIMIT = 6000  # MLflow's limit on a param value's length
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used; the message names the URI."""
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlflow.db').absolute()}"
+
+
+def artifact_location() -> str | None:
+    """Artifacts of the embedded store live beside mlflow.db; a server decides its own."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return Path("mlartifacts").absolute().as_uri()
+
+
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer /health."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {resp.status}: check the server")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}): start it or fix MLFLOW_TRACKING_URI"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow store {uri} is not writable: set MLFLOW_TRACKING_URI or run from a writable folder")
+    return uri
+
+
+def _client(uri: str | None = None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def experiment_id(kind: str, uri: str | None = None) -> str:
+    """The experiment of a job kind (``genmem/train``, ``genmem/evaluate``, ...), created once."""
+    client = _client(uri)
+    name = f"{EXPERIMENT_PREFIX}/{kind}"
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location())
+    except Exception:  # created meanwhile by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def default_tags() -> dict[str, str]:
+    tags: dict[str, str] = {}
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    job_id = os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID")
+    if job_id:
+        tags["ray_job_id"] = job_id
+    return tags
+
+
+class Tracker:
+    """Writes to one MLflow run by id. Construct on the process that should write (the driver or
+    rank 0); every other process gets ``Tracker.disabled()`` whose calls do nothing."""
+
+    def __init__(self, run_id: str | None, uri: str | None = None):
+        self.run_id = run_id
+        self.uri = uri or tracking_uri()
+        self._c = _client(self.uri) if run_id else None
+
+    @classmethod
+    def disabled(cls) -> "Tracker":
+        return cls(None)
+
+    @classmethod
+    def start(
+        cls,
+        kind: str,
+        run_name: str,
+        *,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+        uri: str | None = None,
+    ) -> "Tracker":
+        """Create a run in the experiment of ``kind`` with flattened params and default tags."""
+        client = _client(uri)
+        all_tags = {**default_tags(), **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id(kind, uri), run_name=run_name, tags=all_tags)
+        tracker = cls(run.info.run_id, uri)
+        if params:
+            tracker.params(params)
+        return tracker
+
+    @property
+    def enabled(self) -> bool:
+        return self._c is not None
+
+    def params(self, params: dict[str, Any]) -> None:
+        if not self._c:
+            return
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self._c.log_batch(self.run_id, params=items[i : i + 100])
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self._c:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            self._c.log_batch(self.run_id, metrics=items)
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        if not self._c:
+            return
+        from mlflow.entities import RunTag
+
+        self._c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def image(self, key: str, picture: np.ndarray, step: int | None = None) -> None:
+        """An image by step (MLflow's image history) when a step is given, else a plain PNG."""
+        if not self._c:
+            return
+        if step is None:
+            self._c.log_image(self.run_id, picture, artifact_file=f"{key}.png")
+        else:
+            self._c.log_image(self.run_id, picture, key=key, step=step)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        if self._c:
+            self._c.log_text(self.run_id, text, artifact_file)
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self._c:
+            self._c.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._c:
+            self._c.set_terminated(self.run_id, status=status)
