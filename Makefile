@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.genmem-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
+MLFLOW_PORT ?= 5000
+
 .PHONY: venv demo test bench mlflow-ui clean
 
 venv: $(STAMP)
@@ -34,6 +36,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# The MLflow UI over the embedded store (./mlflow.db, artifacts in ./mlartifacts), on 127.0.0.1.
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) genmem-store mlflow.db mlartifacts

@@ -92,12 +92,25 @@ def git_commit() -> str | None:
         return None
 
 
+def ray_job_id() -> str | None:
+    """The submission id when this process is the driver of a `ray job submit` job."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
 def default_tags() -> dict[str, str]:
     tags: dict[str, str] = {}
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
-    job_id = os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID")
+    job_id = ray_job_id()
     if job_id:
         tags["ray_job_id"] = job_id
     return tags

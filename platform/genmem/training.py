@@ -231,13 +231,18 @@ def train_loop(
                 optimizer=optimizer,
                 extra=reporter.checkpoint_meta,
             )
+            if final and grid:
+                save_png(grid[-1], path / "samples.png")  # the checkpoint shows what it generates
         reporter.checkpoint(step, step * batch, metrics, path, final)
         return path
+
+    grid: list[np.ndarray] = []
 
     def draw_grid() -> None:
         if engine.is_main:
             x = generate(sample_model(), process, cfg.sampler, shape, range(cfg.grid_size), _GRID_SEED, device=engine.device)
-            reporter.picture(step, step * batch, "samples", sample_picture(x, train.x[: 2000], f"{step * batch} images"))
+            grid[:] = [sample_picture(x, train.x[:2000], f"{step * batch} images")]
+            reporter.picture(step, step * batch, "samples", grid[0])
 
     lo, hi = engine.rank * local, (engine.rank + 1) * local
     loss_sum, loss_count, last_loss = 0.0, 0, float("nan")

@@ -43,3 +43,20 @@ def check_placeable(bundle: dict[str, float], n: int, strategy: str, what: str) 
             "lower scaling.num_workers or the per-worker resources, or add nodes "
             "(on an autoscaling cluster set scaling.check_resources=false)"
         )
+
+
+def validate_cluster_config(cfg: dict) -> dict:
+    """Ray's own offline validation of a cluster-launcher config (its JSON schema: typos, the
+    global worker bound), plus the per-type ``min_workers <= max_workers`` that Ray leaves to
+    launch time."""
+    import copy
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    for name, node_type in prepared.get("available_node_types", {}).items():
+        lo, hi = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
+        if name != prepared.get("head_node_type") and lo > hi:
+            raise ValueError(f"node type '{name}' has min_workers {lo} above max_workers {hi}: lower min_workers or raise max_workers")
+    return prepared

@@ -40,8 +40,9 @@ class RayReporter:
     """Training side effects on a Ray worker: MLflow writes from rank 0 only (a disabled
     Tracker elsewhere), ``ray.train.report`` from every rank each checkpoint round."""
 
-    def __init__(self, tracker: Tracker, rank: int, hooks: Sequence[Hook] = ()):
+    def __init__(self, tracker: Tracker, rank: int, hooks: Sequence[Hook] = (), total_images: int = 0):
         self.tracker = tracker
+        self.total_images = total_images
         self.rank = rank
         self.hooks = list(hooks)
         self.checkpoint_meta: dict[str, Any] = {"mlflow_run_id": tracker.run_id} if tracker.enabled else {}
@@ -50,6 +51,12 @@ class RayReporter:
     def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
         # MLflow's step axis is images seen: comparable across batch sizes and worker counts.
         self.tracker.metrics({**metrics, "train/step": step}, step=images_seen)
+        if self.rank == 0:  # Ray forwards worker stdout to the driver: a progress line
+            print(
+                f"[genmem train] {images_seen}/{self.total_images} images ({100 * images_seen / max(self.total_images, 1):.0f}%) "
+                f"loss {metrics['train/loss']:.4f}, {metrics['train/images_per_s']:.0f} images/s",
+                flush=True,
+            )
 
     def picture(self, step: int, images_seen: int, name: str, picture: np.ndarray) -> None:
         self.tracker.image(name, picture, step=images_seen)
@@ -89,7 +96,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         resume = _persisted_checkpoint(Path(loop_config["run_dir"]))
     tracker = Tracker(loop_config["run_id"]) if engine.is_main and loop_config.get("run_id") else Tracker.disabled()
     train, _ = load_dataset(cfg.data)
-    train_loop(cfg, train, RayReporter(tracker, engine.rank, loop_config.get("hooks", ())), engine=engine, resume=resume)
+    total = -(-cfg.images // cfg.batch_size) * cfg.batch_size
+    reporter = RayReporter(tracker, engine.rank, loop_config.get("hooks", ()), total_images=total)
+    train_loop(cfg, train, reporter, engine=engine, resume=resume)
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -174,6 +183,7 @@ def fit(cfg: TrainConfig, *, hooks: Sequence[Hook] = (), kind: str = "train", pa
     meta = read_meta(checkpoint)
     return {
         "checkpoint": str(checkpoint),
+        "grid": str(checkpoint / "samples.png"),
         "run_name": run_name,
         "mlflow_run_id": tracker.run_id,
         "tracking_uri": tracking_uri(),

@@ -1,0 +1,47 @@
+"""cluster.yaml passes Ray's own launcher validation; broken copies do not."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from genmem.distributed.cluster import validate_cluster_config
+
+CLUSTER = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster.yaml").read_text())
+
+
+def _validate(cfg: dict) -> None:
+    validate_cluster_config(cfg)
+
+
+def test_cluster_yaml_is_valid_for_the_ray_launcher():
+    _validate(CLUSTER)
+    head = CLUSTER["available_node_types"][CLUSTER["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # the head schedules no training tasks
+    gpu_types = [k for k in CLUSTER["available_node_types"] if k != CLUSTER["head_node_type"]]
+    assert gpu_types and all(CLUSTER["available_node_types"][k]["max_workers"] > 0 for k in gpu_types)
+    setup = " ".join(CLUSTER["setup_commands"])
+    assert "GENMEM_STORAGE=/mnt/shared" in setup and "GENMEM_RAY_STORAGE=/mnt/shared" in setup
+    assert "--dashboard-host=127.0.0.1" in " ".join(CLUSTER["head_start_ray_commands"])
+
+
+def test_a_typo_fails_validation():
+    broken = copy.deepcopy(CLUSTER)
+    broken["available_node_types"]["gpu_1x"]["min_workrs"] = 1
+    with pytest.raises(Exception, match="min_workrs"):
+        _validate(broken)
+
+
+def test_min_above_max_fails_validation():
+    broken = copy.deepcopy(CLUSTER)
+    broken["available_node_types"]["gpu_4x"]["min_workers"] = 3  # its max_workers is 2
+    with pytest.raises(ValueError, match="'gpu_4x' has min_workers 3 above max_workers 2"):
+        _validate(broken)
+    broken["available_node_types"]["gpu_4x"]["min_workers"] = 0
+    broken["available_node_types"]["gpu_1x"]["min_workers"] = 8
+    broken["max_workers"] = 4  # Ray's own check: the global bound below the sum of minimums
+    with pytest.raises(ValueError, match="max_workers"):
+        _validate(broken)
