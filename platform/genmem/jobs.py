@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from genmem.config import TrainConfig
+from genmem.config import EvaluateConfig, TrainConfig
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -21,3 +21,10 @@ def run_sample(checkpoint: str | Path, n: int, out: str | Path, *, seed: int = 0
     from genmem.distributed.sampling import sample
 
     return sample(checkpoint, n, out, seed=seed, tasks=tasks, batch_size=batch_size)
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Samples (generated across Ray tasks, or given) scored against the checkpoint's own data."""
+    from genmem.distributed.evaluate import run_evaluate as evaluate
+
+    return evaluate(cfg)

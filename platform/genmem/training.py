@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +102,8 @@ class LocalReporter:
 
     def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
         self.bar.update(images_seen - self.bar.n)
-        self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+        if "train/loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
 
     def picture(self, step: int, images_seen: int, name: str, picture: np.ndarray) -> None:
         self.grids.append(save_png(picture, self.output / "grids" / f"{name}-{images_seen:012d}.png"))
@@ -172,11 +173,13 @@ def train_loop(
     *,
     engine: Engine | None = None,
     resume: Checkpoint | None = None,
+    probe: Callable[[nn.Module, torch.device], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` with ``cfg.process`` on ``train`` for ``cfg.images`` images.
 
     ``resume``: a checkpoint loaded with ``use_ema=False, with_optimizer=True``; training goes on
-    from its step with its weights, EMA and optimizer state.
+    from its step with its weights, EMA and optimizer state. ``probe(model, device)``: metrics of
+    the sampling model every ``cfg.eval_every_images`` (rank 0), e.g. the memorised fraction.
     """
     engine = engine or Engine()
     shape = tuple(train.shape)
@@ -211,7 +214,8 @@ def train_loop(
     log_marks = _chunks(cfg.images, cfg.log_every_images)
     grid_marks = _chunks(cfg.images, cfg.grid_every_images)
     ckpt_marks = _chunks(cfg.images, cfg.checkpoint_every_images)
-    next_log, next_grid, next_ckpt = (_advance(m, step * batch) for m in (log_marks, grid_marks, ckpt_marks))
+    eval_marks = _chunks(cfg.images, cfg.eval_every_images if probe is not None else 0)
+    next_log, next_grid, next_ckpt, next_eval = (_advance(m, step * batch) for m in (log_marks, grid_marks, ckpt_marks, eval_marks))
 
     def sample_model() -> nn.Module:
         return ema if ema is not None else engine.unwrap(model)
@@ -243,6 +247,7 @@ def train_loop(
             x = generate(sample_model(), process, cfg.sampler, shape, range(cfg.grid_size), _GRID_SEED, device=engine.device)
             grid[:] = [sample_picture(x, train.x[:2000], f"{step * batch} images")]
             reporter.picture(step, step * batch, "samples", grid[0])
+            model.train()  # generate() switched the (possibly shared) network to eval mode
 
     lo, hi = engine.rank * local, (engine.rank + 1) * local
     loss_sum, loss_count, last_loss = 0.0, 0, float("nan")
@@ -285,6 +290,11 @@ def train_loop(
             })
             loss_sum, loss_count, imgs_window, t_window = 0.0, 0, 0, now
             next_log = _advance(log_marks, seen)
+        if next_eval is not None and seen >= next_eval:
+            if engine.is_main:
+                reporter.log(step, seen, probe(sample_model(), engine.device))
+                model.train()
+            next_eval = _advance(eval_marks, seen)
         if next_grid is not None and seen >= next_grid and step < total_steps:
             draw_grid()
             next_grid = _advance(grid_marks, seen)

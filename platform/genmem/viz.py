@@ -75,3 +75,50 @@ def save_png(picture: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path)
     return path
+
+
+def pairs_grid(generated: torch.Tensor, nearest: torch.Tensor, ratios: torch.Tensor | None = None) -> np.ndarray:
+    """The most-memorised pairs, generated | nearest training sample, one pair per row block.
+
+    Images are tiled as (generated, nearest) side by side; vectors are drawn as segments from
+    each generated point to its nearest training point."""
+    if generated.dim() == 4 and generated.shape[1] <= 3:
+        n = len(generated)
+        both = torch.stack([generated, nearest], dim=1).reshape(2 * n, *generated.shape[1:])
+        return image_grid(both, nrow=min(8, 2 * n) if n > 4 else 2 * n)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g, r = generated.flatten(1)[:, :2].cpu().numpy(), nearest.flatten(1)[:, :2].cpu().numpy()
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    for a, b in zip(g, r):
+        ax.plot([a[0], b[0]], [a[1], b[1]], c="#999999", lw=0.8)
+    ax.scatter(r[:, 0], r[:, 1], s=12, c="#1f77b4", label="nearest training")
+    ax.scatter(g[:, 0], g[:, 1], s=12, c="#d62728", label="generated")
+    ax.set_aspect("equal")
+    ax.legend(fontsize=7)
+    return figure_to_array(fig)
+
+
+def ratio_histograms(train: torch.Tensor, heldout: torch.Tensor | None, threshold: float, label: str = "d1/d2") -> np.ndarray:
+    """Histograms of a nearest-neighbour statistic against the training and held-out sets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    values = [train.cpu().numpy()] + ([heldout.cpu().numpy()] if heldout is not None else [])
+    hi = max(float(v.max()) for v in values if len(v)) if any(len(v) for v in values) else 1.0
+    bins = np.linspace(0, max(hi, 1e-9), 40)
+    ax.hist(values[0], bins=bins, alpha=0.6, label="vs training set", color="#d62728")
+    if heldout is not None:
+        ax.hist(values[1], bins=bins, alpha=0.6, label="vs held-out set", color="#1f77b4")
+    if label == "d1/d2":
+        ax.axvline(threshold, c="k", ls="--", lw=1, label=f"memorised below {threshold:.2f}")
+    ax.set_xlabel(label)
+    ax.set_ylabel("generated samples")
+    ax.legend(fontsize=7)
+    return figure_to_array(fig)

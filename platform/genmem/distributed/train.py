@@ -51,7 +51,7 @@ class RayReporter:
     def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
         # MLflow's step axis is images seen: comparable across batch sizes and worker counts.
         self.tracker.metrics({**metrics, "train/step": step}, step=images_seen)
-        if self.rank == 0:  # Ray forwards worker stdout to the driver: a progress line
+        if self.rank == 0 and "train/loss" in metrics:  # Ray forwards worker stdout to the driver
             print(
                 f"[genmem train] {images_seen}/{self.total_images} images ({100 * images_seen / max(self.total_images, 1):.0f}%) "
                 f"loss {metrics['train/loss']:.4f}, {metrics['train/images_per_s']:.0f} images/s",
@@ -95,10 +95,15 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     else:
         resume = _persisted_checkpoint(Path(loop_config["run_dir"]))
     tracker = Tracker(loop_config["run_id"]) if engine.is_main and loop_config.get("run_id") else Tracker.disabled()
-    train, _ = load_dataset(cfg.data)
+    train, heldout = load_dataset(cfg.data)
     total = -(-cfg.images // cfg.batch_size) * cfg.batch_size
     reporter = RayReporter(tracker, engine.rank, loop_config.get("hooks", ()), total_images=total)
-    train_loop(cfg, train, reporter, engine=engine, resume=resume)
+    probe = None
+    if cfg.eval_every_images and engine.is_main:
+        from genmem.evaluation import memorisation_probe
+
+        probe = memorisation_probe(cfg, train, heldout)
+    train_loop(cfg, train, reporter, engine=engine, resume=resume, probe=probe)
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:

