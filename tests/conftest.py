@@ -62,6 +62,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM a service started with start_new_session=True and all it spawned; SIGKILL if it lingers."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 _RAY_STARTED = []
 
 
@@ -114,11 +124,7 @@ def mlflow_server(tmp_path_factory):
             raise RuntimeError(f"mlflow server did not become healthy: {Path(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_process_group(proc, timeout=20)
     log.close()
 
 

@@ -3,7 +3,6 @@ watched during training; bad input refused in one sentence."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient

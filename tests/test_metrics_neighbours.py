@@ -6,7 +6,6 @@ and real digits for calibrating the memorisation ratio.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

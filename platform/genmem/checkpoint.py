@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genmem.config import ConfigError, ModelConfig, TrainConfig
+from genmem.config import ModelConfig, TrainConfig
 from genmem.models import build_model, count_parameters
 
 META = "meta.json"
