@@ -200,12 +200,15 @@ def train_loop(
         ema = copy.deepcopy(model).requires_grad_(False)
         if resume is not None and resume.ema_state is not None:
             ema.load_state_dict(resume.ema_state)
+    # On the device before the optimizer exists: load_state_dict places the resumed moments
+    # beside their parameters, which must already be where training runs.
+    model.to(engine.device)
+    if ema is not None:
+        ema.to(engine.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     if resume is not None and resume.optimizer_state is not None:
         optimizer.load_state_dict(resume.optimizer_state)
     model, optimizer = engine.prepare(model, optimizer)
-    if ema is not None:
-        ema.to(engine.device)
     beta = ema_beta(batch, cfg.ema_halflife_images) if ema is not None else 0.0
 
     x_all = train.x.to(engine.device)
