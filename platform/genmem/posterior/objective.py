@@ -1,0 +1,179 @@
+"""The deterministic posterior loss over a named parameter subset (METHODS.md §Riemannian Laplace, step 1).
+
+L(θ) = Σ_i Σ_j ℓ(θ; x1_i, x0_ij, t_ij) / draws + (α/2)||θ||²  over the subset θ, the rest frozen at θ*,
+with the (x0, t) draws fixed once per training point (common random numbers), so L is a plain
+deterministic function. ℓ is the process's squared error ||f(x_t, t) − target||²/D evaluated in the
+objective's dtype. Centring, L_c(θ) = L(θ) − g0·(θ − θ*) with g0 = ∇L(θ*), makes θ* stationary
+(METHODS.md: with fixed draws |∇L(θ*)| is large and the geodesic otherwise diverges).
+
+>>> obj = PosteriorObjective(model, FlowMatching(), train_x, subset=["out.*"], draws=8)
+>>> value, g = obj.value_and_grad(obj.theta_star)
+>>> hv = obj.hvp(obj.theta_star, torch.randn_like(g))
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+from genmem.generative.process import Process
+
+
+def default_subset(model: nn.Module) -> list[str]:
+    """Name patterns of the last blocks: MLP → last residual block + output head; U-Net → last up block + head."""
+    blocks, up = getattr(model, "blocks", None), getattr(model, "up", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks):
+        return [f"blocks.{len(blocks) - 1}.*", "out_norm.*", "out.*"]
+    if isinstance(up, nn.ModuleList):
+        last = max(i for i, m in enumerate(up) if any(True for _ in m.parameters()))
+        return [f"up.{last}.*", "out.*"]
+    # any other network: the parameters of its last top-level module that has some
+    name = [n for n, m in model.named_children() if any(True for _ in m.parameters())][-1]
+    return [f"{name}.*"]
+
+
+def select_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of ``model``'s parameters matched by any fnmatch pattern, in ``named_parameters`` order.
+
+    A pattern that matches nothing raises ValueError listing the names that exist.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    for pat in patterns:
+        if not any(n == pat or fnmatch.fnmatchcase(n, pat) for n in names):
+            shown = ", ".join(names[:30]) + (f", ... ({len(names) - 30} more)" if len(names) > 30 else "")
+            raise ValueError(f"subset pattern {pat!r} matches no parameter of {type(model).__name__}; the parameters are: {shown}")
+    return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+class PosteriorObjective:
+    """L(θ) (or its centred version) with value, gradient and Hessian-vector product, summed over data chunks.
+
+    ``theta`` is always a flat 1-D tensor over the subset (``names`` order). Counters ``n_grad`` and
+    ``n_hvp`` count full passes over the data (a joint gradient+HVP pass counts one of each).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        process: Process,
+        train_x: torch.Tensor,
+        *,
+        subset: list[str] | None = None,
+        prior_precision: float = 1.0,
+        draws: int = 8,
+        seed: int = 0,
+        centre: bool = True,
+        dtype: torch.dtype = torch.float64,
+        chunk_size: int = 256,
+    ):
+        if draws < 1 or chunk_size < 1:
+            raise ValueError(f"draws ({draws}) and chunk_size ({chunk_size}) must be positive")
+        self.process, self.draws, self.dtype, self.chunk_size = process, draws, dtype, chunk_size
+        self.net = copy.deepcopy(model).to(dtype).eval()
+        self.names = select_parameters(self.net, subset if subset is not None else default_subset(self.net))
+        params = dict(self.net.named_parameters())
+        self.shapes = [params[n].shape for n in self.names]
+        self.numels = [math.prod(s) for s in self.shapes]
+        self.theta_star = torch.cat([params[n].detach().reshape(-1) for n in self.names])
+        self.frozen = {n: p.detach() for n, p in params.items() if n not in self.names}
+        self.frozen.update({n: b for n, b in self.net.named_buffers()})
+
+        # Common random numbers (METHODS.md step 1): (x0, t) fixed per training point, flattened so
+        # sample k = i * draws + j; every sample carries weight 1/draws in the sum.
+        x1 = train_x.to(dtype)
+        gen = torch.Generator().manual_seed(seed)
+        self.x0 = torch.randn((len(x1), draws, *x1.shape[1:]), generator=gen, dtype=dtype).flatten(0, 1)
+        self.t = torch.rand((len(x1), draws), generator=gen, dtype=dtype).flatten()
+        self.x1 = x1.repeat_interleave(draws, dim=0)
+        self.n_points = len(x1)
+
+        self.n_grad = self.n_hvp = 0
+        self.prior_precision = float(prior_precision)
+        self.centre = centre
+        self.g0_data = self._data_grad(self.theta_star) if centre else None
+
+    @property
+    def num_params(self) -> int:
+        return self.theta_star.numel()
+
+    # -- model pieces ---------------------------------------------------------------------
+    def params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The full parameter dict for ``functional_call``: subset from θ, the rest frozen."""
+        out = dict(self.frozen)
+        for n, piece, shape in zip(self.names, torch.split(theta, self.numels), self.shapes):
+            out[n] = piece.view(shape)
+        return out
+
+    def outputs(self, theta: torch.Tensor, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor):
+        """(f(θ), target) on a batch: the network output at x_t and the process's regression target."""
+        ps = self.process.path(x0, x1, t)
+        return functional_call(self.net, self.params(theta), (ps.x_t, t)), ps.target
+
+    def per_sample_loss(self, theta, x1, x0, t) -> torch.Tensor:
+        """ℓ = ||f − target||²/D per sample, shape (batch,), in the objective's dtype.
+
+        Equals ``process.loss`` without its float32 cast (kept out so float64 HVPs are exact) and
+        without minibatch-OT re-pairing (the fixed draws are the coupling).
+        """
+        f, target = self.outputs(theta, x1, x0, t)
+        return (f - target).pow(2).flatten(1).mean(dim=1)
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for lo in range(0, len(self.x1), self.chunk_size):
+            hi = lo + self.chunk_size
+            yield self.x1[lo:hi], self.x0[lo:hi], self.t[lo:hi]
+
+    def _chunk_loss(self, theta, x1, x0, t) -> torch.Tensor:
+        return self.per_sample_loss(theta, x1, x0, t).sum() / self.draws
+
+    def _data_grad(self, theta: torch.Tensor) -> torch.Tensor:
+        return sum(grad(self._chunk_loss)(theta, *c) for c in self.chunks())
+
+    # -- the objective --------------------------------------------------------------------
+    def g0(self) -> torch.Tensor:
+        """∇L(θ*) of the un-centred loss at the current prior precision."""
+        return self.g0_data + self.prior_precision * self.theta_star
+
+    @torch.no_grad()
+    def value(self, theta: torch.Tensor, *, centred: bool | None = None) -> float:
+        """L(θ), or L_c(θ) = L(θ) − g0·(θ − θ*) when centred (default: the objective's ``centre``)."""
+        centred = self.centre if centred is None else centred
+        data = sum(self._chunk_loss(theta, *c) for c in self.chunks())
+        out = data + 0.5 * self.prior_precision * theta.dot(theta)
+        if centred:
+            out = out - self.g0().dot(theta - self.theta_star)
+        return float(out)
+
+    def grad(self, theta: torch.Tensor) -> torch.Tensor:
+        """∇L_c(θ) (∇L(θ) when not centred)."""
+        self.n_grad += 1
+        g = self._data_grad(theta) + self.prior_precision * theta
+        return g - self.g0() if self.centre else g
+
+    def value_and_grad(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
+        return self.value(theta), self.grad(theta)
+
+    def _jvp_of_grad(self, theta: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, hv = torch.zeros_like(theta), torch.zeros_like(theta)
+        for c in self.chunks():
+            gc, hc = jvp(lambda th: grad(self._chunk_loss)(th, *c), (theta,), (v,))
+            g, hv = g + gc, hv + hc
+        g = g + self.prior_precision * theta
+        return (g - self.g0() if self.centre else g), hv + self.prior_precision * v
+
+    def grad_and_hvp(self, theta: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∇L_c(θ), ∇²L(θ) v) in one forward-over-reverse pass per chunk (jvp of grad)."""
+        self.n_grad += 1
+        self.n_hvp += 1
+        return self._jvp_of_grad(theta, v)
+
+    def hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """∇²L(θ) v (centring is linear, so it leaves the Hessian unchanged)."""
+        self.n_hvp += 1
+        return self._jvp_of_grad(theta, v)[1]
