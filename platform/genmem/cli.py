@@ -47,6 +47,21 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return run_evaluate(cfg)
 
 
+def _posterior(args: argparse.Namespace) -> dict[str, Any]:
+    from genmem.config import PosteriorConfig, apply_overrides, validate
+    from genmem.jobs import run_posterior
+
+    tree: dict[str, Any] = {"checkpoint": args.checkpoint, "methods": args.method, "scales": args.scale,
+                            "samples": args.samples, "n": args.n, "seed": args.seed}
+    cfg = validate(PosteriorConfig, apply_overrides(tree, args.set))
+    print(to_yaml(cfg), file=sys.stderr)
+    result = run_posterior(cfg)
+    from genmem.distributed.posterior import format_table
+
+    print(format_table(result))
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any EvaluateConfig field, e.g. threshold=0.3")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     evaluate.set_defaults(func=_evaluate)
+
+    post = sub.add_parser("posterior", help="Euclidean/Riemannian Laplace weight samples of a checkpoint, evaluated arm by arm")
+    post.add_argument("--checkpoint", required=True)
+    post.add_argument("--method", nargs="+", default=["euclidean", "riemannian"], choices=["euclidean", "riemannian"])
+    post.add_argument("--samples", type=int, default=4, help="weight samples per (method, scale), one Ray task each")
+    post.add_argument("--scale", type=float, nargs="+", default=[1e-2], help="posterior temperatures tau")
+    post.add_argument("--n", type=int, default=1000, help="images per arm")
+    post.add_argument("--seed", type=int, default=0)
+    post.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any PosteriorConfig field, e.g. curvature=ggn")
+    post.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    post.set_defaults(func=_posterior)
     return parser
 
 

@@ -172,6 +172,39 @@ class EvaluateConfig(Strict):
     tasks: int | None = Field(None, gt=0)  # Ray sampling tasks
 
 
+class PosteriorConfig(Strict):
+    """`genmem posterior`: Laplace weight samples of a checkpoint, evaluated arm by arm."""
+
+    checkpoint: str
+    methods: list[Literal["euclidean", "riemannian"]] = Field(default_factory=lambda: ["euclidean", "riemannian"])
+    scales: list[float] = Field(default_factory=lambda: [1e-2], min_length=1)  # temperatures tau of the covariance
+    samples: int = Field(4, gt=0)  # weight samples S per (method, scale); each a Ray task
+    n: int = Field(1000, gt=0)  # images per arm, split evenly over its weight samples
+    seed: int = 0
+    subset: list[str] | None = None  # fnmatch patterns over parameter names; default: the last blocks
+    prior_precision: float = Field(1.0, gt=0)
+    optimize_prior: bool = False  # choose alpha by the Laplace marginal likelihood instead
+    curvature: Literal["ef", "ggn", "ggn_mc"] = "ef"
+    draws: int = Field(8, gt=0)  # fixed (x0, t) draws per training point (common random numbers)
+    solver: Literal["dopri5", "rk4"] = "dopri5"
+    steps: int = Field(20, gt=0)  # rk4
+    rtol: float = Field(1e-4, gt=0)
+    atol: float = Field(1e-6, gt=0)
+    max_evals: int = Field(5000, gt=0)
+    features: list[Literal["auto", "pixels", "classifier", "inception"]] = Field(default_factory=lambda: ["auto"])
+
+    @model_validator(mode="after")
+    def _check(self) -> "PosteriorConfig":
+        bad = [s for s in self.scales if not s > 0]
+        if bad:
+            raise ValueError(f"posterior scales must be positive, got {bad[0]}: pass scales such as 0.01")
+        if self.n < self.samples:
+            raise ValueError(f"n={self.n} images cannot be split over {self.samples} weight samples: raise n or lower samples")
+        if self.n < 21:  # the evaluation's k-NN metrics use up to 20 neighbours
+            raise ValueError(f"n={self.n} images per arm are too few to evaluate: use n of at least 21")
+        return self
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from genmem.config import EvaluateConfig, TrainConfig
+from genmem.config import EvaluateConfig, PosteriorConfig, TrainConfig
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -28,3 +28,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from genmem.distributed.evaluate import run_evaluate as evaluate
 
     return evaluate(cfg)
+
+
+def run_posterior(cfg: PosteriorConfig) -> dict[str, Any]:
+    """θ*, Euclidean and Riemannian Laplace arms side by side: weight samples as Ray tasks."""
+    from genmem.distributed.posterior import run_posterior as posterior
+
+    return posterior(cfg)

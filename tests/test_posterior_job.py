@@ -1,0 +1,78 @@
+"""The posterior job on a real local Ray cluster, logged to a real MLflow server, and its
+up-front refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from mlflow import MlflowClient
+
+from genmem.checkpoint import CheckpointError
+from genmem.config import ConfigError, PosteriorConfig, TrainConfig, validate
+from genmem.distributed.posterior import format_table, run_posterior
+from genmem.distributed.train import fit
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(mlflow_server):
+    import os
+
+    import ray
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = TrainConfig.model_validate(dict(
+            name="post-toy", data=dict(source="moons", n=200, train_size=16), model=dict(hidden=32, depth=2),
+            batch_size=16, images=16 * 300, ema_halflife_images=0, log_every_images=16 * 100, grid_size=16,
+            sampler=dict(method="euler", steps=8),
+        ))
+        yield fit(cfg)["checkpoint"]
+    finally:
+        os.environ["MLFLOW_TRACKING_URI"] = saved or ""
+
+
+def test_posterior_job_logs_three_arms(toy_checkpoint, tracking, ray_local):
+    cfg = PosteriorConfig(checkpoint=toy_checkpoint, scales=[0.5], samples=2, n=40, features=["pixels"])
+    result = run_posterior(cfg)
+    arms = {(r["arm"], r["scale"]) for r in result["arms"]}
+    assert arms == {("theta_star", 0.0), ("euclidean", 0.5), ("riemannian", 0.5)}
+    rows = {r["arm"]: r for r in result["arms"]}
+    assert rows["riemannian"]["grad_evals"] > 0 and rows["euclidean"]["grad_evals"] == 0
+    # The same initial velocities: the geodesic raises the loss less than the straight step.
+    assert rows["riemannian"]["loss_increase"] < rows["euclidean"]["loss_increase"]
+    table = format_table(result)
+    assert "riemannian" in table and "theta_star" in table
+    client = MlflowClient(tracking)
+    run = client.get_run(result["mlflow_run_id"])
+    for key in ("posterior/theta_star/memorized_fraction", "posterior/euclidean_0.5/fd_pixels",
+                "posterior/riemannian_0.5/loss_increase", "posterior/riemannian_0.5/grad_evals"):
+        assert key in run.data.metrics, key
+    assert "memorised_vs_fd.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_bad_posterior_requests_are_refused_up_front(toy_checkpoint, tracking, tmp_path):
+    with pytest.raises(ConfigError, match="posterior scales must be positive, got 0"):
+        validate(PosteriorConfig, {"checkpoint": toy_checkpoint, "scales": [0.0]})
+    with pytest.raises(ConfigError, match="too few to evaluate"):
+        validate(PosteriorConfig, {"checkpoint": toy_checkpoint, "n": 8, "samples": 1})
+    with pytest.raises(ValueError, match=r"inp\\.weight|blocks\.0"):
+        run_posterior(PosteriorConfig(checkpoint=toy_checkpoint, subset=["no_such_layer.*"], n=30, samples=1))
+    stripped = tmp_path / "no-manifest"
+    shutil.copytree(toy_checkpoint, stripped)
+    meta = json.loads((stripped / "meta.json").read_text())
+    meta["data_manifest"] = None
+    (stripped / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="records no training-data manifest"):
+        run_posterior(PosteriorConfig(checkpoint=str(stripped), n=30, samples=1))
+
+
+def test_a_solver_that_does_not_converge_says_where_it_stopped(toy_checkpoint, tracking, ray_local):
+    cfg = PosteriorConfig(checkpoint=toy_checkpoint, methods=["riemannian"], scales=[0.5], samples=1, n=30,
+                          max_evals=3, features=["pixels"])
+    with pytest.raises(RuntimeError, match=r"riemannian sample at scale 0.5 failed: .*(step|s =)"):
+        run_posterior(cfg)
