@@ -62,6 +62,18 @@ def _posterior(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    from genmem.distributed.posterior import format_table
+    from genmem.jobs import run_quickstart
+
+    cfg = load_config(args.config, args.set)
+    result = run_quickstart(cfg, scales=tuple(args.scale), samples=args.samples, n=args.n)
+    print("\n" + format_table(result["posterior"]))
+    print("MLflow: `make mlflow-ui`, then experiments genmem/train and genmem/posterior at http://127.0.0.1:5000")
+    return {"checkpoint": result["train"]["checkpoint"], "grid": result["train"]["grid"],
+            "train_run_id": result["train"]["mlflow_run_id"], "posterior_run_id": result["posterior"]["mlflow_run_id"]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any PosteriorConfig field, e.g. curvature=ggn")
     post.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     post.set_defaults(func=_posterior)
+
+    quick = sub.add_parser("quickstart", help="train until memorising, then θ* vs Euclidean vs Riemannian Laplace arms")
+    quick.add_argument("--config", default="configs/quickstart.yaml")
+    quick.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
+    quick.add_argument("--scale", type=float, nargs="+", default=[1e-2, 1e-1, 1.0])
+    quick.add_argument("--samples", type=int, default=4)
+    quick.add_argument("--n", type=int, default=500)
+    quick.add_argument("--json", action="store_true")
+    quick.set_defaults(func=_quickstart)
     return parser
 
 

@@ -35,3 +35,11 @@ def run_posterior(cfg: PosteriorConfig) -> dict[str, Any]:
     from genmem.distributed.posterior import run_posterior as posterior
 
     return posterior(cfg)
+
+
+def run_quickstart(train_cfg: TrainConfig, *, scales: tuple[float, ...] = (1e-2, 1e-1, 1.0), samples: int = 4, n: int = 500) -> dict[str, Any]:
+    """The quickstart: train until the model memorises, then θ* against Euclidean and Riemannian
+    Laplace weight samples at each scale, every arm evaluated and tracked."""
+    trained = run_train(train_cfg)
+    posterior = run_posterior(PosteriorConfig(checkpoint=trained["checkpoint"], scales=list(scales), samples=samples, n=n))
+    return {"train": trained, "posterior": posterior}
