@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench/train_precision.py needs a CUDA device")
+        print("bench/train_precision.py: skipped, it needs a CUDA device")
+        return
     os.environ.setdefault("GENMEM_STORAGE", tempfile.mkdtemp(prefix="genmem-bench-"))
 
     from genmem.config import TrainConfig
