@@ -11,6 +11,7 @@ seed whatever the worker count, and resuming at a step needs no saved RNG state.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -139,13 +140,19 @@ class TrainResult:
         }
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    # Cached: every step of an epoch reads the same permutation (read-only, never mutated).
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, _DATA_STREAM, epoch)))
+
+
 def global_positions(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
     """Dataset rows of the global batch at ``step``: epoch e visits a permutation seeded by (seed, e)."""
     pos = torch.arange(step * batch, (step + 1) * batch)
     epochs, offsets = pos // n, pos % n
     rows = torch.empty(batch, dtype=torch.long)
     for e in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, _DATA_STREAM, e)))
+        perm = _epoch_permutation(n, seed, e)
         mask = epochs == e
         rows[mask] = perm[offsets[mask]]
     return rows
