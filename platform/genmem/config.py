@@ -46,6 +46,10 @@ class DataConfig(Strict):
     manifold_dim: int = Field(2, gt=0)  # d of y = F z
     ambient_dim: int = Field(16, gt=0)  # D of y = F z
     manifold_variances: list[float] | None = None  # variances of z (length d); default 1..d spread
+    # Generated rows added to the training split, each a Parquet folder written by genmem (the
+    # self-consuming loop); every row of each folder is used. real=False trains on them alone.
+    synthetic: list[str] = Field(default_factory=list)
+    real: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -59,6 +63,8 @@ class DataConfig(Strict):
                     raise ValueError("data.manifold_variances needs exactly data.manifold_dim entries")
                 if any(v <= 0 for v in self.manifold_variances):
                     raise ValueError("data.manifold_variances must all be positive")
+        if not self.real and not self.synthetic:
+            raise ValueError("data.real=false leaves no training data: list generated Parquet folders in data.synthetic")
         return self
 
 
@@ -140,6 +146,9 @@ class TrainConfig(Strict):
     eval_every_images: int = Field(0, ge=0)  # memorisation probe during training; 0 = off
     eval_n: int = Field(500, gt=2)  # samples per probe
     output: str | None = None  # checkpoint folder; default <storage>/checkpoints/<name>-<id>
+    # Fine-tune: start from this checkpoint's weights (and EMA) with a fresh optimizer, step count
+    # and warm-up. Ignored when the run resumes from its own checkpoint.
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -203,6 +212,49 @@ class PosteriorConfig(Strict):
         if self.n < 21:  # the evaluation's k-NN metrics use up to 20 neighbours
             raise ValueError(f"n={self.n} images per arm are too few to evaluate: use n of at least 21")
         return self
+
+
+class RetrainEvalConfig(Strict):
+    """How each generation of the self-consuming loop is measured (against the real data)."""
+
+    n: int = Field(1000, gt=20)  # samples evaluated per generation
+    features: list[Literal["auto", "pixels", "classifier", "inception"]] = Field(default_factory=lambda: ["auto"])
+    threshold: float = Field(1 / 3, gt=0, lt=1)
+
+
+FULLY_SYNTHETIC = "fully_synthetic"
+
+
+class RetrainConfig(Strict):
+    """`genmem retrain`: generation 0 on real data, generation g on real + floor(λ n) fresh samples
+    of generation g-1 (or on samples alone: synthetic_ratio=fully_synthetic)."""
+
+    name: str = Field("retrain", pattern=r"^[A-Za-z0-9_.-]+$")
+    # unset: a fresh loop; a fixed name resumes that loop after its last finished generation
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0  # model randomness (init, noise, sampling, selection); the real data keeps train.data.seed
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generations: int = Field(5, gt=0)  # retrained generations after generation 0
+    synthetic_ratio: float | Literal["fully_synthetic"] = 0.5  # λ, synthetic rows per real row
+    warm_start: bool = True  # fine-tune generation g-1; false trains each generation from scratch
+    accumulate: bool = False  # keep every earlier generation's synthetic rows instead of replacing them
+    samples: int | None = Field(None, gt=0)  # generated per generation; default max(synthetic rows, eval.n)
+    eval: RetrainEvalConfig = Field(default_factory=RetrainEvalConfig)
+    # Collapse: FD rose at each of the last collapse_patience generations and exceeds
+    # collapse_factor x the FD of generation 0.
+    collapse_factor: float = Field(1.5, gt=1)
+    collapse_patience: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetrainConfig":
+        ratio = self.synthetic_ratio
+        if ratio != FULLY_SYNTHETIC and ratio < 0:
+            raise ValueError(f"synthetic_ratio must be >= 0 (or fully_synthetic), got {ratio}: use 0 for real data only")
+        return self
+
+    @property
+    def fully_synthetic(self) -> bool:
+        return self.synthetic_ratio == FULLY_SYNTHETIC
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -35,6 +35,14 @@ class Evaluation:
     most_memorised: list[dict[str, Any]] = field(default_factory=list)  # provenance to regenerate each
 
 
+def primary_fd(metrics: dict[str, float]) -> str:
+    """The headline Fréchet distance key: classifier features where present, else pixels."""
+    for key in ("eval/fd_classifier", "eval/fid", "eval/fd_pixels"):
+        if key in metrics:
+            return key
+    raise KeyError("no Fréchet distance among the metrics")
+
+
 def feature_names(requested: list[str], train: ArrayDataset) -> list[str]:
     """``auto``: pixels always; a classifier trained on the data's own labels for labelled images."""
     names: list[str] = []
@@ -77,6 +85,9 @@ def evaluate_samples(
     gen, tr = generated.x.float(), train.x.float()
     ho = heldout.x.float() if len(heldout) >= 2 else None
     metrics: dict[str, float] = {"eval/n": float(len(gen))}
+    # Mean per-coordinate variance: shrinks generation after generation when retraining collapses.
+    metrics["eval/sample_variance"] = float(gen.flatten(1).double().var(0).mean())
+    metrics["eval/train_variance"] = float(tr.flatten(1).double().var(0).mean())
 
     mem = memorisation(gen, tr, ho, threshold=cfg.threshold, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device)
     metrics.update({f"eval/{k}": float(v) for k, v in mem.summary().items() if v is not None})

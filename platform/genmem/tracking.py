@@ -22,6 +22,7 @@ from genmem.config import flatten
 
 EXPERIMENT_PREFIX = "genmem"
 _PARAM_LIMIT = 6000  # MLflow's limit on a param value's length
+KEY_TAG = "genmem_key"  # identifies a run that a resumed job must reopen, not duplicate
 
 
 class TrackingError(RuntimeError):
@@ -138,14 +139,25 @@ class Tracker:
         params: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
         parent_run_id: str | None = None,
+        key: str | None = None,
         uri: str | None = None,
     ) -> "Tracker":
-        """Create a run in the experiment of ``kind`` with flattened params and default tags."""
+        """Create a run in the experiment of ``kind`` with flattened params and default tags.
+
+        ``key`` makes the start idempotent: a run of that experiment tagged with the same key is
+        reopened instead of duplicated (a resumed loop, generation or sweep trial)."""
         client = _client(uri)
         all_tags = {**default_tags(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(experiment_id(kind, uri), run_name=run_name, tags=all_tags)
+        exp = experiment_id(kind, uri)
+        if key is not None:
+            all_tags[KEY_TAG] = key
+            found = client.search_runs([exp], filter_string=f"tags.{KEY_TAG} = '{key}'", max_results=1)
+            if found:
+                client.update_run(found[0].info.run_id, status="RUNNING")
+                return cls(found[0].info.run_id, uri)
+        run = client.create_run(exp, run_name=run_name, tags=all_tags)
         tracker = cls(run.info.run_id, uri)
         if params:
             tracker.params(params)

@@ -180,12 +180,15 @@ def train_loop(
     *,
     engine: Engine | None = None,
     resume: Checkpoint | None = None,
+    init: Checkpoint | None = None,
     probe: Callable[[nn.Module, torch.device], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` with ``cfg.process`` on ``train`` for ``cfg.images`` images.
 
     ``resume``: a checkpoint loaded with ``use_ema=False, with_optimizer=True``; training goes on
-    from its step with its weights, EMA and optimizer state. ``probe(model, device)``: metrics of
+    from its step with its weights, EMA and optimizer state. ``init``: a checkpoint loaded with
+    ``use_ema=False`` whose weights and EMA start a fresh run (fine-tuning; ignored when resuming).
+    ``probe(model, device)``: metrics of
     the sampling model every ``cfg.eval_every_images`` (rank 0), e.g. the memorised fraction.
     """
     engine = engine or Engine()
@@ -199,14 +202,16 @@ def train_loop(
         torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))  # same initial weights on every rank
         model = build_model(cfg.model, shape)
     step = 0
+    start = resume if resume is not None else init
+    if start is not None:
+        model.load_state_dict(start.model.state_dict())  # raw weights: load with use_ema=False
     if resume is not None:
-        model.load_state_dict(resume.model.state_dict())  # raw weights: load with use_ema=False
         step = int(resume.meta["step"])
     ema = None
     if cfg.ema_halflife_images > 0:
         ema = copy.deepcopy(model).requires_grad_(False)
-        if resume is not None and resume.ema_state is not None:
-            ema.load_state_dict(resume.ema_state)
+        if start is not None and start.ema_state is not None:
+            ema.load_state_dict(start.ema_state)
     # On the device before the optimizer exists: load_state_dict places the resumed moments
     # beside their parameters, which must already be where training runs.
     model.to(engine.device)

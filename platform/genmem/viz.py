@@ -122,3 +122,28 @@ def ratio_histograms(train: torch.Tensor, heldout: torch.Tensor | None, threshol
     ax.set_ylabel("generated samples")
     ax.legend(fontsize=7)
     return figure_to_array(fig)
+
+
+def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], xlabel: str) -> np.ndarray:
+    """One small line plot per panel title, one line per label: ``{title: {label: (xs, ys)}}``
+    (metrics against generation, one line per swept value)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), dpi=100, squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, panels.items()):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, "o-", ms=3, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(lines) > 1:
+            ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return figure_to_array(fig)

@@ -9,12 +9,14 @@ Usage::
 
 from .dataset import ArrayDataset, Manifest, content_hash
 from .errors import DataError, DataNotFoundError
-from .materialise import build_source, dataset_key, load_dataset
+from .materialise import build_source, dataset_key, load_dataset, load_real
 from .shards import read_shards, seal_shards, write_part, write_shards
-from .splits import mix, split, subset
+from .splits import as_synthetic, concat, mix, real_rows, select, split, subset, synthetic_count
 
 __all__ = [
     "ArrayDataset",
+    "as_synthetic",
+    "concat",
     "DataError",
     "DataNotFoundError",
     "Manifest",
@@ -22,11 +24,15 @@ __all__ = [
     "content_hash",
     "dataset_key",
     "load_dataset",
+    "load_real",
     "mix",
     "read_shards",
+    "real_rows",
+    "select",
     "seal_shards",
     "write_part",
     "split",
     "subset",
+    "synthetic_count",
     "write_shards",
 ]

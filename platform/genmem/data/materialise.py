@@ -12,7 +12,7 @@ from . import sources, user
 from .dataset import ArrayDataset
 from .errors import DataError, DataNotFoundError
 from .shards import atomic_folder, read_shards, write_shards
-from .splits import split, subset
+from .splits import as_synthetic, concat, split, subset
 
 # Part of every dataset key: bump it when a generator or the on-disk layout changes, so stale
 # shards are rebuilt instead of silently reused.
@@ -89,4 +89,15 @@ def load_dataset(cfg: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
     train, heldout = read_shards(folder / "train"), read_shards(folder / "heldout")
     if cfg.train_size is not None:
         train = subset(train, cfg.train_size, cfg.seed)
+    if cfg.synthetic:
+        generated = [as_synthetic(read_shards(path)) for path in cfg.synthetic]
+        extra = {"n_real": len(train) if cfg.real else 0, "n_synthetic": sum(len(g) for g in generated),
+                 "synthetic": [str(p) for p in cfg.synthetic], "real_sha256": train.manifest.sha256}
+        train = concat(([train] if cfg.real else []) + generated, extra=extra)
     return train, heldout
+
+
+def load_real(cfg: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, heldout) of the real data alone, whatever generated rows ``cfg`` adds: the
+    reference that memorisation and quality are measured against."""
+    return load_dataset(cfg.model_copy(update={"synthetic": [], "real": True}))

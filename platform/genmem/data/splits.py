@@ -55,6 +55,48 @@ def _fill(like: np.ndarray, n: int) -> np.ndarray:
     return np.full(n, "", dtype=object)
 
 
+def select(ds: ArrayDataset, k: int, seed: int) -> ArrayDataset:
+    """``k`` rows of ``ds`` chosen by a permutation seeded with ``seed``, in source order."""
+    if k > len(ds):
+        raise DataError(f"cannot select {k} rows from {len(ds)}: generate more samples or ask for fewer")
+    return ds.take(_permutation(len(ds), seed)[:k].sort().values)
+
+
+def as_synthetic(ds: ArrayDataset) -> ArrayDataset:
+    """The same rows, every one marked generated in ``is_synthetic``."""
+    return dataclasses.replace(ds, is_synthetic=torch.ones(len(ds), dtype=torch.bool))
+
+
+def concat(parts: list[ArrayDataset], *, source: str = "mix", extra: dict | None = None) -> ArrayDataset:
+    """All rows of ``parts`` in order. Labels are kept only if every part has them; a provenance
+    column present in some parts only is filled with -1 / NaN / "" in the others; rows without
+    an ``is_synthetic`` flag count as real."""
+    if not parts:
+        raise DataError("nothing to concatenate: give at least one dataset")
+    for part in parts[1:]:
+        if part.shape != parts[0].shape:
+            raise DataError(
+                f"cannot mix samples shaped {parts[0].shape} with samples shaped {part.shape}: "
+                "generate samples at the data's shape"
+            )
+    x = torch.cat([p.x for p in parts])
+    labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])
+    flags = torch.cat([p.is_synthetic if p.is_synthetic is not None else torch.zeros(len(p), dtype=torch.bool) for p in parts])
+    meta = {}
+    for name in dict.fromkeys(n for p in parts for n in p.meta):
+        like = next(p.meta[name] for p in parts if name in p.meta)
+        meta[name] = np.concatenate([p.meta.get(name, _fill(like, len(p))) for p in parts])
+    manifest = dataclasses.replace(parts[0].manifest, n=len(x), sha256=content_hash(x, labels), source=source, extra=extra or {})
+    return ArrayDataset(x, labels, torch.cat([p.index for p in parts]), manifest, flags, meta)
+
+
+def real_rows(ds: ArrayDataset) -> ArrayDataset:
+    """The rows of a mix that are not generated."""
+    if ds.is_synthetic is None:
+        return ds
+    return ds.take(torch.nonzero(~ds.is_synthetic).flatten())
+
+
 def mix(real: ArrayDataset, synthetic: ArrayDataset, ratio: float, seed: int) -> ArrayDataset:
     """Training set of generation g: every real row plus floor(ratio * len(real)) synthetic rows.
 
@@ -69,23 +111,12 @@ def mix(real: ArrayDataset, synthetic: ArrayDataset, ratio: float, seed: int) ->
             f"cannot mix real samples shaped {real.shape} with synthetic samples shaped {synthetic.shape}: "
             "generate samples at the data's shape"
         )
-    # The tiny epsilon stops float error from flooring e.g. 0.29 * 100 = 28.999999999999996 to 28.
-    k = math.floor(ratio * len(real) + 1e-9)
+    k = synthetic_count(ratio, len(real))
     if k > len(synthetic):
         raise DataError(
             f"mix needs {k} synthetic rows (ratio {ratio} x {len(real)} real) but only {len(synthetic)} were given: "
             "generate more samples or lower the ratio"
         )
-    chosen = synthetic.take(_permutation(len(synthetic), seed)[:k].sort().values)
-    x = torch.cat([real.x, chosen.x])
-    labels = None if real.labels is None or chosen.labels is None else torch.cat([real.labels, chosen.labels])
-    real_flags = real.is_synthetic if real.is_synthetic is not None else torch.zeros(len(real), dtype=torch.bool)
-    flags = torch.cat([real_flags, torch.ones(k, dtype=torch.bool)])
-    meta = {}
-    for name in dict.fromkeys([*real.meta, *chosen.meta]):
-        like = real.meta.get(name, chosen.meta.get(name))
-        parts = [real.meta.get(name, _fill(like, len(real))), chosen.meta.get(name, _fill(like, k))]
-        meta[name] = np.concatenate(parts)
     extra = {
         "ratio": ratio,
         "seed": seed,
@@ -94,5 +125,9 @@ def mix(real: ArrayDataset, synthetic: ArrayDataset, ratio: float, seed: int) ->
         "real_sha256": real.manifest.sha256,
         "synthetic_sha256": synthetic.manifest.sha256,
     }
-    manifest = dataclasses.replace(real.manifest, n=len(x), sha256=content_hash(x, labels), source="mix", extra=extra)
-    return ArrayDataset(x, labels, torch.cat([real.index, chosen.index]), manifest, flags, meta)
+    return concat([real, as_synthetic(select(synthetic, k, seed))], extra=extra)
+
+
+def synthetic_count(ratio: float, n_real: int) -> int:
+    """floor(ratio * n_real), immune to float error such as 0.29 * 100 = 28.999999999999996."""
+    return math.floor(ratio * n_real + 1e-9)

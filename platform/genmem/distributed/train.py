@@ -94,6 +94,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             resume = load_checkpoint(folder, use_ema=False, with_optimizer=True)
     else:
         resume = _persisted_checkpoint(Path(loop_config["run_dir"]))
+    init = None
+    if resume is None and cfg.init_from:
+        init = load_checkpoint(cfg.init_from, expect=cfg.model, use_ema=False)
     tracker = Tracker(loop_config["run_id"]) if engine.is_main and loop_config.get("run_id") else Tracker.disabled()
     train, heldout = load_dataset(cfg.data)
     total = -(-cfg.images // cfg.batch_size) * cfg.batch_size
@@ -103,7 +106,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         from genmem.evaluation import memorisation_probe
 
         probe = memorisation_probe(cfg, train, heldout)
-    train_loop(cfg, train, reporter, engine=engine, resume=resume, probe=probe)
+    train_loop(cfg, train, reporter, engine=engine, resume=resume, init=init, probe=probe)
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -133,11 +136,29 @@ def preflight(cfg: TrainConfig) -> None:
     check_reachable()
     ensure_writable(storage_root())
     ensure_writable(ray_storage())
-    load_dataset(cfg.data)  # materialises once, and fails here on bad data
+    train, _ = load_dataset(cfg.data)  # materialises once, and fails here on bad data
+    if cfg.init_from:
+        init = read_meta(cfg.init_from)  # a clear error for a missing or foreign folder
+        if tuple(init["shape"]) != train.shape:
+            raise CheckpointError(
+                f"init_from checkpoint {cfg.init_from} generates shape {tuple(init['shape'])} but the data has shape {train.shape}: "
+                "fine-tune a model trained on data of this shape"
+            )
+        load_checkpoint(cfg.init_from, expect=cfg.model)  # refuses another architecture, naming the key
 
 
-def fit(cfg: TrainConfig, *, hooks: Sequence[Hook] = (), kind: str = "train", parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train on Ray workers; returns the checkpoint path, MLflow run id and key figures."""
+def fit(
+    cfg: TrainConfig,
+    *,
+    hooks: Sequence[Hook] = (),
+    kind: str = "train",
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Train on Ray workers; returns the checkpoint path, MLflow run id and key figures.
+
+    ``callbacks``: Ray Train callbacks, e.g. ``TuneReportCallback()`` when a Tune trial drives it."""
     preflight(cfg)
     ensure_ray()
     s = cfg.scaling
@@ -148,8 +169,11 @@ def fit(cfg: TrainConfig, *, hooks: Sequence[Hook] = (), kind: str = "train", pa
     run_name = cfg.run_name or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
     previous = _latest_checkpoint(ray_storage() / run_name) if cfg.run_name else None
     run_id = read_meta(previous).get("mlflow_run_id") if previous else None
+    # A named run is resumable: reopen its MLflow run (from the checkpoint, else by key) instead of
+    # starting a second one for the same training.
     tracker = Tracker(run_id) if run_id else Tracker.start(
-        kind, run_name, params=cfg.model_dump(mode="json"), tags={"ray_run_name": run_name}, parent_run_id=parent_run_id
+        kind, run_name, params=cfg.model_dump(mode="json"), tags={"ray_run_name": run_name, **(tags or {})},
+        parent_run_id=parent_run_id, key=run_name if cfg.run_name else None,
     )
     if not run_id:
         tracker.text(to_yaml(cfg), "config.yaml")
@@ -175,6 +199,7 @@ def fit(cfg: TrainConfig, *, hooks: Sequence[Hook] = (), kind: str = "train", pa
             storage_path=str(ray_storage()),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
+            callbacks=list(callbacks),
         ),
     )
     try:
