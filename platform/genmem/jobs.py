@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from genmem.config import EvaluateConfig, PosteriorConfig, TrainConfig
+from genmem.config import EvaluateConfig, PosteriorConfig, RetrainConfig, TrainConfig
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -43,3 +43,18 @@ def run_quickstart(train_cfg: TrainConfig, *, scales: tuple[float, ...] = (1e-2,
     trained = run_train(train_cfg)
     posterior = run_posterior(PosteriorConfig(checkpoint=trained["checkpoint"], scales=list(scales), samples=samples, n=n))
     return {"train": trained, "posterior": posterior}
+
+
+def run_retrain(cfg: RetrainConfig, **kwargs: Any) -> dict[str, Any]:
+    """The self-consuming loop: train, sample and evaluate each generation on Ray, tracked as a
+    parent MLflow run with a child run per generation."""
+    from genmem.methods.retraining import run_retrain as retrain
+
+    return retrain(cfg, **kwargs)
+
+
+def run_sweep(space: str | Path, job: str, base: dict[str, Any], *, name: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """A Ray Tune sweep of ``job`` over a tune_spaces/ file, one MLflow child run per trial."""
+    from genmem.distributed.tune import run_sweep as sweep
+
+    return sweep(space, job, base, name=name, resume=resume)

@@ -20,6 +20,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
 
 
+def free_task(fn, **resources):
+    """``ray.remote(fn)`` with ``resources``, scheduled on the whole cluster. Inside a Tune trial
+    Ray would otherwise capture the task into the trial's placement group, which reserves only
+    the trial's driver, and the task could never be placed."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return ray.remote(fn).options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None), **resources)
+
+
 def placeable_bundles(bundle: dict[str, float], strategy: str) -> int:
     """How many copies of ``bundle`` the alive nodes can hold now (at most one per node when
     the strategy is STRICT_SPREAD)."""

@@ -15,7 +15,7 @@ import torch
 from genmem.checkpoint import load_checkpoint
 from genmem.config import EvaluateConfig, PosteriorConfig, to_yaml
 from genmem.data import read_shards, seal_shards, write_part
-from genmem.distributed.cluster import ensure_ray
+from genmem.distributed.cluster import ensure_ray, free_task
 from genmem.distributed.evaluate import training_data
 from genmem.distributed.sampling import sample, split_ranges
 from genmem.evaluation import evaluate_samples
@@ -71,7 +71,8 @@ def _scale_figure(rows: list[dict[str, Any]], fd_key: str):
     return figure_to_array(fig)
 
 
-def run_posterior(cfg: PosteriorConfig) -> dict[str, Any]:
+def run_posterior(cfg: PosteriorConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                  key: str | None = None) -> dict[str, Any]:
     check_reachable()
     meta, train, heldout = training_data(cfg.checkpoint)  # refuses a checkpoint without manifest
     ckpt = load_checkpoint(cfg.checkpoint)
@@ -90,7 +91,7 @@ def run_posterior(cfg: PosteriorConfig) -> dict[str, Any]:
     rows.append({"arm": "theta_star", "scale": 0.0, **_arm_metrics(star_eval.metrics), "loss_increase": 0.0,
                  "grad_evals": 0.0, "seconds_per_sample": 0.0})
 
-    task = ray.remote(num_cpus=1)(_weight_sample_task)
+    task = free_task(_weight_sample_task, num_cpus=1)
     state_ref, train_ref = ray.put(state), ray.put(train.x)
     ranges = split_ranges(cfg.n, cfg.samples)
     for method in cfg.methods:
@@ -118,7 +119,8 @@ def run_posterior(cfg: PosteriorConfig) -> dict[str, Any]:
     fd_key = "fd_classifier" if "fd_classifier" in rows[0] else "fd_pixels"
     tracker = Tracker.start("posterior", f"posterior-{meta['checkpoint_id']}", params=cfg.model_dump(mode="json"),
                             tags={"checkpoint_id": meta["checkpoint_id"], "samples_root": str(root),
-                                  **({"train_run_id": meta["mlflow_run_id"]} if meta.get("mlflow_run_id") else {})})
+                                  **({"train_run_id": meta["mlflow_run_id"]} if meta.get("mlflow_run_id") else {}), **(tags or {})},
+                            parent_run_id=parent_run_id, key=key)
     for row in rows:
         prefix = row["arm"] if row["arm"] == "theta_star" else f"{row['arm']}_{row['scale']:g}"
         tracker.metrics({f"posterior/{prefix}/{k}": v for k, v in row.items() if isinstance(v, float) and k != "scale"})

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from genmem.checkpoint import load_checkpoint, read_meta
 from genmem.data import seal_shards, write_part
-from genmem.distributed.cluster import ensure_ray
+from genmem.distributed.cluster import ensure_ray, free_task
 from genmem.generative import build_process, generate
 from genmem.storage import ensure_writable
 
@@ -44,6 +44,7 @@ def sample(
     tasks: int | None = None,
     batch_size: int = 256,
     gpus_per_task: float = 0.0,
+    cpus_per_task: float = 1.0,
 ) -> dict[str, Any]:
     """Generate samples 0..n-1 of ``seed`` from a checkpoint's EMA weights into Parquet shards."""
     if n <= 0:
@@ -56,7 +57,7 @@ def sample(
         gpus_per_task = 1.0
     tasks = tasks or max(1, int(ray.cluster_resources().get("GPU" if gpus_per_task else "CPU", 1)))
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
-    remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task)(_sample_part)
+    remote = free_task(_sample_part, num_cpus=cpus_per_task, num_gpus=gpus_per_task)
     ranges = split_ranges(n, tasks)
     refs = [remote.remote(str(checkpoint), a, b, seed, str(staging), i, batch_size) for i, (a, b) in enumerate(ranges)]
     try:
