@@ -74,6 +74,32 @@ def _quickstart(args: argparse.Namespace) -> dict[str, Any]:
             "train_run_id": result["train"]["mlflow_run_id"], "posterior_run_id": result["posterior"]["mlflow_run_id"]}
 
 
+def _retrain(args: argparse.Namespace) -> dict[str, Any]:
+    from genmem.config import RetrainConfig
+    from genmem.jobs import run_retrain
+    from genmem.methods.retraining import format_table
+
+    cfg = load_config(args.config, args.set, cls=RetrainConfig)
+    print(to_yaml(cfg), file=sys.stderr)
+    result = run_retrain(cfg)
+    print("\n" + format_table(result))
+    return {k: v for k, v in result.items() if k != "generations"} | {
+        "checkpoints": [g["checkpoint"] for g in result["generations"]],
+        "metrics": [g["metrics"] for g in result["generations"]],
+    }
+
+
+def _sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from genmem.distributed.tune import format_results
+    from genmem.jobs import run_sweep
+    from genmem.sweep import JOBS, load_space
+
+    cfg = load_config(args.config, args.set, cls=JOBS[args.job])
+    result = run_sweep(args.space, args.job, cfg.model_dump(mode="json"), name=args.name, resume=args.resume)
+    print("\n" + format_results(result, load_space(args.space).metric))
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--n", type=int, default=500)
     quick.add_argument("--json", action="store_true")
     quick.set_defaults(func=_quickstart)
+
+    retrain = sub.add_parser("retrain", help="self-consuming retraining on real/synthetic mixes, generation by generation")
+    retrain.add_argument("--config", help="YAML RetrainConfig (see configs/*retrain*.yaml); training settings under train:")
+    retrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, e.g. synthetic_ratio=0.5")
+    retrain.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    retrain.set_defaults(func=_retrain)
+
+    sweep = sub.add_parser("sweep", help="a Ray Tune sweep of a job over a tune_spaces/ YAML search space")
+    sweep.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/mixing_ratio.yaml")
+    sweep.add_argument("--job", required=True, choices=["train", "retrain", "posterior"])
+    sweep.add_argument("--config", help="the job's base YAML config; each trial applies its point to it")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override of the base config")
+    sweep.add_argument("--name", help="sweep name (default: derived from the space, job and base config)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are not rerun")
+    sweep.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    sweep.set_defaults(func=_sweep)
     return parser
 
 
