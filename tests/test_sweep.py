@@ -70,6 +70,22 @@ def test_cli_refuses_a_bad_space_without_starting_anything(tmp_path, storage):
     assert not (storage / "ray").exists()  # no Tune experiment, no Ray storage
 
 
+def test_space_with_asha_and_random_axes(tmp_path):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    space = load_space(_space(tmp_path, (
+        "num_samples: 4\nspace:\n  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n  model.depth: {randint: [2, 5]}\n"
+        "  seed: {grid: [0, 1]}\n  batch_size: {choice: [64, 128]}\nmetric: train/loss\nmode: min\n"
+        "scheduler: {asha: {max_t: 8, grace_period: 2}}\n")))
+    assert space.trials == 8  # the grid crossed with num_samples
+    assert isinstance(space.scheduler(), ASHAScheduler)
+    params = space.param_space()
+    assert isinstance(params["optim.lr"], tune.search.sample.Float) and params["seed"] == {"grid_search": [0, 1]}
+    checked = check_space(space, "train", TrainConfig().model_dump(mode="json"))
+    assert {c.model.depth for c in checked} >= {2, 4}  # both ends of randint [2, 5) were validated
+
+
 def test_shipped_spaces_check_against_their_jobs():
     retrain = load_config(ROOT / "configs/digits_retrain.yaml", cls=RetrainConfig).model_dump(mode="json")
     space = load_space(ROOT / "tune_spaces/mixing_ratio.yaml")

@@ -100,15 +100,21 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _config_command(sub, name: str, func, help: str, config_help: str, example: str) -> None:
+    """A subcommand that takes one YAML config plus dotted overrides."""
+    cmd = sub.add_parser(name, help=help)
+    cmd.add_argument("--config", help=config_help)
+    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"dotted override, e.g. {example}")
+    cmd.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    cmd.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a flow-matching or diffusion model")
-    train.add_argument("--config", help="YAML config (see configs/); defaults apply where absent")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, e.g. model.hidden=128")
-    train.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    train.set_defaults(func=_train)
+    _config_command(sub, "train", _train, "train a flow-matching or diffusion model",
+                    "YAML config (see configs/); defaults apply where absent", "model.hidden=128")
 
     sample = sub.add_parser("sample", help="generate samples from a checkpoint into Parquet")
     sample.add_argument("--checkpoint", required=True, help="checkpoint folder written by genmem train")
@@ -150,11 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--json", action="store_true")
     quick.set_defaults(func=_quickstart)
 
-    retrain = sub.add_parser("retrain", help="self-consuming retraining on real/synthetic mixes, generation by generation")
-    retrain.add_argument("--config", help="YAML RetrainConfig (see configs/*retrain*.yaml); training settings under train:")
-    retrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, e.g. synthetic_ratio=0.5")
-    retrain.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    retrain.set_defaults(func=_retrain)
+    _config_command(sub, "retrain", _retrain, "self-consuming retraining on real/synthetic mixes, generation by generation",
+                    "YAML RetrainConfig (see configs/*retrain*.yaml); training settings under train:", "synthetic_ratio=0.5")
 
     sweep = sub.add_parser("sweep", help="a Ray Tune sweep of a job over a tune_spaces/ YAML search space")
     sweep.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/mixing_ratio.yaml")

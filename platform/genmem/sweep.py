@@ -77,6 +77,14 @@ class Space:
         ranges = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
         return {a.key: make[a.kind](a.values) if a.kind in make else ranges[a.kind](*a.values) for a in self.axes}
 
+    def scheduler(self):
+        """Tune's ASHA scheduler when the space asks for one (trials stop early on ``metric``)."""
+        if self.asha is None:
+            return None
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="training_iteration", **self.asha)
+
     def candidates(self) -> list[tuple[str, Any]]:
         """(key, value) for every value a trial could take at an extreme: all grid/choice values
         and both ends of each range (randint's last integer)."""

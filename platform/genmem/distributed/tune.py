@@ -202,16 +202,11 @@ def run_sweep(space_path: str | Path, job: str, base: dict[str, Any], *, name: s
         if resume and tune.Tuner.can_restore(str(folder)):
             tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            scheduler = None
-            if space.asha is not None:
-                from ray.tune.schedulers import ASHAScheduler
-
-                scheduler = ASHAScheduler(time_attr="training_iteration", **space.asha)
             tuner = tune.Tuner(
                 trainable,
                 param_space=space.param_space(),
                 tune_config=tune.TuneConfig(num_samples=space.num_samples, metric=space.metric, mode=space.mode,
-                                            scheduler=scheduler, max_concurrent_trials=concurrency),
+                                            scheduler=space.scheduler(), max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=name, storage_path=str(root), verbose=1),
             )
         results = tuner.fit()
