@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from genmem.config import ConfigError, DataConfig, RetrainConfig, load_config, validate
 from genmem.data import ArrayDataset, load_dataset, read_shards, select, write_shards
 from genmem.generative import derive_seed
-from genmem.methods.retraining import collapse_generation, generation_config
+from genmem.methods.retraining import RetrainError, collapse_generation, generation_config, run_retrain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,13 @@ def test_bad_retrain_configs_are_refused():
         validate(RetrainConfig, {"synthetic_ratio": -0.5})
     with pytest.raises(ConfigError, match="synthetic_ratio"):
         validate(RetrainConfig, {"synthetic_ratio": "mostly_synthetic"})
+
+
+def test_too_few_samples_per_generation_are_refused_before_ray(storage):
+    cfg = load_config(ROOT / "configs/toy2d_retrain.yaml", ["samples=100", "synthetic_ratio=1.0"], cls=RetrainConfig)
+    with pytest.raises(RetrainError, match="samples=100 per generation cannot supply 200 synthetic rows and 1000 evaluated samples"):
+        run_retrain(cfg)
+    assert not (storage / "retrain").exists() and not any((storage / "ray").iterdir())  # no loop, no Ray run
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +173,23 @@ def test_sweep_parent_loop_and_generation_runs_in_mlflow(loop_sweep, tracking):
         assert {"metrics_by_generation.png", "generations.json"} <= {a.path for a in client.list_artifacts(loop.info.run_id)}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_summary.png", "trials.json"} <= artifacts
+
+
+def test_a_finished_loop_resumes_to_its_result_without_new_runs(loop_sweep, tracking):
+    result, store = loop_sweep
+    trial = result["results"][0]
+    run_name = f"{result['sweep']}-{trial['trial_id']}"
+    state = json.loads((store / "retrain" / run_name / "state.json").read_text())
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("genmem/retrain").experiment_id
+    before = len(client.search_runs([exp], max_results=1000))
+    import os
+
+    os.environ["GENMEM_STORAGE"] = str(store)  # the fixture's storage, for this call only
+    try:
+        again = run_retrain(RetrainConfig.model_validate({**state["config"], "run_name": run_name}))
+    finally:
+        os.environ.pop("GENMEM_STORAGE")
+    assert [g["checkpoint"] for g in again["generations"]] == [g["checkpoint"] for g in state["generations"]]
+    assert again["mlflow_run_id"] == state["mlflow_run_id"]
+    assert len(client.search_runs([exp], max_results=1000)) == before

@@ -124,7 +124,7 @@ def ratio_histograms(train: torch.Tensor, heldout: torch.Tensor | None, threshol
     return figure_to_array(fig)
 
 
-def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], xlabel: str) -> np.ndarray:
+def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], xlabel: str, *, integer_x: bool = False) -> np.ndarray:
     """One small line plot per panel title, one line per label: ``{title: {label: (xs, ys)}}``
     (metrics against generation, one line per swept value)."""
     import matplotlib
@@ -139,6 +139,10 @@ def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], x
         for label, (xs, ys) in lines.items():
             ax.plot(xs, ys, "o-", ms=3, label=label)
         ax.set_title(title, fontsize=9)
+        if integer_x:
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)
         if len(lines) > 1:

@@ -147,7 +147,7 @@ def _summary_figure(job: str, space: Space, rows: list[dict[str, Any]]) -> np.nd
                     lines[label] = (list(range(depth)), ys)
             if lines:
                 panels[f"{metric} (mean over seeds)"] = lines
-        return line_panels(panels, "generation") if panels else None
+        return line_panels(panels, "generation", integer_x=True) if panels else None
     metric = space.metric
     if not metric:
         return None

@@ -106,7 +106,7 @@ def _curves(history: list[dict[str, Any]]) -> np.ndarray:
     for name in CURVES:
         if all(name in h["metrics"] for h in history):
             panels[name] = {"": ([h["generation"] for h in history], [h["metrics"][name] for h in history])}
-    return line_panels(panels, "generation")
+    return line_panels(panels, "generation", integer_x=True)
 
 
 def run_retrain(
