@@ -50,6 +50,8 @@ def _space(tmp_path: Path, text: str) -> Path:
     ("space:\n  optim.lr: {loguniform: [0, 0.1]}\n", "train", "loguniform needs a positive low end"),
     ("spaces:\n  seed: {grid: [1]}\n", "train", "unknown top-level key 'spaces'"),
     ("space: {}\n", "train", "has no axes"),
+    ("space: [unclosed\n", "train", "is not valid YAML (ParserError): fix its syntax"),
+    ("- a list\n", "train", "must hold a mapping of keys at the top level"),
     ("space:\n  seed: {grid: [0]}\nmetric: loss\nmode: min\n", "train", "metric 'loss' is not reported by train trials: use one of train/loss"),
     ("space:\n  seed: {grid: [0, 1]}\nscheduler: {asha: {max_t: 4}}\n", "train", "ASHA scheduler needs 'metric' and 'mode'"),
 ])
@@ -59,6 +61,15 @@ def test_bad_spaces_are_refused_before_ray_starts(tmp_path, text, job, message):
         check_space(load_space(_space(tmp_path, text)), job, base)
     assert message in str(err.value)
     assert str(err.value).count("\n") == 0
+
+
+def test_missing_space_and_config_files_are_named(tmp_path):
+    from genmem.config import ConfigError
+
+    with pytest.raises(SpaceError, match="search space .*nope.yaml does not exist: pass a YAML file such as tune_spaces/mixing_ratio.yaml"):
+        load_space(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="config file .*nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml", cls=RetrainConfig)
 
 
 def test_cli_refuses_a_bad_space_without_starting_anything(tmp_path, storage):

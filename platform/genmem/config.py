@@ -304,18 +304,22 @@ def validate(cls: type[C], tree: dict[str, Any]) -> C:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type[C] = TrainConfig) -> C:
     """Read a YAML config (or start from defaults), apply overrides, validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist: pass a YAML file such as configs/digits_flow.yaml")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML ({exc.__class__.__name__}): fix its syntax") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys at the top level")
+    tree = read_yaml_mapping(path, "config file", "configs/digits_flow.yaml") if path is not None else {}
     return validate(cls, apply_overrides(tree, overrides))
+
+
+def read_yaml_mapping(path: str | Path, what: str, example: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """The mapping at the top of a YAML file; ``error`` names ``what`` the file is and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} does not exist: pass a YAML file such as {example}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {p} is not valid YAML ({exc.__class__.__name__}): fix its syntax") from None
+    if not isinstance(tree, dict):
+        raise error(f"{what} {p} must hold a mapping of keys at the top level")
+    return tree
 
 
 def to_yaml(cfg: BaseModel) -> str:

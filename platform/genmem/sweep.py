@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel
 
-from genmem.config import ConfigError, PosteriorConfig, RetrainConfig, TrainConfig, _set_dotted, validate
+from genmem.config import ConfigError, PosteriorConfig, RetrainConfig, TrainConfig, _set_dotted, read_yaml_mapping, validate
 
 JOBS: dict[str, type[BaseModel]] = {"train": TrainConfig, "retrain": RetrainConfig, "posterior": PosteriorConfig}
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -130,14 +129,7 @@ def _axis(path: Path, key: str, spec: Any) -> Axis:
 def load_space(path: str | Path) -> Space:
     """Parse and structurally check a space file (no job config yet: see :func:`check_space`)."""
     path = Path(path)
-    if not path.is_file():
-        raise SpaceError(f"search space {path} does not exist: pass a YAML file such as tune_spaces/mixing_ratio.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise _fail(path, f"not valid YAML ({exc.__class__.__name__}): fix its syntax") from None
-    if not isinstance(raw, dict):
-        raise _fail(path, "must hold a mapping with a 'space' section at the top level")
+    raw = read_yaml_mapping(path, "search space", "tune_spaces/mixing_ratio.yaml", SpaceError)
     unknown = [k for k in raw if k not in _TOP]
     if unknown:
         raise _fail(path, f"unknown top-level key '{unknown[0]}': use {', '.join(_TOP)}")
