@@ -76,3 +76,21 @@ def test_a_solver_that_does_not_converge_says_where_it_stopped(toy_checkpoint, t
                           max_evals=3, features=["pixels"])
     with pytest.raises(RuntimeError, match=r"riemannian sample at scale 0.5 failed: .*(step|s =)"):
         run_posterior(cfg)
+
+
+def test_posterior_sweep_runs_its_weight_sample_tasks_inside_tune_trials(toy_checkpoint, tracking, ray_local, tmp_path):
+    """A Tune trial reserves only its driver; the weight-sample tasks must still be placed."""
+    from genmem.distributed.tune import run_sweep
+
+    space = tmp_path / "scales.yaml"
+    space.write_text("space:\n  scales: {grid: [[0.3], [0.6]]}\nmetric: riemannian/memorized_fraction\nmode: min\n")
+    base = PosteriorConfig(checkpoint=toy_checkpoint, samples=1, n=30, features=["pixels"]).model_dump(mode="json")
+    result = run_sweep(space, "posterior", base)
+    assert result["trials"] == 2 and not result["failed"]
+    assert {r["params"]["scales"][0] for r in result["results"]} == {0.3, 0.6}
+    assert all("riemannian/loss_increase" in r["final"] and "theta_star/fd_pixels" in r["final"] for r in result["results"])
+    client = MlflowClient(tracking)
+    children = client.search_runs([client.get_run(result["mlflow_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
+    assert sorted(r.data.params["scales"] for r in children) == ["[0.3]", "[0.6]"]
+    assert "best" in result and result["best"]["params"]["scales"][0] in (0.3, 0.6)
