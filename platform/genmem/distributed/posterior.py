@@ -18,7 +18,7 @@ from genmem.data import read_shards, seal_shards, write_part
 from genmem.distributed.cluster import ensure_ray, free_task
 from genmem.distributed.evaluate import training_data
 from genmem.distributed.sampling import sample, split_ranges
-from genmem.evaluation import evaluate_samples
+from genmem.evaluation import evaluate_samples, primary_fd
 from genmem.generative import build_process, derive_seed, generate
 from genmem.posterior import LaplacePosterior
 from genmem.storage import ensure_writable, storage_root
@@ -116,7 +116,7 @@ def run_posterior(cfg: PosteriorConfig, *, parent_run_id: str | None = None, tag
                 "seconds_per_sample": float(np.mean([s["seconds"] for s in stats])),
             })
 
-    fd_key = "fd_classifier" if "fd_classifier" in rows[0] else "fd_pixels"
+    fd_key = primary_fd(star_eval.metrics).removeprefix("eval/")
     tracker = Tracker.start("posterior", f"posterior-{meta['checkpoint_id']}", params=cfg.model_dump(mode="json"),
                             tags={"checkpoint_id": meta["checkpoint_id"], "samples_root": str(root),
                                   **({"train_run_id": meta["mlflow_run_id"]} if meta.get("mlflow_run_id") else {}), **(tags or {})},
@@ -131,7 +131,7 @@ def run_posterior(cfg: PosteriorConfig, *, parent_run_id: str | None = None, tag
     return {"mlflow_run_id": tracker.run_id, "prior_precision": la.prior_precision, "fd_key": fd_key, "arms": rows}
 
 
-_KEYS = ("memorized_fraction", "heldout_memorized_fraction", "fd_pixels", "fd_classifier", "precision", "recall", "density", "coverage")
+_KEYS = ("memorized_fraction", "heldout_memorized_fraction", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage")
 
 
 def _arm_metrics(metrics: dict[str, float]) -> dict[str, float]:

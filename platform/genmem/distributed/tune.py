@@ -29,6 +29,7 @@ from ray import tune
 from genmem.config import PosteriorConfig, RetrainConfig, TrainConfig, _set_dotted, to_yaml, validate
 from genmem.distributed.cluster import check_placeable, ensure_ray
 from genmem.distributed.train import preflight, ray_storage
+from genmem.methods.retraining import CURVES
 from genmem.storage import ensure_writable, storage_root
 from genmem.sweep import JOBS, Space, SpaceError, check_space, load_space, sweep_name
 from genmem.tracking import Tracker, check_reachable, tracking_uri
@@ -93,9 +94,14 @@ def _trial(config: dict[str, Any], *, job: str, base: dict[str, Any], env: dict[
     os.replace(tmp, done)
 
 
+def _train_config(job: str, cfg: Any) -> TrainConfig | None:
+    """The training config a trial's workers run under (none for the posterior job)."""
+    return cfg if job == "train" else cfg.train if job == "retrain" else None
+
+
 def _footprint(job: str, cfg: Any) -> tuple[dict[str, float], dict[str, float], int, str]:
     """(driver bundle, worker bundle, workers, placement strategy) of one trial."""
-    train = cfg if job == "train" else cfg.train if job == "retrain" else None
+    train = _train_config(job, cfg)
     if train is None:
         return {"CPU": DRIVER_CPUS[job]}, {"CPU": 1.0}, 1, "PACK"  # posterior: driver + one weight-sample task at a time
     s = train.scaling
@@ -106,12 +112,12 @@ def _footprint(job: str, cfg: Any) -> tuple[dict[str, float], dict[str, float], 
 def _concurrency(space: Space, job: str, checked: list[Any]) -> int:
     """Refuse a trial the cluster cannot place; else how many trials fit side by side."""
     totals = ray.cluster_resources()
-    most = 1_000_000
+    fits: list[int] = []
     for cfg in checked:
-        driver, worker, n, strategy = _footprint(job, cfg)
-        train = cfg if job == "train" else getattr(cfg, "train", None)
+        train = _train_config(job, cfg)
         if train is not None and not train.scaling.check_resources:
             continue  # an autoscaling cluster grows to fit
+        driver, worker, n, strategy = _footprint(job, cfg)
         check_placeable(worker, n, strategy, f"search space {space.path}: a {job} trial")
         need = {k: driver.get(k, 0.0) + n * worker.get(k, 0.0) for k in {*driver, *worker}}
         for k, v in need.items():
@@ -121,8 +127,8 @@ def _concurrency(space: Space, job: str, checked: list[Any]) -> int:
                     f"{totals.get(k, 0.0):g}: lower the workers or their resources"
                 )
             if v > 0:
-                most = min(most, math.floor(totals.get(k, 0.0) / v + 1e-9))
-    return max(1, most if most < 1_000_000 else 1)
+                fits.append(math.floor(totals.get(k, 0.0) / v + 1e-9))
+    return max(1, min(fits, default=1))
 
 
 def _summary_figure(job: str, space: Space, rows: list[dict[str, Any]]) -> np.ndarray | None:
@@ -138,7 +144,7 @@ def _summary_figure(job: str, space: Space, rows: list[dict[str, Any]]) -> np.nd
             label = ", ".join(f"{k.split('.')[-1]}={row['params'].get(k)}" for k in label_keys)
             groups.setdefault(label, []).append(row["reports"])
         panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
-        for metric in ("fd", "recall", "precision", "sample_variance", "memorized_fraction", "mmd"):
+        for metric in CURVES:
             lines = {}
             for label, runs in groups.items():
                 depth = min(len(r) for r in runs)
@@ -153,13 +159,13 @@ def _summary_figure(job: str, space: Space, rows: list[dict[str, Any]]) -> np.nd
         return None
     panels = {}
     for key in keys:
-        pts = [(row["params"].get(key), row["reports"][-1].get(metric)) for row in rows if row["reports"]]
-        pts = [(x, y) for x, y in pts if y is not None]
-        labels = sorted({str(x) for x, _ in pts}, key=lambda s: (len(s), s))
+        pts = [(row["params"].get(key), row["reports"][-1][metric]) for row in rows if row["reports"] and metric in row["reports"][-1]]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in pts)
-        xs = [float(x) if numeric else float(labels.index(str(x))) for x, _ in sorted(pts, key=lambda p: str(p[0]) if not numeric else p[0])]
-        ys = [y for _, y in sorted(pts, key=lambda p: str(p[0]) if not numeric else p[0])]
-        panels[f"{metric} vs {key}"] = {"": (xs, ys)}
+        if not numeric:  # lists, strings: one position per distinct value, in order of appearance
+            order = list(dict.fromkeys(str(x) for x, _ in pts))
+            pts = [(order.index(str(x)), y) for x, y in pts]
+        pts.sort(key=lambda p: p[0])
+        panels[f"{metric} vs {key}"] = {"": ([float(x) for x, _ in pts], [y for _, y in pts])}
     return line_panels(panels, "swept value")
 
 
@@ -183,9 +189,8 @@ def run_sweep(space_path: str | Path, job: str, base: dict[str, Any], *, name: s
     done_dir = ensure_writable(storage_root() / "sweeps" / name / "done")
 
     ensure_ray()
-    concurrency = space.max_concurrent_trials or _concurrency(space, job, checked)
-    if space.max_concurrent_trials:
-        _concurrency(space, job, checked)  # still refuse what cannot be placed
+    fits = _concurrency(space, job, checked)  # refuses what cannot be placed, before any trial
+    concurrency = space.max_concurrent_trials or fits
     tracker = Tracker.start(job, f"sweep-{name}", params={"space": space.raw["space"], "num_samples": space.num_samples,
                                                            "job": job, "trials": space.trials},
                             tags={"sweep": name, "space_file": str(space.path), "sweep_dir": str(folder)}, key=f"sweep:{name}")
