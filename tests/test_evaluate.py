@@ -48,7 +48,7 @@ def digits_run(tmp_path_factory, mlflow_server):
 
 
 def test_memorisation_is_watched_during_training(digits_run, mlflow_server):
-    history = MlflowClient(mlflow_server).get_metric_history(digits_run["mlflow_run_id"], "eval/memorized_fraction")
+    history = MlflowClient(mlflow_server).get_metric_history(digits_run["mlflow_run_id"], "eval/memorised_fraction")
     assert [m.step for m in history] == [32 * 30, 32 * 60]
     assert all(0.0 <= m.value <= 1.0 for m in history)
 
@@ -58,10 +58,10 @@ def test_evaluate_job_logs_metrics_and_figures(digits_run, tracking, ray_local):
     client = MlflowClient(tracking)
     run = client.get_run(result["mlflow_run_id"])
     metrics = run.data.metrics
-    for key in ("eval/memorized_fraction", "eval/heldout_memorized_fraction", "eval/fd_pixels", "eval/fd_classifier",
+    for key in ("eval/memorised_fraction", "eval/heldout_memorised_fraction", "eval/fd_pixels", "eval/fd_classifier",
                 "eval/precision", "eval/recall", "eval/density", "eval/coverage", "eval/lid_mle", "eval/lid_twonn"):
         assert key in metrics, key
-    assert 0.0 <= metrics["eval/memorized_fraction"] <= 1.0
+    assert 0.0 <= metrics["eval/memorised_fraction"] <= 1.0
     assert metrics["eval/fd_classifier"] > 0.0
     assert run.data.tags["train_run_id"] == digits_run["mlflow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -74,7 +74,7 @@ def test_evaluate_takes_parquet_samples_from_anywhere(digits_run, tracking, tmp_
     copies = train.x[torch.arange(40) % len(train)]  # "samples" that copy the training set
     write_shards(tmp_path / "copies", copies, source="test", split="samples")
     result = run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "copies"), features=["pixels"]))
-    assert result["memorized_fraction"] >= 0.99 and result["d1_q50"] == 0.0
+    assert result["memorised_fraction"] >= 0.99 and result["d1_q50"] == 0.0
 
 
 def test_bad_samples_are_refused(digits_run, tracking, tmp_path):

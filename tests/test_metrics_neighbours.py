@@ -92,11 +92,11 @@ def digits(tmp_path_factory):
 def test_training_copies_are_memorised(digits):
     train, heldout = digits
     rep = memorisation(train[:500], train, heldout)
-    assert rep.memorized_fraction >= 0.99 and torch.all(rep.d1 == 0)
+    assert rep.memorised_fraction >= 0.99 and torch.all(rep.d1 == 0)
     assert torch.equal(rep.nearest, torch.arange(500))  # the 1797 digits are all distinct
     s = rep.summary()
     assert s["heldout_d1_q50"] > s["d1_q50"] and s["d1_gap_q50"] > 1.0
-    assert rep.heldout_memorized_fraction <= 0.02
+    assert rep.heldout_memorised_fraction <= 0.02
 
 
 def test_noisy_copies_are_memorised(digits):
@@ -104,13 +104,13 @@ def test_noisy_copies_are_memorised(digits):
     # ratio median ~0.19. At sigma = 0.1 the median ratio is ~0.36, right at the 1/3 threshold.
     train, _ = digits
     noisy = train + 0.05 * torch.randn(train.shape, generator=torch.Generator().manual_seed(0))
-    assert memorisation(noisy, train).memorized_fraction >= 0.9
+    assert memorisation(noisy, train).memorised_fraction >= 0.9
 
 
 def test_heldout_images_are_not_memorised(digits):
     train, heldout = digits
     rep = memorisation(heldout, train)
-    assert rep.memorized_fraction <= 0.02 and rep.d1.min() > 0
+    assert rep.memorised_fraction <= 0.02 and rep.d1.min() > 0
 
 
 def test_memorised_fraction_of_a_mix(digits):
@@ -119,7 +119,7 @@ def test_memorised_fraction_of_a_mix(digits):
     copies = train[torch.randperm(len(train), generator=g)[:150]]
     mix = torch.cat([copies, heldout[:350]])[torch.randperm(500, generator=g)]
     rep = memorisation(mix, train, heldout)
-    assert abs(rep.memorized_fraction - 0.30) <= 0.03
+    assert abs(rep.memorised_fraction - 0.30) <= 0.03
     worst = rep.worst(150)
     assert torch.all(rep.ratio[worst].diff() >= 0) and torch.all(rep.d1[worst] == 0)
     assert set(rep.quantiles()) >= {"d1_q05", "ratio_q50", "heldout_d1_q50", "heldout_ratio_q95"}

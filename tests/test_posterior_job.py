@@ -49,7 +49,7 @@ def test_posterior_job_logs_three_arms(toy_checkpoint, tracking, ray_local):
     assert "riemannian" in table and "theta_star" in table
     client = MlflowClient(tracking)
     run = client.get_run(result["mlflow_run_id"])
-    for key in ("posterior/theta_star/memorized_fraction", "posterior/euclidean_0.5/fd_pixels",
+    for key in ("posterior/theta_star/memorised_fraction", "posterior/euclidean_0.5/fd_pixels",
                 "posterior/riemannian_0.5/loss_increase", "posterior/riemannian_0.5/grad_evals"):
         assert key in run.data.metrics, key
     assert "memorised_vs_fd.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -83,7 +83,7 @@ def test_posterior_sweep_runs_its_weight_sample_tasks_inside_tune_trials(toy_che
     from genmem.distributed.tune import run_sweep
 
     space = tmp_path / "scales.yaml"
-    space.write_text("space:\n  scales: {grid: [[0.3], [0.6]]}\nmetric: riemannian/memorized_fraction\nmode: min\n")
+    space.write_text("space:\n  scales: {grid: [[0.3], [0.6]]}\nmetric: riemannian/memorised_fraction\nmode: min\n")
     base = PosteriorConfig(checkpoint=toy_checkpoint, samples=1, n=30, features=["pixels"]).model_dump(mode="json")
     result = run_sweep(space, "posterior", base)
     assert result["trials"] == 2 and not result["failed"]

@@ -153,9 +153,9 @@ def memorisation_probe(cfg, train: ArrayDataset, heldout: ArrayDataset):
     def probe(model, device) -> dict[str, float]:
         x = generate(model, process, cfg.sampler, tuple(train.shape), range(cfg.eval_n), seed=_PROBE_SEED, device=device)
         report = memorisation(x, train.x, ho)
-        out = {"eval/memorized_fraction": report.memorized_fraction, "eval/d1_q50": float(report.d1.median())}
-        if report.heldout_memorized_fraction is not None:
-            out["eval/heldout_memorized_fraction"] = report.heldout_memorized_fraction
+        out = {"eval/memorised_fraction": report.memorised_fraction, "eval/d1_q50": float(report.d1.median())}
+        if report.heldout_memorised_fraction is not None:
+            out["eval/heldout_memorised_fraction"] = report.heldout_memorised_fraction
             out["eval/d1_gap_q50"] = float(report.heldout_d1.median() - report.d1.median())
         return out
 

@@ -164,7 +164,7 @@ def load_space(path: str | Path) -> Space:
 METRICS = {
     "train": ("train/loss",),
     "retrain": ("fd", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage",
-                "memorized_fraction", "sample_variance", "mmd", "sliced_wasserstein", "lid_mle", "collapsed", "real_fraction"),
+                "memorised_fraction", "sample_variance", "mmd", "sliced_wasserstein", "lid_mle", "collapsed", "real_fraction"),
 }
 _POSTERIOR_METRIC = re.compile(r"^(theta_star|euclidean|riemannian)(_[0-9.e+-]+)?/[a-z_]+$")
 
@@ -175,7 +175,7 @@ def check_metric(space: Space, job: str) -> None:
     known = METRICS.get(job)
     ok = _POSTERIOR_METRIC.match(space.metric) if job == "posterior" else space.metric in known
     if not ok:
-        allowed = ", ".join(known) if known else "ARM/METRIC such as riemannian/memorized_fraction"
+        allowed = ", ".join(known) if known else "ARM/METRIC such as riemannian/memorised_fraction"
         raise _fail(space.path, f"metric '{space.metric}' is not reported by {job} trials: use one of {allowed}")
 
 

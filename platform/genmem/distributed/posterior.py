@@ -58,13 +58,13 @@ def _scale_figure(rows: list[dict[str, Any]], fd_key: str):
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     for method, colour in (("euclidean", "#1f77b4"), ("riemannian", "#d62728")):
-        pts = sorted((r["scale"], r[fd_key], r["memorized_fraction"]) for r in rows if r["arm"] == method)
+        pts = sorted((r["scale"], r[fd_key], r["memorised_fraction"]) for r in rows if r["arm"] == method)
         if pts:
             ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", c=colour, label=method)
             for s, x, y in pts:
                 ax.annotate(f"τ={s:g}", (x, y), fontsize=6)
     star = [r for r in rows if r["arm"] == "theta_star"][0]
-    ax.scatter([star[fd_key]], [star["memorized_fraction"]], marker="*", s=120, c="k", label="θ*", zorder=3)
+    ax.scatter([star[fd_key]], [star["memorised_fraction"]], marker="*", s=120, c="k", label="θ*", zorder=3)
     ax.set_xlabel(fd_key)
     ax.set_ylabel("memorised fraction")
     ax.legend(fontsize=7)
@@ -131,7 +131,7 @@ def run_posterior(cfg: PosteriorConfig, *, parent_run_id: str | None = None, tag
     return {"mlflow_run_id": tracker.run_id, "prior_precision": la.prior_precision, "fd_key": fd_key, "arms": rows}
 
 
-_KEYS = ("memorized_fraction", "heldout_memorized_fraction", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage")
+_KEYS = ("memorised_fraction", "heldout_memorised_fraction", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage")
 
 
 def _arm_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -144,7 +144,7 @@ def format_table(result: dict[str, Any]) -> str:
     head = f"{'arm':<12}{'scale':>8}{'memorised':>11}{fd:>15}{'precision':>11}{'recall':>8}{'loss +':>10}{'grad+HVP':>10}{'s/sample':>10}"
     lines = [head, "-" * len(head)]
     for r in result["arms"]:
-        lines.append(f"{r['arm']:<12}{r['scale']:>8g}{r['memorized_fraction']:>11.3f}{r.get(fd, float('nan')):>15.2f}"
+        lines.append(f"{r['arm']:<12}{r['scale']:>8g}{r['memorised_fraction']:>11.3f}{r.get(fd, float('nan')):>15.2f}"
                      f"{r.get('precision', float('nan')):>11.3f}{r.get('recall', float('nan')):>8.3f}"
                      f"{r['loss_increase']:>10.1f}{r['grad_evals']:>10.0f}{r['seconds_per_sample']:>10.1f}")
     return "\n".join(lines)

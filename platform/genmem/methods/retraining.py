@@ -39,7 +39,7 @@ from genmem.viz import line_panels
 # Streams of derive_seed(loop seed, stream, generation): independent randomness per purpose.
 _TRAIN, _SAMPLE, _SELECT = 1, 2, 3
 # Per-generation metrics shown against generation (those present: MMD only on 2-D data).
-CURVES = ("fd", "precision", "recall", "memorized_fraction", "sample_variance", "mmd")
+CURVES = ("fd", "precision", "recall", "memorised_fraction", "sample_variance", "mmd")
 
 OnGeneration = Callable[[int, dict[str, Any]], None]
 
@@ -188,7 +188,7 @@ def run_retrain(
                             | {"retrain/real_fraction": record["real_fraction"]}, step=g)
             tracker.image("metrics_by_generation", _curves(history))
             print(f"[genmem retrain] generation {g}: {fd_key.removeprefix('eval/')} {metrics['fd']:.4g}, "
-                  f"memorised {metrics.get('memorized_fraction', float('nan')):.3f}, "
+                  f"memorised {metrics.get('memorised_fraction', float('nan')):.3f}, "
                   f"sample variance {metrics['sample_variance']:.4g}", flush=True)
             if on_generation:
                 on_generation(g, record)
@@ -221,6 +221,6 @@ def format_table(result: dict[str, Any]) -> str:
     for r in result["generations"]:
         m = r["metrics"]
         lines.append(f"{r['generation']:>4}{r['n_real']:>7}{r['n_synthetic']:>7}{m['fd']:>15.4g}{m.get('precision', float('nan')):>11.3f}"
-                     f"{m.get('recall', float('nan')):>8.3f}{m.get('memorized_fraction', float('nan')):>11.3f}{m['sample_variance']:>10.4g}")
+                     f"{m.get('recall', float('nan')):>8.3f}{m.get('memorised_fraction', float('nan')):>11.3f}{m['sample_variance']:>10.4g}")
     verdict = f"collapsed at generation {result['collapse_generation']}" if result["collapsed"] else "no collapse"
     return "\n".join(lines + [f"synthetic_ratio={result['synthetic_ratio']}: {verdict}"])

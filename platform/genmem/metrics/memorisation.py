@@ -1,7 +1,7 @@
 """Memorisation by the nearest-neighbour distance ratio (METHODS.md §Metrics).
 
 A generated x is memorised when d1/d2 < 1/3, where d1 ≤ d2 are its two smallest L2 distances to
-the training set in pixel space (Yoon et al. 2023; Gu et al. 2023, "On memorization in diffusion
+the training set in pixel space (Yoon et al. 2023; Gu et al. 2023, "On memorisation in diffusion
 models"; after Carlini et al. 2023's relative-distance criterion). The same distances to a
 held-out set give a threshold-free signal: copies sit much closer to train than to held-out data,
 genuine samples about equally close.
@@ -29,14 +29,14 @@ class MemorisationReport:
 
     threshold: float
     n: int
-    memorized_fraction: float
+    memorised_fraction: float
     d1: Tensor
     d2: Tensor
     ratio: Tensor
     nearest: Tensor
     heldout_d1: Tensor | None = None
     heldout_ratio: Tensor | None = None
-    heldout_memorized_fraction: float | None = None
+    heldout_memorised_fraction: float | None = None
 
     def quantiles(self, qs: tuple[float, ...] = QUANTILES) -> dict[str, float]:
         """Quantiles of d1 and ratio (and their held-out twins), keyed like ``d1_q50``, ``heldout_ratio_q05``."""
@@ -55,9 +55,9 @@ class MemorisationReport:
 
     def summary(self) -> dict[str, float]:
         """Scalars to log: fractions, quantiles, and ``d1_gap_q50`` = median held-out d1 - median train d1."""
-        out = {"memorized_fraction": self.memorized_fraction, **self.quantiles()}
+        out = {"memorised_fraction": self.memorised_fraction, **self.quantiles()}
         if self.heldout_d1 is not None:
-            out["heldout_memorized_fraction"] = self.heldout_memorized_fraction
+            out["heldout_memorised_fraction"] = self.heldout_memorised_fraction
             out["d1_gap_q50"] = self.heldout_d1.median().item() - self.d1.median().item()
         return out
 
@@ -80,7 +80,7 @@ def memorisation(
     Usage::
 
         rep = memorisation(samples, train.x, heldout.x)
-        rep.memorized_fraction, rep.summary()["d1_gap_q50"], rep.worst(16)
+        rep.memorised_fraction, rep.summary()["d1_gap_q50"], rep.worst(16)
     """
     if generated.shape[1:] != train.shape[1:]:
         raise ValueError(
@@ -104,7 +104,7 @@ def memorisation(
     report = MemorisationReport(
         threshold=threshold,
         n=len(generated),
-        memorized_fraction=(ratio < threshold).double().mean().item(),
+        memorised_fraction=(ratio < threshold).double().mean().item(),
         d1=d1,
         d2=d2,
         ratio=ratio,
@@ -113,7 +113,7 @@ def memorisation(
     if heldout is not None:
         h1, _, hr, _ = _ratio(generated, heldout, opts)
         report.heldout_d1, report.heldout_ratio = h1, hr
-        report.heldout_memorized_fraction = (hr < threshold).double().mean().item()
+        report.heldout_memorised_fraction = (hr < threshold).double().mean().item()
     return report
 
 
