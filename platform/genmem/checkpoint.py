@@ -21,16 +21,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genmem.config import ModelConfig, TrainConfig
+from genmem.errors import CheckpointError
 from genmem.models import build_model, count_parameters
 
 META = "meta.json"
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 OPTIMIZER = "optimizer.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or of another architecture."""
 
 
 @dataclass

@@ -17,9 +17,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration problem, worded as one sentence for the user."""
+from genmem.errors import ConfigError
 
 
 class Strict(BaseModel):

@@ -19,14 +19,11 @@ from typing import Any
 import numpy as np
 
 from genmem.config import flatten
+from genmem.errors import TrackingError
 
 EXPERIMENT_PREFIX = "genmem"
 _PARAM_LIMIT = 6000  # MLflow's limit on a param value's length
 KEY_TAG = "genmem_key"  # identifies a run that a resumed job must reopen, not duplicate
-
-
-class TrackingError(RuntimeError):
-    """The tracking server cannot be used; the message names the URI."""
 
 
 def tracking_uri() -> str:

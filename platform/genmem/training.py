@@ -28,15 +28,12 @@ from tqdm import tqdm
 from genmem.checkpoint import Checkpoint, save_checkpoint
 from genmem.config import TrainConfig
 from genmem.data import ArrayDataset
+from genmem.errors import TrainingError
 from genmem.generative import build_process, derive_seed, generate
 from genmem.models import build_model, count_parameters
 from genmem.viz import sample_picture, save_png
 
 _DATA_STREAM, _NOISE_STREAM, _TORCH_STREAM, _INIT_STREAM, _GRID_SEED = 1, 2, 3, 4, 20_240_101
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN loss, say); the message names the step."""
 
 
 class Engine:

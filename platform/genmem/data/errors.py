@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 
-class DataError(ValueError):
-    """Bad or unreadable data: a corrupt shard, a wrong rank, non-finite values, a bad request."""
+from genmem.errors import DataError, DataNotFoundError
 
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """A data file or folder that should exist does not."""
+__all__ = ["DataError", "DataNotFoundError"]

@@ -1,7 +1,7 @@
 """Memorisation by the nearest-neighbour distance ratio (METHODS.md §Metrics).
 
 A generated x is memorised when d1/d2 < 1/3, where d1 ≤ d2 are its two smallest L2 distances to
-the training set in pixel space (Yoon et al. 2023; Gu et al. 2023, "On memorisation in diffusion
+the training set in pixel space (Yoon et al. 2023; Gu et al. 2023, "On memorization in diffusion
 models"; after Carlini et al. 2023's relative-distance criterion). The same distances to a
 held-out set give a threshold-free signal: copies sit much closer to train than to held-out data,
 genuine samples about equally close.

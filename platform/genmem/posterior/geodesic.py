@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import torch
 from torchdiffeq import odeint
 
+from genmem.errors import SolverError
+
 SOLVERS = ("dopri5", "rk4")
 
 
-class GeodesicError(RuntimeError):
+class GeodesicError(SolverError):
     """The geodesic solve failed (non-finite state, step-size underflow or too many evaluations)."""
 
 
