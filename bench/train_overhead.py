@@ -34,7 +34,7 @@ def plain_loop(cfg, train, threads: int) -> float:
             t0 = time.perf_counter()
         rows = torch.randint(len(train), (cfg.batch_size,), generator=g)
         x1 = train.x[rows]
-        loss = process.loss(model, x1, torch.randn(x1.shape, generator=g), torch.rand(len(x1), generator=g)).mean()
+        loss = process.loss(model, torch.randn(x1.shape, generator=g), x1, torch.rand(len(x1), generator=g)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -56,7 +56,7 @@ def main() -> None:
 
     from genmem.config import TrainConfig
     from genmem.data import load_dataset
-    from genmem.distributed.train import fit
+    from genmem.jobs.train import train_model
 
     cfg = TrainConfig.model_validate(dict(
         name="bench", data=dict(source="digits"), model=dict(kind="unet", channels=32),
@@ -68,7 +68,7 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     t_submit = time.time()
-    result = fit(cfg)
+    result = train_model(cfg)
     ray.shutdown()
     after = plain_loop(cfg, train, args.threads)  # before and after: a shared machine drifts
     ref = (before + after) / 2

@@ -1,12 +1,7 @@
-"""Entry point for `ray job submit`:
-
-    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/evaluate.py --checkpoint CKPT --n 2000 --json
-"""
-
+"""`ray job submit --working-dir . -- python jobs/evaluate.py ARGS` runs `genmem evaluate ARGS` on a cluster; `genmem submit evaluate -- ARGS` also sets storage and tracking."""
 import sys
 
-from genmem.cli import main
+from genmem.cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    sys.exit(entry_point(__file__))

@@ -1,12 +1,7 @@
-"""Entry point for `ray job submit`:
-
-    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/posterior.py --checkpoint CKPT --method euclidean riemannian --samples 4 --scale 0.01 0.03 --json
-"""
-
+"""`ray job submit --working-dir . -- python jobs/posterior.py ARGS` runs `genmem posterior ARGS` on a cluster; `genmem submit posterior -- ARGS` also sets storage and tracking."""
 import sys
 
-from genmem.cli import main
+from genmem.cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main(["posterior", *sys.argv[1:]]))
+    sys.exit(entry_point(__file__))

@@ -1,12 +1,7 @@
-"""Entry point for `ray job submit`:
-
-    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/retrain.py --config configs/toy2d_retrain.yaml --set synthetic_ratio=0.5 --json
-"""
-
+"""`ray job submit --working-dir . -- python jobs/retrain.py ARGS` runs `genmem retrain ARGS` on a cluster; `genmem submit retrain -- ARGS` also sets storage and tracking."""
 import sys
 
-from genmem.cli import main
+from genmem.cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main(["retrain", *sys.argv[1:]]))
+    sys.exit(entry_point(__file__))

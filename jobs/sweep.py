@@ -1,12 +1,7 @@
-"""Entry point for `ray job submit`:
-
-    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/sweep.py --space tune_spaces/mixing_ratio.yaml --job retrain --config configs/digits_retrain.yaml --json
-"""
-
+"""`ray job submit --working-dir . -- python jobs/sweep.py ARGS` runs `genmem sweep ARGS` on a cluster; `genmem submit sweep -- ARGS` also sets storage and tracking."""
 import sys
 
-from genmem.cli import main
+from genmem.cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    sys.exit(entry_point(__file__))

@@ -1,15 +1,7 @@
-"""Entry point for `ray job submit`:
-
-    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/train.py --config configs/demo.yaml --set scaling.num_workers=2 --json
-
-Under `ray job submit` it attaches to that cluster (RAY_ADDRESS is set for the job's driver);
-run alone it starts a local one.
-"""
-
+"""`ray job submit --working-dir . -- python jobs/train.py ARGS` runs `genmem train ARGS` on a cluster; `genmem submit train -- ARGS` also sets storage and tracking."""
 import sys
 
-from genmem.cli import main
+from genmem.cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(entry_point(__file__))

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -47,7 +48,15 @@ def _torch_threads():
     yield
 
 
+# A test that starts or uses a Ray cluster or an MLflow server is a cluster test: `slow`, like the
+# statistical checks marked by hand. `pytest -m "not slow"` runs the maths in a few minutes.
+_CLUSTER_FIXTURES = {"ray_local", "ray_head", "mlflow_server", "tracking"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -133,3 +142,54 @@ def tracking(mlflow_server, monkeypatch):
     """Point this test's MLflow tracking at the session's server."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return mlflow_server
+
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """`ray start --head` under token auth, as a new user gets it once ~/.ray/auth_token exists.
+    The job's environment is only what the submission carries: the head's own GENMEM_STORAGE and
+    MLFLOW_TRACKING_URI are removed."""
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path, generate_and_save_token
+
+    if not _get_default_token_path().exists():
+        generate_and_save_token()  # what Ray's first local ray.init() does
+    root = tmp_path_factory.mktemp("ray-head")
+    env = {k: v for k, v in os.environ.items() if k not in ("GENMEM_STORAGE", "MLFLOW_TRACKING_URI", "GENMEM_RAY_STORAGE")}
+    env.update(PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token")  # the job's `python` is this venv's
+    gcs, dash = free_port(), free_port()
+    log = open(root / "head.log", "w")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+         "--disable-usage-stats"],
+        env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(address + "/api/version", timeout=2):
+                    break
+            except urllib.error.HTTPError:
+                break  # answering (401 under token auth): it is up
+            except OSError:
+                if head.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("ray start --head did not come up: " + (root / "head.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        yield address
+    finally:
+        stop_process_group(head, timeout=10)
+        log.close()
+        # A head stopped by signal leaves its address in ray_current_cluster; later
+        # address-less lookups in this machine (Ray Train's State API polling) would wait on it.
+        from ray._common.utils import get_ray_address_file
+
+        current = Path(get_ray_address_file(None))
+        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
+            current.unlink()

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import ray.cloudpickle
+from safetensors.torch import load_file
 from mlflow import MlflowClient
 
 from genmem.checkpoint import load_checkpoint
 from genmem.config import TrainConfig
 from genmem.distributed.sampling import sample
-from genmem.distributed.train import fit
+from genmem.jobs.train import train_model
 from genmem.data import read_shards
-from genmem.tracking import TrackingError
+from genmem.errors import ClusterError, StorageError, TrackingError
 
 # Hooks defined here travel to Ray workers by value (the tests folder is not importable there).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -64,8 +65,9 @@ def _runs(uri: str, run_name: str):
 
 def test_two_workers_train_with_ddp_and_log_to_mlflow(ray_local, tracking, storage):
     cfg = tiny()
-    result = fit(cfg)
-    # DDP really on: the ranks see different data, yet their parameters are identical.
+    result = train_model(cfg)
+    # DDP really on: the replicas' parameters are identical after training (ranks take disjoint
+    # slices of the global batch: tests/test_training.py).
     assert result["num_workers"] == 2 and result["param_spread"] == 0.0
     assert result["images_seen"] == 64 * 30 and result["step"] == 30
     ckpt = load_checkpoint(result["checkpoint"])
@@ -87,7 +89,7 @@ def test_two_workers_train_with_ddp_and_log_to_mlflow(ray_local, tracking, stora
 @pytest.mark.parametrize("mode", ["raise", "kill"])
 def test_a_failed_worker_resumes_from_the_last_checkpoint(mode, ray_local, tracking, storage, tmp_path):
     marker = tmp_path / "crashed"
-    result = fit(tiny(), hooks=[CrashOnce(marker, mode)])
+    result = train_model(tiny(), hooks=[CrashOnce(marker, mode)])
     assert marker.read_text() == str(64 * 10)  # it did fail, after the first checkpoint
     assert result["images_seen"] == 64 * 30 and result["step"] == 30
     client, runs = _runs(tracking, result["run_name"])
@@ -98,14 +100,28 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(mode, ray_local, track
 
 
 def test_a_fixed_run_name_resumes_a_finished_run_in_place(ray_local, tracking, storage):
-    first = fit(tiny(run_name="fixed-name", scaling={"num_workers": 1}))
-    again = fit(tiny(run_name="fixed-name", images=64 * 40, scaling={"num_workers": 1}))
+    first = train_model(tiny(run_name="fixed-name", scaling={"num_workers": 1}))
+    again = train_model(tiny(run_name="fixed-name", images=64 * 40, scaling={"num_workers": 1}))
     assert again["mlflow_run_id"] == first["mlflow_run_id"]
     assert again["images_seen"] == 64 * 40
 
 
+def test_one_and_two_workers_train_the_same_parameters(ray_local, tracking, storage):
+    # training.py's promise: the same global batches and noise whatever the worker count, so DDP
+    # over 2 workers (each the mean over its half, gradients averaged) equals 1 worker up to
+    # float reduction order. Another seed is the scale of a real difference.
+    runs = {(n, seed): train_model(tiny(seed=seed, images=64 * 10, checkpoint_every_images=0, grid_every_images=0,
+                                        scaling={"num_workers": n}))["checkpoint"] for n, seed in ((1, 0), (2, 0), (1, 1))}
+    weights = {k: load_file(Path(v) / "model.safetensors") for k, v in runs.items()}
+    one, two, other = weights[(1, 0)], weights[(2, 0)], weights[(1, 1)]
+    same = max((one[k] - two[k]).abs().max().item() for k in one)
+    apart = max((one[k] - other[k]).abs().max().item() for k in one)
+    assert same < 1e-4, same
+    assert apart > 100 * max(same, 1e-6), (apart, same)
+
+
 def test_sampling_tasks_split_the_work_and_keep_per_sample_seeds(ray_local, tracking, storage, tmp_path):
-    ckpt = fit(tiny(scaling={"num_workers": 1}, images=64 * 10))["checkpoint"]
+    ckpt = train_model(tiny(scaling={"num_workers": 1}, images=64 * 10))["checkpoint"]
     a = sample(ckpt, 50, tmp_path / "a", seed=3, tasks=3)
     b = sample(ckpt, 50, tmp_path / "b", seed=3, tasks=1)
     assert a["tasks"] == 3 and b["tasks"] == 1
@@ -116,14 +132,14 @@ def test_sampling_tasks_split_the_work_and_keep_per_sample_seeds(ray_local, trac
 
 
 def test_more_workers_than_the_cluster_can_place_is_refused(ray_local, storage):
-    with pytest.raises(ValueError, match=r"asks for 4 workers of 1 CPU each \(PACK\) but this Ray cluster can place only 2"):
-        fit(tiny(scaling={"num_workers": 4}))
+    with pytest.raises(ClusterError, match=r"asks for 4 workers of 1 CPU each \(PACK\) but this Ray cluster can place only 2"):
+        train_model(tiny(scaling={"num_workers": 4}))
 
 
 def test_unreachable_tracking_server_fails_before_ray_work(monkeypatch, storage):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     with pytest.raises(TrackingError, match=r"http://127.0.0.1:9 is unreachable"):
-        fit(tiny())
+        train_model(tiny())
     assert not storage.exists()
 
 
@@ -131,5 +147,5 @@ def test_unwritable_storage_fails_before_ray_work(monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")  # a path below a regular file cannot be created, not even by root
     monkeypatch.setenv("GENMEM_STORAGE", str(blocker / "store"))
-    with pytest.raises(PermissionError, match=r"storage path .*a-file/store is not writable"):
-        fit(tiny())
+    with pytest.raises(StorageError, match=r"storage path .*a-file/store is not writable"):
+        train_model(tiny())

@@ -7,10 +7,20 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from genmem.config import EvaluateConfig, TrainConfig
-from genmem.data import load_dataset, write_shards
-from genmem.distributed.evaluate import run_evaluate
-from genmem.distributed.train import fit
+from genmem.checkpoint import load_checkpoint
+from genmem.config import TrainConfig
+from genmem.data import load_dataset, read_shards, write_shards
+from genmem.errors import DataError, DataNotFoundError
+from genmem.evaluation import memorisation_probe, training_data
+from genmem.jobs.base import Context
+from genmem.jobs.evaluate import EvaluateConfig
+from genmem.jobs.evaluate import run as evaluate_job
+from genmem.jobs.train import train_model
+from genmem.metrics import memorisation
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    return evaluate_job(cfg, Context())
 
 
 def _digits_cfg(**over) -> TrainConfig:
@@ -42,7 +52,7 @@ def digits_run(tmp_path_factory, mlflow_server):
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        yield fit(_digits_cfg(eval_every_images=32 * 30, eval_n=64))
+        yield train_model(_digits_cfg(eval_every_images=32 * 30, eval_n=64))
     finally:
         os.environ["MLFLOW_TRACKING_URI"] = saved or ""
 
@@ -50,7 +60,11 @@ def digits_run(tmp_path_factory, mlflow_server):
 def test_memorisation_is_watched_during_training(digits_run, mlflow_server):
     history = MlflowClient(mlflow_server).get_metric_history(digits_run["mlflow_run_id"], "eval/memorised_fraction")
     assert [m.step for m in history] == [32 * 30, 32 * 60]
-    assert all(0.0 <= m.value <= 1.0 for m in history)
+    # The last probe measured the EMA network the checkpoint holds: recomputing it gives its value.
+    ckpt = load_checkpoint(digits_run["checkpoint"])
+    _, train, heldout = training_data(digits_run["checkpoint"])
+    again = memorisation_probe(ckpt.config, train, heldout)(ckpt.model, "cpu")
+    assert history[-1].value == pytest.approx(again["eval/memorised_fraction"], abs=1e-9)
 
 
 def test_evaluate_job_logs_metrics_and_figures(digits_run, tracking, ray_local):
@@ -61,7 +75,11 @@ def test_evaluate_job_logs_metrics_and_figures(digits_run, tracking, ray_local):
     for key in ("eval/memorised_fraction", "eval/heldout_memorised_fraction", "eval/fd_pixels", "eval/fd_classifier",
                 "eval/precision", "eval/recall", "eval/density", "eval/coverage", "eval/lid_mle", "eval/lid_twonn"):
         assert key in metrics, key
-    assert 0.0 <= metrics["eval/memorised_fraction"] <= 1.0
+    # The logged fraction is the exact nearest-neighbour test on the samples the job wrote.
+    _, train, _ = training_data(digits_run["checkpoint"])
+    expected = memorisation(read_shards(result["samples"]).x, train.x).memorised_fraction
+    assert metrics["eval/memorised_fraction"] == pytest.approx(expected, abs=1e-9)
+    assert len(read_shards(result["samples"])) == 120
     assert metrics["eval/fd_classifier"] > 0.0
     assert run.data.tags["train_run_id"] == digits_run["mlflow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -75,17 +93,21 @@ def test_evaluate_takes_parquet_samples_from_anywhere(digits_run, tracking, tmp_
     write_shards(tmp_path / "copies", copies, source="test", split="samples")
     result = run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "copies"), features=["pixels"]))
     assert result["memorised_fraction"] >= 0.99 and result["d1_q50"] == 0.0
+    _, heldout = load_dataset(_digits_cfg().data)  # held-out digits are not copies of the 32
+    write_shards(tmp_path / "heldout", heldout.x[:40], source="test", split="samples")
+    fresh = run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "heldout"), features=["pixels"]))
+    assert fresh["memorised_fraction"] <= 0.05 and fresh["d1_q50"] > 1.0
 
 
 def test_bad_samples_are_refused(digits_run, tracking, tmp_path):
     write_shards(tmp_path / "flat", torch.zeros(30, 2), source="test", split="samples")
-    with pytest.raises(ValueError, match=r"samples have shape \(2,\) but the checkpoint's training data has shape \(1, 8, 8\)"):
+    with pytest.raises(DataError, match=r"samples have shape \(2,\) but the checkpoint's training data has shape \(1, 8, 8\)"):
         run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "flat")))
     write_shards(tmp_path / "empty", torch.zeros(0, 1, 8, 8), source="test", split="samples")
-    with pytest.raises(ValueError, match="the sample set is empty"):
+    with pytest.raises(DataError, match="the sample set is empty"):
         run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "empty")))
     write_shards(tmp_path / "few", torch.zeros(3, 1, 8, 8), source="test", split="samples")
-    with pytest.raises(ValueError, match="too few for the k-NN metrics"):
+    with pytest.raises(DataError, match="too few for the k-NN metrics"):
         run_evaluate(EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "few")))
 
 

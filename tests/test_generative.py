@@ -51,7 +51,7 @@ def test_flow_matching_loss_equals_hand_computation():
     x1 = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]])
     x0 = torch.tensor([[0.5, -1.0], [2.0, 1.0], [1.0, 1.0]])
     t = torch.tensor([0.25, 0.5, 1.0])
-    losses = FlowMatching().loss(_scaled_identity, x1, x0, t)
+    losses = FlowMatching().loss(_scaled_identity, x0, x1, t)
     expected = []
     for i in range(3):
         xt = (1 - t[i]) * x0[i] + t[i] * x1[i]
@@ -68,7 +68,7 @@ def test_diffusion_loss_equals_hand_computation():
     x1 = torch.tensor([[1.0, -1.0], [0.3, 0.2]])
     eps = torch.tensor([[0.1, 0.2], [-0.5, 1.5]])
     t = torch.tensor([0.3, 0.9])
-    losses = vp.loss(_scaled_identity, x1, eps, t)
+    losses = vp.loss(_scaled_identity, eps, x1, t)
     alpha, sigma = vp.alpha_sigma(t)
     for i in range(2):
         s = 1 - t[i].item()
@@ -125,3 +125,37 @@ def test_sde_sampling_is_seeded_per_sample():
     a = generate(net, VPDiffusion(), cfg, (2,), range(20), seed=1, batch_size=3)
     b = generate(net, VPDiffusion(), cfg, (2,), range(20), seed=1, batch_size=20)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+
+class _Recorder(torch.nn.Module):
+    """A network that records whether any of its modules was training while it was called."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.inner = torch.nn.Linear(2, 2)
+        self.frozen = torch.nn.Dropout(0.5)
+        self.fail = fail
+        self.training_during_call: list[bool] = []
+
+    def forward(self, x, t):
+        self.training_during_call.append(any(m.training for m in self.modules()))
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.frozen(self.inner(x))
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["returns", "raises"])
+def test_generate_samples_in_eval_mode_and_gives_each_module_its_flag_back(fail):
+    # Sampling inside a training loop must not leave the network in eval mode (dropout and norm
+    # layers would silently stop training), nor switch on a part deliberately kept in eval.
+    net = _Recorder(fail).train()
+    net.frozen.eval()
+    cfg = SamplerConfig(method="euler", steps=2)
+    if fail:
+        with pytest.raises(RuntimeError, match="boom"):
+            generate(net, FlowMatching(), cfg, (2,), range(4), seed=0)
+    else:
+        generate(net, FlowMatching(), cfg, (2,), range(4), seed=0)
+    assert net.training_during_call and not any(net.training_during_call)
+    assert net.training and net.inner.training and not net.frozen.training

@@ -1,5 +1,6 @@
-"""`ray job submit` of jobs/train.py against a real `ray start --head`, tracked in a real
-MLflow server."""
+"""Plain `ray job submit` of jobs/train.py against a real `ray start --head`, as the README
+shows it: storage and tracking passed as absolute paths in the runtime env, so the checkpoint
+and the MLflow run land there and not in Ray's temporary copy of the working directory."""
 
 from __future__ import annotations
 
@@ -8,71 +9,23 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
-
-from conftest import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def ray_head(tmp_path, mlflow_server):
-    """A Ray head started with the CLI (own process group), dashboard on 127.0.0.1."""
-    gcs, dash = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",  # the job's `python` is this venv's
-        "GENMEM_STORAGE": str(tmp_path / "store"),
-        "MLFLOW_TRACKING_URI": mlflow_server,
-        "RAY_AUTH_MODE": "token",
-    }
-    log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-         # other Ray instances on this machine (the session's cluster) hold the default ports
-         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-
-    def stop():
-        stop_process_group(head, timeout=10)
-
-    deadline = time.time() + 120
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(address + "/api/version", timeout=2):
-                    break
-            except urllib.error.HTTPError:
-                break  # answering (401 under token auth): it is up
-            except OSError:
-                if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ray start --head did not come up: " + (tmp_path / "head.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
-    except BaseException:
-        stop()
-        raise
-    yield address, env
-    stop()
-    log.close()
-
-
-def test_ray_job_submit_trains_and_tracks(ray_head, mlflow_server):
-    address, env = ray_head
-    argv = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+def test_ray_job_submit_trains_and_tracks(ray_head, mlflow_server, tmp_path):
+    store = tmp_path / "store"
+    runtime_env = {"env_vars": {"GENMEM_STORAGE": str(store), "MLFLOW_TRACKING_URI": mlflow_server}}
+    argv = [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(runtime_env), "--",
             "python", "jobs/train.py", "--config", "configs/toy2d_flow.yaml",
             "--set", "images=1280", "--set", "batch_size=64", "--set", "model.hidden=32", "--set", "log_every_images=640",
             "--set", "scaling.num_workers=2", "--json"]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
     for _ in range(60):  # the dashboard answers a few seconds before its job agent is up
         submit = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in submit.stderr:
@@ -82,6 +35,7 @@ def test_ray_job_submit_trains_and_tracks(ray_head, mlflow_server):
     assert "succeeded" in (submit.stdout + submit.stderr).lower()
     result = json.loads([line for line in submit.stdout.splitlines() if line.startswith("{")][-1])
     assert result["images_seen"] == 1280 and result["num_workers"] == 2
+    assert Path(result["checkpoint"]).is_relative_to(store) and (Path(result["checkpoint"]) / "meta.json").is_file()
     run = MlflowClient(mlflow_server).get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags.get("ray_job_id", "").startswith("raysubmit_")

@@ -15,9 +15,11 @@ import ray.cloudpickle
 from ray.cluster_utils import Cluster
 
 from genmem.config import TrainConfig
-from genmem.distributed.train import fit, ray_storage
+from genmem.distributed.train import ray_storage
+from genmem.jobs.train import train_model
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.slow  # a simulated three-node cluster
 
 
 class RecordNode:
@@ -60,7 +62,7 @@ def test_training_spans_nodes_and_survives_losing_one(three_node_cluster, storag
     cfg = _cfg(run_name, images=64 * 60)
     with ThreadPoolExecutor(1) as pool:
         # Ray's Cluster installs signal handlers, so node changes stay on the main thread.
-        future = pool.submit(fit, cfg, hooks=[RecordNode(seen)])
+        future = pool.submit(train_model, cfg, None, hooks=[RecordNode(seen)])
         deadline = time.time() + 240
         while not list((ray_storage() / run_name).glob("checkpoint_*/meta.json")):
             assert time.time() < deadline and not future.done(), "no checkpoint appeared"

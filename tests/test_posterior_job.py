@@ -10,9 +10,18 @@ import pytest
 from mlflow import MlflowClient
 
 from genmem.checkpoint import CheckpointError
-from genmem.config import ConfigError, PosteriorConfig, TrainConfig, validate
-from genmem.distributed.posterior import format_table, run_posterior
-from genmem.distributed.train import fit
+from genmem.config import TrainConfig, validate
+from genmem.errors import ConfigError, SolverError
+from genmem.jobs.base import Context
+from genmem.jobs.posterior import PosteriorConfig, format_table
+from genmem.jobs.posterior import run as posterior_job
+from genmem.jobs.sweep import SweepConfig
+from genmem.jobs.sweep import run as sweep_job
+from genmem.jobs.train import train_model
+
+
+def run_posterior(cfg: PosteriorConfig) -> dict:
+    return posterior_job(cfg, Context())
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,7 @@ def toy_checkpoint(mlflow_server):
             batch_size=16, images=16 * 300, ema_halflife_images=0, log_every_images=16 * 100, grid_size=16,
             sampler=dict(method="euler", steps=8),
         ))
-        yield fit(cfg)["checkpoint"]
+        yield train_model(cfg)["checkpoint"]
     finally:
         os.environ["MLFLOW_TRACKING_URI"] = saved or ""
 
@@ -60,7 +69,7 @@ def test_bad_posterior_requests_are_refused_up_front(toy_checkpoint, tracking, t
         validate(PosteriorConfig, {"checkpoint": toy_checkpoint, "scales": [0.0]})
     with pytest.raises(ConfigError, match="too few to evaluate"):
         validate(PosteriorConfig, {"checkpoint": toy_checkpoint, "n": 8, "samples": 1})
-    with pytest.raises(ValueError, match=r"inp\\.weight|blocks\.0"):
+    with pytest.raises(ConfigError, match=r"'no_such_layer\.\*' matches no parameter of MLP; the parameters are: .*inp\.weight.*blocks\.0"):
         run_posterior(PosteriorConfig(checkpoint=toy_checkpoint, subset=["no_such_layer.*"], n=30, samples=1))
     stripped = tmp_path / "no-manifest"
     shutil.copytree(toy_checkpoint, stripped)
@@ -74,18 +83,22 @@ def test_bad_posterior_requests_are_refused_up_front(toy_checkpoint, tracking, t
 def test_a_solver_that_does_not_converge_says_where_it_stopped(toy_checkpoint, tracking, ray_local):
     cfg = PosteriorConfig(checkpoint=toy_checkpoint, methods=["riemannian"], scales=[0.5], samples=1, n=30,
                           max_evals=3, features=["pixels"])
-    with pytest.raises(RuntimeError, match=r"riemannian sample at scale 0.5 failed: .*(step|s =)"):
+    with pytest.raises(SolverError, match=r"(step|s =)"):
         run_posterior(cfg)
+    # The job's MLflow run was open from the start and records why it failed.
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("genmem/posterior")
+    failed = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FAILED'", order_by=["attributes.start_time DESC"])
+    assert failed and failed[0].data.tags["error"].startswith("GeodesicError: ")
+    assert failed[0].data.params["max_evals"] == "3"
 
 
 def test_posterior_sweep_runs_its_weight_sample_tasks_inside_tune_trials(toy_checkpoint, tracking, ray_local, tmp_path):
     """A Tune trial reserves only its driver; the weight-sample tasks must still be placed."""
-    from genmem.distributed.tune import run_sweep
-
     space = tmp_path / "scales.yaml"
     space.write_text("space:\n  scales: {grid: [[0.3], [0.6]]}\nmetric: riemannian/memorised_fraction\nmode: min\n")
     base = PosteriorConfig(checkpoint=toy_checkpoint, samples=1, n=30, features=["pixels"]).model_dump(mode="json")
-    result = run_sweep(space, "posterior", base)
+    result = sweep_job(SweepConfig(space=str(space), job="posterior", base=base), Context())
     assert result["trials"] == 2 and not result["failed"]
     assert {r["params"]["scales"][0] for r in result["results"]} == {0.3, 0.6}
     assert all("riemannian/loss_increase" in r["final"] and "theta_star/fd_pixels" in r["final"] for r in result["results"])

@@ -13,10 +13,20 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from genmem.config import ConfigError, DataConfig, RetrainConfig, load_config, validate
+from genmem.config import DataConfig, load_config, validate
 from genmem.data import ArrayDataset, load_dataset, read_shards, select, write_shards
 from genmem.generative import derive_seed
-from genmem.methods.retraining import RetrainError, collapse_generation, generation_config, run_retrain
+from genmem.errors import ConfigError
+from genmem.jobs.base import Context
+from genmem.jobs.retrain import RetrainConfig, generation_config
+from genmem.jobs.retrain import run as retrain_job
+from genmem.jobs.sweep import SweepConfig
+from genmem.jobs.sweep import run as sweep_job
+from genmem.methods.retraining import collapse_generation
+
+
+def run_retrain(cfg: RetrainConfig) -> dict:
+    return retrain_job(cfg, Context())
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +91,7 @@ def test_bad_retrain_configs_are_refused():
 
 def test_too_few_samples_per_generation_are_refused_before_ray(storage):
     cfg = load_config(ROOT / "configs/toy2d_retrain.yaml", ["samples=100", "synthetic_ratio=1.0"], cls=RetrainConfig)
-    with pytest.raises(RetrainError, match="samples=100 per generation cannot supply 200 synthetic rows and 1000 evaluated samples"):
+    with pytest.raises(ConfigError, match="samples=100 per generation cannot supply 200 synthetic rows and 1000 evaluated samples"):
         run_retrain(cfg)
     assert not (storage / "retrain").exists() and not any((storage / "ray").iterdir())  # no loop, no Ray run
 
@@ -94,8 +104,6 @@ def loop_sweep(tmp_path_factory, mlflow_server):
 
     import ray
 
-    from genmem.distributed.tune import run_sweep
-
     root = tmp_path_factory.mktemp("loop")
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "GENMEM_STORAGE")}
     os.environ.update({"MLFLOW_TRACKING_URI": mlflow_server, "GENMEM_STORAGE": str(root / "store")})
@@ -105,7 +113,7 @@ def loop_sweep(tmp_path_factory, mlflow_server):
     space.write_text("space:\n  synthetic_ratio: {grid: [0.25, fully_synthetic]}\nmetric: fd\nmode: min\n")
     base = load_config(ROOT / "configs/toy2d_retrain.yaml", ["generations=3", "train.scaling.cpus_per_worker=0.9"], cls=RetrainConfig)
     try:
-        result = run_sweep(space, "retrain", base.model_dump(mode="json"))
+        result = sweep_job(SweepConfig(space=str(space), job="retrain", base=base.model_dump(mode="json")), Context())
         yield result, root / "store"
     finally:
         for k, v in saved.items():

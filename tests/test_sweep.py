@@ -15,9 +15,18 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from genmem.config import RetrainConfig, TrainConfig, load_config
+from genmem.config import TrainConfig, load_config
 from genmem.distributed.train import ray_storage
-from genmem.sweep import SpaceError, check_space, load_space, sweep_name
+from genmem.jobs import registry
+from genmem.jobs.base import Context
+from genmem.jobs.retrain import RetrainConfig
+from genmem.jobs.sweep import SweepConfig
+from genmem.jobs.sweep import run as sweep_job
+from genmem.space import SpaceError, check_space, load_space, sweep_name
+
+
+def run_sweep(space, job: str, base: dict, **options) -> dict:
+    return sweep_job(SweepConfig(space=str(space), job=job, base=base, **options), Context())
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +67,7 @@ def _space(tmp_path: Path, text: str) -> Path:
 def test_bad_spaces_are_refused_before_ray_starts(tmp_path, text, job, message):
     base = (RetrainConfig() if job == "retrain" else TrainConfig()).model_dump(mode="json")
     with pytest.raises(SpaceError) as err:
-        check_space(load_space(_space(tmp_path, text)), job, base)
+        check_space(load_space(_space(tmp_path, text)), registry.get(job), base)
     assert message in str(err.value)
     assert str(err.value).count("\n") == 0
 
@@ -90,27 +99,29 @@ def test_space_with_asha_and_random_axes(tmp_path):
         "  seed: {grid: [0, 1]}\n  batch_size: {choice: [64, 128]}\nmetric: train/loss\nmode: min\n"
         "scheduler: {asha: {max_t: 8, grace_period: 2}}\n")))
     assert space.trials == 8  # the grid crossed with num_samples
-    assert isinstance(space.scheduler(), ASHAScheduler)
-    params = space.param_space()
+    from genmem.distributed.tune import param_space, scheduler
+
+    assert isinstance(scheduler(space), ASHAScheduler)
+    params = param_space(space)
     assert isinstance(params["optim.lr"], tune.search.sample.Float) and params["seed"] == {"grid_search": [0, 1]}
-    checked = check_space(space, "train", TrainConfig().model_dump(mode="json"))
+    checked = check_space(space, registry.get("train"), TrainConfig().model_dump(mode="json"))
     assert {c.model.depth for c in checked} >= {2, 4}  # both ends of randint [2, 5) were validated
 
 
 def test_shipped_spaces_check_against_their_jobs():
     retrain = load_config(ROOT / "configs/digits_retrain.yaml", cls=RetrainConfig).model_dump(mode="json")
     space = load_space(ROOT / "tune_spaces/mixing_ratio.yaml")
-    assert space.trials == 15 and check_space(space, "retrain", retrain)
+    assert space.trials == 15 and check_space(space, registry.get("retrain"), retrain)
     posterior = load_space(ROOT / "tune_spaces/posterior_scale.yaml")
-    assert posterior.trials == 15 and check_space(posterior, "posterior", {"checkpoint": "ckpt"})
+    assert posterior.trials == 15 and check_space(posterior, registry.get("posterior"), {"checkpoint": "ckpt"})
 
 
 def test_a_trial_the_cluster_cannot_place_is_refused_before_any_trial(tmp_path, storage, tracking, ray_local):
-    from genmem.distributed.tune import run_sweep
-
     space = _space(tmp_path, "space:\n  scaling.num_workers: {grid: [1, 4]}\n")
     base = TrainConfig.model_validate({**TINY, "batch_size": 32}).model_dump(mode="json")
-    with pytest.raises(ValueError, match="asks for 4 workers of 0.9 CPU each .* can place only 2"):
+    from genmem.errors import ClusterError
+
+    with pytest.raises(ClusterError, match="asks for 4 workers of 0.9 CPU each .* can place only 2"):
         run_sweep(space, "train", base)
     name = sweep_name(load_space(space), "train", base)
     assert not (ray_storage() / "sweeps" / name).exists()  # no Tune experiment was created

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from genmem.checkpoint import CheckpointError, load_checkpoint
 from genmem.config import ModelConfig, TrainConfig
 from genmem.data import ArrayDataset, load_dataset
-from genmem.generative import build_process, generate
+from genmem.generative import build_process, derive_seed, generate
 from genmem.training import LocalReporter
 from genmem.metrics import mmd_rbf
 from genmem.models import build_model, count_parameters
@@ -37,6 +37,7 @@ def _train(cfg: TrainConfig, tmp_path, name="run", train=None, resume=None):
     return train_loop(cfg, train, LocalReporter(tmp_path / name, cfg.images, quiet=True), resume=resume)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, method", [("flow", "heun"), ("diffusion", "sde")])
 def test_training_on_a_2d_toy_learns_the_distribution(kind, method, storage, tmp_path):
     # 2,000 steps of a small MLP; the untrained network misses the margin by far
@@ -118,7 +119,7 @@ def test_nan_loss_stops_and_names_the_step(storage, tmp_path):
     x = train.x.clone()
     x[7] = float("nan")  # one poisoned row reaches a batch within the first epoch
     poisoned = ArrayDataset(x, train.labels, train.index, train.manifest)
-    with pytest.raises(TrainingError, match=r"became nan at step \d+ \(\d+ images seen\)"):
+    with pytest.raises(TrainingError, match=r"became nan by step \d+ \(\d+ images seen"):
         _train(cfg, tmp_path, "nan", train=poisoned)
     assert not (tmp_path / "nan" / "checkpoint").exists()
 
@@ -129,3 +130,57 @@ def test_unet_trains_on_digits_and_writes_a_grid(storage, tmp_path):
     result = train_loop(cfg, load_dataset(cfg.data)[0], reporter)
     assert result.images_seen == 256 and load_checkpoint(result.checkpoint).shape == (1, 8, 8)
     assert reporter.grids and reporter.grids[-1].stat().st_size > 0
+
+
+def test_ranks_take_disjoint_slices_of_the_same_global_batch():
+    from genmem.training import Engine, draw_batch
+
+    class Rank(Engine):
+        def __init__(self, rank: int):
+            super().__init__("cpu")
+            self.rank, self.world_size = rank, 2
+
+    cfg = _cfg(batch_size=8)
+    x = torch.arange(40.0).reshape(20, 2)
+    whole, r0, r1 = draw_batch(x, cfg, 3, Engine("cpu")), draw_batch(x, cfg, 3, Rank(0)), draw_batch(x, cfg, 3, Rank(1))
+    assert torch.equal(torch.cat([r0.rows, r1.rows]), whole.rows) and not set(r0.rows.tolist()) & set(r1.rows.tolist())
+    for part in ("x1", "x0", "t"):  # data and noise: each rank its half of the one global draw
+        assert torch.equal(torch.cat([getattr(r0, part), getattr(r1, part)]), getattr(whole, part))
+
+
+class _Recording:
+    """An objective that records the rows it was given and can switch its gradient off."""
+
+    def __init__(self, process, scale: float):
+        self.process, self.scale, self.rows = process, scale, []
+
+    def to(self, device):
+        return self
+
+    def __call__(self, model, batch):
+        self.rows.append(batch.rows.clone())
+        return self.scale * self.process.loss(model, batch.x0, batch.x1, batch.t)
+
+
+def test_the_loop_minimises_the_objective_it_is_given(storage, tmp_path):
+    cfg = _cfg(images=256 * 5, ema_halflife_images=0, optim={"grad_clip": None})
+    train = load_dataset(cfg.data)[0]
+    flat = _Recording(build_process(cfg.process), scale=0.0)  # no gradient: Adam moves nothing
+    result = train_loop(cfg, train, LocalReporter(tmp_path / "flat", cfg.images, quiet=True), objective=flat)
+    torch.manual_seed(derive_seed(cfg.seed, 4))
+    init = build_model(cfg.model, (2,)).state_dict()
+    got = load_file(result.checkpoint / "model.safetensors")
+    assert all(torch.equal(init[k], got[k]) for k in init)
+    assert [r.tolist() for r in flat.rows] == [global_positions(len(train), s, 256, cfg.seed).tolist() for s in range(5)]
+    plain = load_file(_train(cfg, tmp_path, "plain").checkpoint / "model.safetensors")
+    scaled = train_loop(cfg, train, LocalReporter(tmp_path / "one", cfg.images, quiet=True), objective=_Recording(build_process(cfg.process), 1.0))
+    one = load_file(scaled.checkpoint / "model.safetensors")
+    assert all(torch.equal(plain[k], one[k]) for k in plain)  # the default objective is the process loss
+
+
+def test_training_leaves_the_callers_global_rng_alone(storage, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _train(_cfg(images=256 * 2, model={"dropout": 0.1}), tmp_path)
+    assert torch.equal(torch.rand(3), expected)

@@ -9,8 +9,6 @@ state. Loading rebuilds the network from the stored config and refuses a mismatc
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import nn
 from genmem.config import ModelConfig, TrainConfig
 from genmem.errors import CheckpointError
 from genmem.models import build_model, count_parameters
+from genmem.storage import atomic_folder
 
 META = "meta.json"
 WEIGHTS = "model.safetensors"
@@ -86,12 +85,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (a temp folder renamed into place)."""
+    """Write a checkpoint folder atomically (:func:`genmem.storage.atomic_folder`): a reader, or a
+    job restarted after a crash, finds the previous checkpoint at ``path`` or the complete new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
         if ema is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp / EMA_WEIGHTS)
@@ -116,12 +113,6 @@ def save_checkpoint(
             **(extra or {}),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -166,7 +157,7 @@ def load_checkpoint(
     path = Path(path)
     meta = read_meta(path)
     try:
-        cfg = TrainConfig.model_validate(meta["config"])
+        cfg = TrainConfig.from_saved(meta["config"])
     except Exception as exc:  # pydantic ValidationError or a missing key
         raise CheckpointError(f"{path / META} holds a config this genmem cannot read ({exc.__class__.__name__}): it was written by another version") from None
     if expect is not None and expect != cfg.model:

@@ -143,10 +143,15 @@ class TrainConfig(Strict):
     grid_size: int = Field(64, gt=0)  # samples in a grid PNG
     eval_every_images: int = Field(0, ge=0)  # memorisation probe during training; 0 = off
     eval_n: int = Field(500, gt=2)  # samples per probe
-    output: str | None = None  # checkpoint folder; default <storage>/checkpoints/<name>-<id>
     # Fine-tune: start from this checkpoint's weights (and EMA) with a fresh optimizer, step count
     # and warm-up. Ignored when the run resumes from its own checkpoint.
     init_from: str | None = None
+
+    @classmethod
+    def from_saved(cls, tree: dict[str, Any]) -> "TrainConfig":
+        """The config a checkpoint recorded; keys that older versions wrote and that no longer
+        mean anything (``output``, never read) are dropped."""
+        return cls.model_validate({k: v for k, v in tree.items() if k not in ("output",)})
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -161,14 +166,15 @@ class TrainConfig(Strict):
         return self
 
 
-class EvaluateConfig(Strict):
-    """What `genmem evaluate` measures, against the checkpoint's own training and held-out data."""
+FEATURES = Literal["auto", "pixels", "classifier", "inception"]
 
-    checkpoint: str
-    n: int = Field(1000, gt=0)  # samples to generate (ignored with samples=)
-    seed: int = 0
-    samples: str | None = None  # Parquet file/folder of samples from anywhere, instead of generating
-    features: list[Literal["auto", "pixels", "classifier", "inception"]] = Field(default_factory=lambda: ["auto"])
+
+class MetricsConfig(Strict):
+    """How a set of generated samples is measured against a model's data (evaluate, the posterior
+    arms, retraining generations)."""
+
+    seed: int = 0  # the reference subset and KID subsets
+    features: list[FEATURES] = Field(default_factory=lambda: ["auto"])
     inception_path: str | None = None  # TorchScript Inception-v3 weights for features=inception
     threshold: float = Field(1 / 3, gt=0, lt=1)  # memorised when d1/d2 < threshold
     worst_k: int = Field(16, gt=0)  # most-memorised pairs shown and listed
@@ -176,83 +182,6 @@ class EvaluateConfig(Strict):
     reference_max: int = Field(10_000, gt=1)  # training rows used for precision/recall (seeded subset)
     chunk_size: int = Field(4096, gt=0)
     backend: Literal["torch", "faiss"] = "torch"
-    tasks: int | None = Field(None, gt=0)  # Ray sampling tasks
-
-
-class PosteriorConfig(Strict):
-    """`genmem posterior`: Laplace weight samples of a checkpoint, evaluated arm by arm."""
-
-    checkpoint: str
-    methods: list[Literal["euclidean", "riemannian"]] = Field(default_factory=lambda: ["euclidean", "riemannian"])
-    scales: list[float] = Field(default_factory=lambda: [1e-2], min_length=1)  # temperatures tau of the covariance
-    samples: int = Field(4, gt=0)  # weight samples S per (method, scale); each a Ray task
-    n: int = Field(1000, gt=0)  # images per arm, split evenly over its weight samples
-    seed: int = 0
-    subset: list[str] | None = None  # fnmatch patterns over parameter names; default: the last blocks
-    prior_precision: float = Field(1.0, gt=0)
-    optimize_prior: bool = False  # choose alpha by the Laplace marginal likelihood instead
-    curvature: Literal["ef", "ggn", "ggn_mc"] = "ef"
-    draws: int = Field(8, gt=0)  # fixed (x0, t) draws per training point (common random numbers)
-    solver: Literal["dopri5", "rk4"] = "dopri5"
-    steps: int = Field(20, gt=0)  # rk4
-    rtol: float = Field(1e-4, gt=0)
-    atol: float = Field(1e-6, gt=0)
-    max_evals: int = Field(5000, gt=0)
-    features: list[Literal["auto", "pixels", "classifier", "inception"]] = Field(default_factory=lambda: ["auto"])
-
-    @model_validator(mode="after")
-    def _check(self) -> "PosteriorConfig":
-        bad = [s for s in self.scales if not s > 0]
-        if bad:
-            raise ValueError(f"posterior scales must be positive, got {bad[0]}: pass scales such as 0.01")
-        if self.n < self.samples:
-            raise ValueError(f"n={self.n} images cannot be split over {self.samples} weight samples: raise n or lower samples")
-        if self.n < 21:  # the evaluation's k-NN metrics use up to 20 neighbours
-            raise ValueError(f"n={self.n} images per arm are too few to evaluate: use n of at least 21")
-        return self
-
-
-class RetrainEvalConfig(Strict):
-    """How each generation of the self-consuming loop is measured (against the real data)."""
-
-    n: int = Field(1000, gt=20)  # samples evaluated per generation
-    features: list[Literal["auto", "pixels", "classifier", "inception"]] = Field(default_factory=lambda: ["auto"])
-    threshold: float = Field(1 / 3, gt=0, lt=1)
-
-
-FULLY_SYNTHETIC = "fully_synthetic"
-
-
-class RetrainConfig(Strict):
-    """`genmem retrain`: generation 0 on real data, generation g on real + floor(λ n) fresh samples
-    of generation g-1 (or on samples alone: synthetic_ratio=fully_synthetic)."""
-
-    name: str = Field("retrain", pattern=r"^[A-Za-z0-9_.-]+$")
-    # unset: a fresh loop; a fixed name resumes that loop after its last finished generation
-    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0  # model randomness (init, noise, sampling, selection); the real data keeps train.data.seed
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    generations: int = Field(5, gt=0)  # retrained generations after generation 0
-    synthetic_ratio: float | Literal["fully_synthetic"] = 0.5  # λ, synthetic rows per real row
-    warm_start: bool = True  # fine-tune generation g-1; false trains each generation from scratch
-    accumulate: bool = False  # keep every earlier generation's synthetic rows instead of replacing them
-    samples: int | None = Field(None, gt=0)  # generated per generation; default max(synthetic rows, eval.n)
-    eval: RetrainEvalConfig = Field(default_factory=RetrainEvalConfig)
-    # Collapse: FD rose at each of the last collapse_patience generations and exceeds
-    # collapse_factor x the FD of generation 0.
-    collapse_factor: float = Field(1.5, gt=1)
-    collapse_patience: int = Field(2, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "RetrainConfig":
-        ratio = self.synthetic_ratio
-        if ratio != FULLY_SYNTHETIC and ratio < 0:
-            raise ValueError(f"synthetic_ratio must be >= 0 (or fully_synthetic), got {ratio}: use 0 for real data only")
-        return self
-
-    @property
-    def fully_synthetic(self) -> bool:
-        return self.synthetic_ratio == FULLY_SYNTHETIC
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from genmem.config import EvaluateConfig
-from genmem.data import ArrayDataset
+from genmem.checkpoint import read_meta
+from genmem.config import MetricsConfig, TrainConfig
+from genmem.data import ArrayDataset, load_dataset, load_real
+from genmem.errors import CheckpointError, DataError
 from genmem.metrics import (
     frechet_distance,
     gaussian_stats,
@@ -35,6 +37,25 @@ class Evaluation:
     most_memorised: list[dict[str, Any]] = field(default_factory=list)  # provenance to regenerate each
 
 
+def training_data(checkpoint: str | Path) -> tuple[dict[str, Any], ArrayDataset, ArrayDataset]:
+    """A checkpoint's meta and its training and held-out splits, verified against its manifest hash.
+
+    A model trained on a real/synthetic mix is measured against the real rows alone: copying
+    its own generated training rows is not what memorisation asks about."""
+    meta = read_meta(checkpoint)
+    if not meta.get("data_manifest"):
+        raise CheckpointError(f"checkpoint {checkpoint} records no training-data manifest: it cannot be evaluated against its data")
+    cfg = TrainConfig.from_saved(meta["config"])
+    train, heldout = load_dataset(cfg.data)
+    if train.manifest.sha256 != meta["data_manifest"]:
+        raise CheckpointError(
+            f"the training data of {checkpoint} no longer matches its manifest hash: restore the dataset it was trained on"
+        )
+    if cfg.data.synthetic:
+        train, heldout = load_real(cfg.data)
+    return meta, train, heldout
+
+
 def primary_fd(metrics: dict[str, float]) -> str:
     """The headline Fréchet distance key: classifier features where present, else pixels."""
     for key in ("eval/fd_classifier", "eval/fid", "eval/fd_pixels"):
@@ -56,25 +77,25 @@ def feature_names(requested: list[str], train: ArrayDataset) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_samples(generated: ArrayDataset, train: ArrayDataset, cfg: EvaluateConfig) -> None:
+def check_samples(generated: ArrayDataset, train: ArrayDataset, cfg: MetricsConfig) -> None:
     """One sentence per problem, before any metric runs."""
     if len(generated) == 0:
-        raise ValueError("the sample set is empty: generate samples (--n) or point --samples at a non-empty Parquet folder")
+        raise DataError("the sample set is empty: generate samples (--n) or point --samples at a non-empty Parquet folder")
     if generated.shape != train.shape:
-        raise ValueError(
+        raise DataError(
             f"samples have shape {generated.shape} but the checkpoint's training data has shape {train.shape}: "
             "evaluate samples of the model that was trained on this data"
         )
     need = max(cfg.lid_k + 1, 6)
     if len(generated) < need:
-        raise ValueError(f"{len(generated)} samples are too few for the k-NN metrics (k up to {need - 1}): use at least --n {need}")
+        raise DataError(f"{len(generated)} samples are too few for the k-NN metrics (k up to {need - 1}): use at least --n {need}")
 
 
 def evaluate_samples(
     generated: ArrayDataset,
     train: ArrayDataset,
     heldout: ArrayDataset,
-    cfg: EvaluateConfig,
+    cfg: MetricsConfig,
     *,
     cache_dir: Path | None = None,
     device: str | torch.device | None = None,
@@ -91,19 +112,35 @@ def evaluate_samples(
 
     mem = memorisation(gen, tr, ho, threshold=cfg.threshold, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device)
     metrics.update({f"eval/{k}": float(v) for k, v in mem.summary().items() if v is not None})
+    ref_rows = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.reference_max]
+    metrics.update(_feature_metrics(gen, train, heldout, ref_rows, cfg, cache_dir=cache_dir, device=device))
+    k = min(cfg.lid_k, len(gen) - 1)
+    metrics["eval/lid_mle"] = float(lid_mle(gen.flatten(1), k=k).mean())
+    metrics["eval/lid_twonn"] = float(lid_twonn(gen.flatten(1)))
+    metrics["eval/lid_mle_train"] = float(lid_mle(tr[ref_rows].flatten(1), k=min(cfg.lid_k, len(ref_rows) - 1)).mean())
+    if train.shape == (2,) and ho is not None:
+        metrics["eval/mmd"] = mmd_rbf(gen[:2000], ho[:2000])
+        metrics["eval/sliced_wasserstein"] = sliced_wasserstein(gen, ho)
+    figures, rows = _worst_pairs(mem, generated, train, cfg)
+    return Evaluation(metrics=metrics, figures=figures, most_memorised=rows)
 
-    g = torch.Generator().manual_seed(cfg.seed)
-    ref_rows = torch.randperm(len(tr), generator=g)[: cfg.reference_max]
+
+def _feature_metrics(gen: torch.Tensor, train: ArrayDataset, heldout: ArrayDataset, ref_rows: torch.Tensor, cfg: MetricsConfig, *,
+                     cache_dir: Path | None, device) -> dict[str, float]:
+    """Per feature extractor: FD to the training (and held-out) set, KID; precision, recall,
+    density and coverage in the primary extractor's space."""
+    tr = train.x.float()
+    ho = heldout.x.float() if len(heldout) > 2 else None
     names = feature_names(cfg.features, train)
     primary = "classifier" if "classifier" in names else names[0]  # precision/recall live here
+    metrics: dict[str, float] = {}
     for name in names:
         extractor = get_extractor(name, train=train, cache_dir=cache_dir, path=cfg.inception_path)
         fake = extractor(gen)
-        key = train.manifest.sha256[:16]
-        train_stats = reference_stats(extractor, tr, cache_dir=cache_dir, key=f"{key}-train")
+        train_stats = reference_stats(extractor, tr, cache_dir=cache_dir, key=f"{train.manifest.sha256[:16]}-train")
         fake_stats = gaussian_stats(fake)
         metrics[f"eval/{extractor.metric_name}"] = frechet_distance(fake_stats, train_stats)
-        if ho is not None and len(ho) > 2:
+        if ho is not None:
             ho_stats = reference_stats(extractor, ho, cache_dir=cache_dir, key=f"{heldout.manifest.sha256[:16]}-heldout")
             metrics[f"eval/{extractor.metric_name}_heldout"] = frechet_distance(fake_stats, ho_stats)
         real = extractor(tr[ref_rows])
@@ -112,15 +149,12 @@ def evaluate_samples(
         if name == primary:
             scores = prdc(real, fake, chunk_size=cfg.chunk_size, device=device)
             metrics.update({f"eval/{k}": float(v) for k, v in scores.items()})
+    return metrics
 
-    k = min(cfg.lid_k, len(gen) - 1)
-    metrics["eval/lid_mle"] = float(lid_mle(gen.flatten(1), k=k).mean())
-    metrics["eval/lid_twonn"] = float(lid_twonn(gen.flatten(1)))
-    metrics["eval/lid_mle_train"] = float(lid_mle(tr[ref_rows].flatten(1), k=min(cfg.lid_k, len(ref_rows) - 1)).mean())
-    if train.shape == (2,) and ho is not None:
-        metrics["eval/mmd"] = mmd_rbf(gen[:2000], ho[:2000])
-        metrics["eval/sliced_wasserstein"] = sliced_wasserstein(gen, ho)
 
+def _worst_pairs(mem, generated: ArrayDataset, train: ArrayDataset, cfg: MetricsConfig) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """The figures, and the most memorised samples with the provenance to regenerate each."""
+    gen, tr = generated.x.float(), train.x.float()
     worst = mem.worst(min(cfg.worst_k, len(gen)))
     nearest = mem.nearest[worst]
     figures = {
@@ -139,7 +173,7 @@ def evaluate_samples(
         if "index" not in row:
             row["index"] = int(generated.index[j])
         rows.append(row)
-    return Evaluation(metrics=metrics, figures=figures, most_memorised=rows)
+    return figures, rows
 
 
 def memorisation_probe(cfg, train: ArrayDataset, heldout: ArrayDataset):

@@ -13,6 +13,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,12 @@ def tracking_uri() -> str:
 
 
 def artifact_location() -> str | None:
-    """Artifacts of the embedded store live beside mlflow.db; a server decides its own."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    return Path("mlartifacts").absolute().as_uri()
+    """Artifacts of a sqlite store live beside its database, never under the cwd (which, under
+    `ray job submit`, is Ray's temporary copy of the working directory); a server decides its own."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
 
 
 def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
@@ -120,6 +124,7 @@ class Tracker:
 
     def __init__(self, run_id: str | None, uri: str | None = None):
         self.run_id = run_id
+        self.outcome = "FINISHED"  # the status job_run closes the run with when the job returns
         self.uri = uri or tracking_uri()
         self._c = _client(self.uri) if run_id else None
 
@@ -211,3 +216,34 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self._c:
             self._c.set_terminated(self.run_id, status=status)
+
+
+@contextmanager
+def job_run(
+    kind: str,
+    run_name: str,
+    *,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    key: str | None = None,
+    run_id: str | None = None,
+) -> Iterator[Tracker]:
+    """An MLflow run open for the whole job: RUNNING from the start (with its params), FINISHED
+    when the block ends, FAILED (KILLED on Ctrl-C) with the error as the tag ``error`` when it
+    raises, so a failed job leaves a record. ``run_id`` reopens an existing run instead."""
+    if run_id:
+        tracker = Tracker(run_id)
+        tracker._c.update_run(run_id, status="RUNNING")
+    else:
+        tracker = Tracker.start(kind, run_name, params=params, tags=tags, parent_run_id=parent_run_id, key=key)
+    try:
+        yield tracker
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            tracker.tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        finally:
+            tracker.finish(status)
+        raise
+    tracker.finish(tracker.outcome)

@@ -1,11 +1,21 @@
-"""The training loop: one function that runs as a single process here and, unchanged, inside
-every Ray Train worker (genmem.distributed supplies an Accelerate engine and a Ray reporter).
+"""The training loop over an *objective*: one function that runs as a single process here and,
+unchanged, inside every Ray Train worker (genmem.distributed supplies an Accelerate engine; the
+train job supplies a reporter that writes to Ray and MLflow).
 
-Budget in images seen (training sets change size across generations), EMA as a half-life in
-images, linear warm-up (Karras et al. 2022). Every random draw is derived from (seed, step): the
-global batch's data positions (a seeded permutation per epoch) and its noise (x0, t) are drawn
-for the whole global batch and each rank takes its slice, so a run is the same function of the
-seed whatever the worker count, and resuming at a step needs no saved RNG state.
+An objective gives the per-sample loss of a batch and owns whatever it needs (a frozen reference
+network, per-sample weights, trajectories it generates); the loop around it exists once: budget
+in images seen (training sets change size across generations), EMA as a half-life in images,
+linear warm-up (Karras et al. 2022), checkpoints, resume, probes.
+
+Every random draw is derived from (seed, step): the global batch's data positions (a seeded
+permutation per epoch) and its noise (x0, t) are drawn for the whole global batch and each rank
+takes its slice, so a run is the same function of the seed whatever the worker count, and
+resuming at a step needs no saved RNG state. The caller's global RNG is left as it was.
+
+Usage::
+
+    result = train_loop(cfg, train, LocalReporter(out, cfg.images))            # plain loss
+    result = train_loop(cfg, train, reporter, objective=MyWeightedObjective())  # any objective
 """
 
 from __future__ import annotations
@@ -29,9 +39,14 @@ from genmem.checkpoint import Checkpoint, save_checkpoint
 from genmem.config import TrainConfig
 from genmem.data import ArrayDataset
 from genmem.errors import TrainingError
-from genmem.generative import build_process, derive_seed, generate
+from genmem.generative import Process, build_process, derive_seed, generate
 from genmem.models import build_model, count_parameters
 from genmem.viz import sample_picture, save_png
+
+__all__ = [
+    "Batch", "Engine", "LocalReporter", "Objective", "ProcessObjective", "Reporter", "TrainResult",
+    "TrainingError", "global_noise", "global_positions", "train_loop",
+]
 
 _DATA_STREAM, _NOISE_STREAM, _TORCH_STREAM, _INIT_STREAM, _GRID_SEED = 1, 2, 3, 4, 20_240_101
 
@@ -72,6 +87,41 @@ class Engine:
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """Stack a tensor from every rank along a new first axis (rank order)."""
         return value[None]
+
+
+@dataclass
+class Batch:
+    """This rank's slice of the global batch at ``step``: data rows ``x1`` (dataset positions
+    ``rows``), noise ``x0`` and times ``t``, all on the training device."""
+
+    x1: torch.Tensor
+    x0: torch.Tensor
+    t: torch.Tensor
+    rows: torch.Tensor
+    step: int
+
+
+class Objective(Protocol):
+    """What the loop optimises: per-sample losses of shape (batch,), unreduced (DESIGN.md)."""
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def to(self, device: torch.device) -> "Objective":
+        """Place whatever the objective owns (frozen networks, weights) on the training device."""
+        ...
+
+
+class ProcessObjective:
+    """The plain objective: the flow-matching or diffusion loss of the probability path."""
+
+    def __init__(self, process: Process):
+        self.process = process
+
+    def to(self, device: torch.device) -> "ProcessObjective":
+        return self
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self.process.loss(model, batch.x0, batch.x1, batch.t)
 
 
 class Reporter(Protocol):
@@ -145,13 +195,16 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def global_positions(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
     """Dataset rows of the global batch at ``step``: epoch e visits a permutation seeded by (seed, e)."""
-    pos = torch.arange(step * batch, (step + 1) * batch)
+    start = step * batch
+    e0, e1 = start // n, (start + batch - 1) // n
+    if e0 == e1:  # the usual case: the batch lies inside one epoch
+        return _epoch_permutation(n, seed, e0)[start - e0 * n : start - e0 * n + batch]
+    pos = torch.arange(start, start + batch)
     epochs, offsets = pos // n, pos % n
     rows = torch.empty(batch, dtype=torch.long)
     for e in epochs.unique().tolist():
-        perm = _epoch_permutation(n, seed, e)
         mask = epochs == e
-        rows[mask] = perm[offsets[mask]]
+        rows[mask] = _epoch_permutation(n, seed, e)[offsets[mask]]
     return rows
 
 
@@ -166,8 +219,169 @@ def ema_beta(batch: int, halflife_images: int) -> float:
     return 0.5 ** (batch / halflife_images)
 
 
-def _chunks(total: int, every: int) -> Iterator[int]:
-    return iter(range(every, total + every, every)) if every else iter(())
+@dataclass
+class TrainState:
+    """What a step changes: the (prepared) network, its EMA, the optimizer and the step count."""
+
+    model: nn.Module
+    ema: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    step: int
+    start_images: int
+
+    def sampling_model(self, engine: Engine) -> nn.Module:
+        return self.ema if self.ema is not None else engine.unwrap(self.model)
+
+
+def restore_state(cfg: TrainConfig, shape: tuple[int, ...], engine: Engine, *,
+                  resume: Checkpoint | None = None, init: Checkpoint | None = None) -> TrainState:
+    """Fresh weights from (seed), or ``resume`` (weights, EMA, optimizer and step: load it with
+    ``use_ema=False, with_optimizer=True``), or ``init`` (weights and EMA start a fresh run:
+    fine-tuning; ignored when resuming)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))  # same initial weights on every rank
+        model = build_model(cfg.model, shape)
+    start = resume if resume is not None else init
+    if start is not None:
+        model.load_state_dict(start.model.state_dict())  # raw weights: load with use_ema=False
+    ema = None
+    if cfg.ema_halflife_images > 0:
+        ema = copy.deepcopy(model).requires_grad_(False)
+        if start is not None and start.ema_state is not None:
+            ema.load_state_dict(start.ema_state)
+        ema.to(engine.device)
+    # On the device before the optimizer exists: load_state_dict places the resumed moments
+    # beside their parameters, which must already be where training runs.
+    model.to(engine.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    if resume is not None and resume.optimizer_state is not None:
+        optimizer.load_state_dict(resume.optimizer_state)
+    model, optimizer = engine.prepare(model, optimizer)
+    step = int(resume.meta["step"]) if resume is not None else 0
+    start_images = int(resume.meta["images_seen"]) if resume is not None else 0
+    return TrainState(model, ema, optimizer, step, start_images)
+
+
+def draw_batch(train_x: torch.Tensor, cfg: TrainConfig, step: int, engine: Engine) -> Batch:
+    """This rank's slice of the global batch at ``step`` (rows and noise from (seed, step))."""
+    batch, shape = cfg.batch_size, tuple(train_x.shape[1:])
+    local = batch // engine.world_size
+    lo, hi = engine.rank * local, (engine.rank + 1) * local
+    rows = global_positions(len(train_x), step, batch, cfg.seed)[lo:hi]
+    x0, t = global_noise(shape, step, batch, cfg.seed)
+    device = engine.device
+    return Batch(x1=train_x[rows.to(train_x.device)], x0=x0[lo:hi].to(device), t=t[lo:hi].to(device), rows=rows, step=step)
+
+
+def train_step(state: TrainState, batch: Batch, objective: Objective, cfg: TrainConfig, engine: Engine, beta: float) -> torch.Tensor:
+    """One optimizer step on ``batch``; returns the mean loss of this rank (detached, on device)."""
+    lr_scale = min(1.0, (state.step + 1) * cfg.batch_size / cfg.optim.warmup_images) if cfg.optim.warmup_images else 1.0
+    for group in state.optimizer.param_groups:
+        group["lr"] = cfg.optim.lr * lr_scale
+    with engine.autocast():
+        loss = objective(state.model, batch).mean()
+    state.optimizer.zero_grad(set_to_none=True)
+    engine.backward(loss)
+    if cfg.optim.grad_clip is not None:
+        engine.clip_grad_norm(state.model, cfg.optim.grad_clip)
+    state.optimizer.step()
+    if state.ema is not None:
+        with torch.no_grad():
+            ema_params = list(state.ema.parameters())
+            params = [p.detach() for p in engine.unwrap(state.model).parameters()]
+            torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+    state.step += 1
+    return loss.detach().float()
+
+
+def _marks(total: int, every: int, seen: int) -> Iterator[int]:
+    """Multiples of ``every`` up to the first at or beyond ``total``, after ``seen``."""
+    return iter(range((seen // every + 1) * every, total + every, every)) if every else iter(())
+
+
+class Schedule:
+    """When to log, draw a grid, checkpoint and probe: every N images seen, each its own N
+    (0 = never before the end). ``due(seen)`` names what fell due at ``seen``."""
+
+    def __init__(self, cfg: TrainConfig, seen: int, *, probe: bool):
+        every = {"log": cfg.log_every_images, "grid": cfg.grid_every_images,
+                 "checkpoint": cfg.checkpoint_every_images, "probe": cfg.eval_every_images if probe else 0}
+        self._marks = {name: _marks(cfg.images, n, seen) for name, n in every.items()}
+        self._next = {name: next(marks, None) for name, marks in self._marks.items()}
+
+    def due(self, seen: int) -> list[str]:
+        out = []
+        for name, mark in self._next.items():
+            if mark is not None and seen >= mark:
+                out.append(name)
+                while mark is not None and mark <= seen:
+                    mark = next(self._marks[name], None)
+                self._next[name] = mark
+        return out
+
+
+class _LossWindow:
+    """Losses summed on the device since the last log: synchronised (all-reduced, and checked for
+    NaN) only when read, not every step."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.sum, self.count, self.images, self.since_step = None, 0, 0, 0
+        self.t = time.perf_counter()
+        self.last = float("nan")
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.sum = loss if self.sum is None else self.sum + loss
+        self.count, self.images = self.count + 1, self.images + images
+
+    def read(self, step: int, batch: int) -> dict[str, float]:
+        """The window's mean loss over all ranks and its throughput; raises on a non-finite loss."""
+        if self.count:
+            self.last = self.engine.mean(self.sum / self.count).item()
+        if not math.isfinite(self.last):
+            raise TrainingError(
+                f"the training loss became {self.last} by step {step} ({step * batch} images seen; "
+                f"finite up to step {self.since_step}): lower optim.lr or set optim.grad_clip"
+            )
+        now = time.perf_counter()
+        out = {"train/loss": self.last, "train/images_per_s": self.images / max(now - self.t, 1e-9)}
+        self.sum, self.count, self.images, self.t, self.since_step = None, 0, 0, now, step
+        return out
+
+
+class _Run:
+    """One training run's rank-0 side effects: grids, checkpoints and probes through the reporter."""
+
+    def __init__(self, cfg: TrainConfig, train: ArrayDataset, reporter: Reporter, engine: Engine, state: TrainState):
+        self.cfg, self.train, self.reporter, self.engine, self.state = cfg, train, reporter, engine, state
+        self.process = build_process(cfg.process)
+        self.grid: np.ndarray | None = None
+
+    @property
+    def seen(self) -> int:
+        return self.state.step * self.cfg.batch_size
+
+    def draw_grid(self) -> None:
+        if self.engine.is_main:
+            cfg, shape = self.cfg, tuple(self.train.shape)
+            x = generate(self.state.sampling_model(self.engine), self.process, cfg.sampler, shape, range(cfg.grid_size),
+                         _GRID_SEED, device=self.engine.device)
+            self.grid = sample_picture(x, self.train.x[:2000], f"{self.seen} images")
+            self.reporter.picture(self.state.step, self.seen, "samples", self.grid)
+
+    def checkpoint(self, final: bool, metrics: dict[str, float]) -> Path | None:
+        path = None
+        if self.engine.is_main:
+            s = self.state
+            path = save_checkpoint(
+                self.reporter.checkpoint_path(self.seen, final), self.engine.unwrap(s.model), self.cfg,
+                shape=tuple(self.train.shape), step=s.step, images_seen=self.seen, data_manifest=self.train.manifest.sha256,
+                ema=s.ema, optimizer=s.optimizer, extra=self.reporter.checkpoint_meta,
+            )
+            if final and self.grid is not None:
+                save_png(self.grid, path / "samples.png")  # the checkpoint shows what it generates
+        self.reporter.checkpoint(self.state.step, self.seen, metrics, path, final)
+        return path
 
 
 def train_loop(
@@ -175,157 +389,54 @@ def train_loop(
     train: ArrayDataset,
     reporter: Reporter,
     *,
+    objective: Objective | None = None,
     engine: Engine | None = None,
     resume: Checkpoint | None = None,
     init: Checkpoint | None = None,
     probe: Callable[[nn.Module, torch.device], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """Train ``cfg.model`` with ``cfg.process`` on ``train`` for ``cfg.images`` images.
-
-    ``resume``: a checkpoint loaded with ``use_ema=False, with_optimizer=True``; training goes on
-    from its step with its weights, EMA and optimizer state. ``init``: a checkpoint loaded with
-    ``use_ema=False`` whose weights and EMA start a fresh run (fine-tuning; ignored when resuming).
-    ``probe(model, device)``: metrics of
-    the sampling model every ``cfg.eval_every_images`` (rank 0), e.g. the memorised fraction.
-    """
+    """Train ``cfg.model`` on ``train`` for ``cfg.images`` images, minimising ``objective``
+    (default: the loss of ``cfg.process``). ``resume``/``init``: see :func:`restore_state`.
+    ``probe(model, device)``: metrics of the sampling model every ``cfg.eval_every_images``
+    (rank 0), e.g. the memorised fraction."""
     engine = engine or Engine()
-    shape = tuple(train.shape)
-    batch, world = cfg.batch_size, engine.world_size
-    local = batch // world
-    total_steps = math.ceil(cfg.images / batch)
-    process = build_process(cfg.process)
+    devices = [engine.device] if engine.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the caller's global RNG is left as it was
+        state = restore_state(cfg, tuple(train.shape), engine, resume=resume, init=init)
+        objective = (objective or ProcessObjective(build_process(cfg.process))).to(engine.device)
+        return _loop(cfg, train, reporter, objective, engine, state, probe)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))  # same initial weights on every rank
-        model = build_model(cfg.model, shape)
-    step = 0
-    start = resume if resume is not None else init
-    if start is not None:
-        model.load_state_dict(start.model.state_dict())  # raw weights: load with use_ema=False
-    if resume is not None:
-        step = int(resume.meta["step"])
-    ema = None
-    if cfg.ema_halflife_images > 0:
-        ema = copy.deepcopy(model).requires_grad_(False)
-        if start is not None and start.ema_state is not None:
-            ema.load_state_dict(start.ema_state)
-    # On the device before the optimizer exists: load_state_dict places the resumed moments
-    # beside their parameters, which must already be where training runs.
-    model.to(engine.device)
-    if ema is not None:
-        ema.to(engine.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    if resume is not None and resume.optimizer_state is not None:
-        optimizer.load_state_dict(resume.optimizer_state)
-    model, optimizer = engine.prepare(model, optimizer)
-    beta = ema_beta(batch, cfg.ema_halflife_images) if ema is not None else 0.0
 
+def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
+    batch, total_steps = cfg.batch_size, math.ceil(cfg.images / cfg.batch_size)
+    beta = ema_beta(batch, cfg.ema_halflife_images) if state.ema is not None else 0.0
+    run = _Run(cfg, train, reporter, engine, state)
+    schedule, window = Schedule(cfg, run.seen, probe=probe is not None), _LossWindow(engine)
     x_all = train.x.to(engine.device)
-    n = len(train)
-    data_hash = train.manifest.sha256
-    log_marks = _chunks(cfg.images, cfg.log_every_images)
-    grid_marks = _chunks(cfg.images, cfg.grid_every_images)
-    ckpt_marks = _chunks(cfg.images, cfg.checkpoint_every_images)
-    eval_marks = _chunks(cfg.images, cfg.eval_every_images if probe is not None else 0)
-    next_log, next_grid, next_ckpt, next_eval = (_advance(m, step * batch) for m in (log_marks, grid_marks, ckpt_marks, eval_marks))
-
-    def sample_model() -> nn.Module:
-        return ema if ema is not None else engine.unwrap(model)
-
-    def write_checkpoint(final: bool, metrics: dict[str, float]) -> Path | None:
-        path = None
-        if engine.is_main:
-            path = save_checkpoint(
-                reporter.checkpoint_path(step * batch, final),
-                engine.unwrap(model),
-                cfg,
-                shape=shape,
-                step=step,
-                images_seen=step * batch,
-                data_manifest=data_hash,
-                ema=ema,
-                optimizer=optimizer,
-                extra=reporter.checkpoint_meta,
-            )
-            if final and grid:
-                save_png(grid[-1], path / "samples.png")  # the checkpoint shows what it generates
-        reporter.checkpoint(step, step * batch, metrics, path, final)
-        return path
-
-    grid: list[np.ndarray] = []
-
-    def draw_grid() -> None:
-        if engine.is_main:
-            x = generate(sample_model(), process, cfg.sampler, shape, range(cfg.grid_size), _GRID_SEED, device=engine.device)
-            grid[:] = [sample_picture(x, train.x[:2000], f"{step * batch} images")]
-            reporter.picture(step, step * batch, "samples", grid[0])
-            model.train()  # generate() switched the (possibly shared) network to eval mode
-
-    lo, hi = engine.rank * local, (engine.rank + 1) * local
-    loss_sum, loss_count, last_loss = 0.0, 0, float("nan")
-    t_window, imgs_window, t_start = time.perf_counter(), 0, time.perf_counter()
-    model.train()
-    while step < total_steps:
-        torch.manual_seed(derive_seed(cfg.seed, _TORCH_STREAM, step, engine.rank))  # dropout
-        rows = global_positions(n, step, batch, cfg.seed)[lo:hi].to(engine.device)
-        x0, t = global_noise(shape, step, batch, cfg.seed)
-        x1 = x_all[rows]
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * (min(1.0, (step + 1) * batch / cfg.optim.warmup_images) if cfg.optim.warmup_images else 1.0)
-        with engine.autocast():
-            per_sample = process.loss(model, x1, x0[lo:hi].to(engine.device), t[lo:hi].to(engine.device))
-        loss = per_sample.mean()
-        optimizer.zero_grad(set_to_none=True)
-        engine.backward(loss)
-        if cfg.optim.grad_clip is not None:
-            engine.clip_grad_norm(model, cfg.optim.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), engine.unwrap(model).parameters()):
-                    pe.lerp_(pm.detach(), 1.0 - beta)
-        step += 1
-        last_loss = engine.mean(loss.detach().float()).item()
-        if not math.isfinite(last_loss):
-            raise TrainingError(
-                f"the training loss became {last_loss} at step {step} ({step * batch} images seen): "
-                "lower optim.lr or set optim.grad_clip"
-            )
-        loss_sum, loss_count, imgs_window = loss_sum + last_loss, loss_count + 1, imgs_window + batch
-        seen = step * batch
-        if next_log is not None and seen >= next_log:
-            now = time.perf_counter()
-            reporter.log(step, seen, {
-                "train/loss": loss_sum / loss_count,
-                "train/images_per_s": imgs_window / max(now - t_window, 1e-9),
-                "train/lr": optimizer.param_groups[0]["lr"],
-            })
-            loss_sum, loss_count, imgs_window, t_window = 0.0, 0, 0, now
-            next_log = _advance(log_marks, seen)
-        if next_eval is not None and seen >= next_eval:
-            if engine.is_main:
-                reporter.log(step, seen, probe(sample_model(), engine.device))
-                model.train()
-            next_eval = _advance(eval_marks, seen)
-        if next_grid is not None and seen >= next_grid and step < total_steps:
-            draw_grid()
-            next_grid = _advance(grid_marks, seen)
-        if next_ckpt is not None and seen >= next_ckpt and step < total_steps:
-            write_checkpoint(False, {"train/loss": last_loss})
-            next_ckpt = _advance(ckpt_marks, seen)
-
+    t_start = time.perf_counter()
+    state.model.train()
+    while state.step < total_steps:
+        if cfg.model.dropout > 0:  # dropout masks from (seed, step, rank): resumable, worker-count aware
+            torch.manual_seed(derive_seed(cfg.seed, _TORCH_STREAM, state.step, engine.rank))
+        window.add(train_step(state, draw_batch(x_all, cfg, state.step, engine), objective, cfg, engine, beta), batch)
+        due = schedule.due(run.seen)
+        if "log" in due:
+            reporter.log(state.step, run.seen, {**window.read(state.step, batch), "train/lr": state.optimizer.param_groups[0]["lr"]})
+        if "probe" in due and engine.is_main:
+            reporter.log(state.step, run.seen, probe(state.sampling_model(engine), engine.device))
+            state.model.train()
+        if state.step < total_steps and "grid" in due:
+            run.draw_grid()
+        if state.step < total_steps and "checkpoint" in due:
+            run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"] if window.count else window.last})
     seconds = time.perf_counter() - t_start
-    draw_grid()
-    path = write_checkpoint(True, {"train/loss": last_loss, "dist/param_spread": _param_spread(engine, model)})
-    done = step * batch - (int(resume.meta["images_seen"]) if resume is not None else 0)
+    final_loss = window.read(state.step, batch)["train/loss"]
+    run.draw_grid()
+    path = run.checkpoint(True, {"train/loss": final_loss, "dist/param_spread": _param_spread(engine, state.model)})
     return TrainResult(
-        checkpoint=path,
-        step=step,
-        images_seen=step * batch,
-        loss=last_loss,
-        parameters=count_parameters(engine.unwrap(model)),
-        seconds=seconds,
-        images_per_s=done / max(seconds, 1e-9),
+        checkpoint=path, step=state.step, images_seen=run.seen, loss=final_loss,
+        parameters=count_parameters(engine.unwrap(state.model)), seconds=seconds,
+        images_per_s=(run.seen - state.start_images) / max(seconds, 1e-9),
     )
 
 
@@ -336,12 +447,3 @@ def _param_spread(engine: Engine, model: nn.Module) -> float:
         checksum = torch.stack([p.double().sum() for p in engine.unwrap(model).parameters()]).sum()
     sums = engine.gather(checksum.reshape(1).to(engine.device)).flatten()
     return (sums - sums[0]).abs().max().item()
-
-
-def _advance(marks: Iterator[int], seen: int) -> int | None:
-    """The first mark beyond ``seen`` images."""
-    for m in marks:
-        if m > seen:
-            return m
-    return None
-

@@ -77,7 +77,7 @@ def save_png(picture: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def pairs_grid(generated: torch.Tensor, nearest: torch.Tensor, ratios: torch.Tensor | None = None) -> np.ndarray:
+def pairs_grid(generated: torch.Tensor, nearest: torch.Tensor) -> np.ndarray:
     """The most-memorised pairs, generated | nearest training sample, one pair per row block.
 
     Images are tiled as (generated, nearest) side by side; vectors are drawn as segments from

@@ -11,7 +11,7 @@ from .dataset import ArrayDataset, Manifest, content_hash
 from .errors import DataError, DataNotFoundError
 from .materialise import build_source, dataset_key, load_dataset, load_real
 from .shards import read_shards, seal_shards, write_part, write_shards
-from .splits import as_synthetic, concat, mix, real_rows, select, split, subset, synthetic_count
+from .splits import as_synthetic, concat, mix, select, split, subset, synthetic_count
 
 __all__ = [
     "ArrayDataset",
@@ -27,7 +27,6 @@ __all__ = [
     "load_real",
     "mix",
     "read_shards",
-    "real_rows",
     "select",
     "seal_shards",
     "write_part",

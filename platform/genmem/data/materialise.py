@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from ..config import FILE_SOURCES, TOY_SOURCES, DataConfig
-from ..storage import ensure_writable, storage_root
+from ..storage import atomic_folder, ensure_writable, storage_root
 from . import sources, user
 from .dataset import ArrayDataset
 from .errors import DataError, DataNotFoundError
-from .shards import atomic_folder, read_shards, write_shards
+from .shards import read_shards, write_shards
 from .splits import as_synthetic, concat, split, subset
 
 # Part of every dataset key: bump it when a generator or the on-disk layout changes, so stale

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,39 +19,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from ..storage import atomic_file, atomic_folder, publish_folder
 from .dataset import ArrayDataset, Manifest, content_hash
 from .errors import DataError, DataNotFoundError
 
 SHAPE_KEYS = (b"genmem.shape", b"shape")  # ours first; a plain "shape" key from other writers is accepted
 _KNOWN = ("x", "label", "index", "is_synthetic")
-
-
-@contextmanager
-def atomic_folder(target: Path, *, replace: bool = True) -> Iterator[Path]:
-    """Yield a temp folder beside ``target`` that becomes ``target`` only if the block succeeds.
-
-    A crash or error leaves no half-written folder that a later read could take as valid. With
-    ``replace=False`` a ``target`` published meanwhile by another process (e.g. another Ray
-    worker materialising the same dataset) wins and ours is dropped.
-    """
-    target = Path(target)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if replace and target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if replace or not target.is_dir():
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _table(x: torch.Tensor, columns: dict[str, Any] | None) -> tuple[pa.Table, dict[str, np.ndarray]]:
@@ -113,23 +81,19 @@ def write_part(staging: str | Path, part: int, x: torch.Tensor, columns: dict[st
     later publishes the folder with its manifest."""
     table, _ = _table(x, columns)
     path = Path(staging) / f"part-{part:05d}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
 def seal_shards(staging: str | Path, folder: str | Path, *, source: str, split: str, extra: dict[str, Any] | None = None) -> Manifest:
     """Give the parts in ``staging`` their manifest (content hash over all rows, in part order)
-    and move them to ``folder`` in one rename."""
+    and publish them as ``folder`` (:func:`genmem.storage.publish_folder`: an existing ``folder``
+    is replaced only once the new one is in place)."""
     ds = read_shards(staging)
     manifest = Manifest(len(ds), ds.shape, "float32", ds.manifest.sha256, source, split, extra or {})
     (Path(staging) / "manifest.json").write_text(manifest.to_json())
-    folder = Path(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
+    publish_folder(staging, folder)
     return manifest
 
 

@@ -90,13 +90,6 @@ def concat(parts: list[ArrayDataset], *, source: str = "mix", extra: dict | None
     return ArrayDataset(x, labels, torch.cat([p.index for p in parts]), manifest, flags, meta)
 
 
-def real_rows(ds: ArrayDataset) -> ArrayDataset:
-    """The rows of a mix that are not generated."""
-    if ds.is_synthetic is None:
-        return ds
-    return ds.take(torch.nonzero(~ds.is_synthetic).flatten())
-
-
 def mix(real: ArrayDataset, synthetic: ArrayDataset, ratio: float, seed: int) -> ArrayDataset:
     """Training set of generation g: every real row plus floor(ratio * len(real)) synthetic rows.
 

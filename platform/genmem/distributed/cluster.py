@@ -2,31 +2,65 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from dataclasses import dataclass
 
 import ray
+
+from genmem.errors import ClusterError, ConfigError
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show Ray's own log lines (``--verbose``); by default only genmem's progress shows. An
+    environment variable, so Ray job drivers and workers started from here inherit it."""
+    os.environ["GENMEM_VERBOSE"] = "1" if verbose else "0"
+
+
+def verbose() -> bool:
+    return os.environ.get("GENMEM_VERBOSE", "0") == "1"
+
+
+def _quiet_ray_logs() -> None:
+    """Runs first in every Ray worker process (runtime_env worker_process_setup_hook): Ray Train's
+    internal chatter stays out of the job's output."""
+    import ray.train.v2._internal.execution.context as train_context
+
+    # "Reporting training result n: TrainingReport(...)", per rank and report (a logger named by file path)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # Ray Train's detached PlacementGroupCleaner polls the State API every second; without a
+    # dashboard each poll warns, and its stop can time out into a traceback. It only matters
+    # when a controller dies ungracefully.
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.CRITICAL)
+    logging.getLogger("ray.train.v2._internal.callbacks.placement_group_callback").setLevel(logging.CRITICAL)
+
+
+def _init_options() -> dict:
+    if verbose():
+        return {"log_to_driver": True}
+    # Train V2 patches print() in workers to log *and* (a Ray worker's sys.stdout is not
+    # sys.__stdout__) to print: every progress line would show twice.
+    env = {} if "RAY_TRAIN_ENABLE_PRINT_PATCH" in os.environ else {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    return {"log_to_driver": True, "logging_level": logging.WARNING,
+            "runtime_env": {"env_vars": env, "worker_process_setup_hook": _quiet_ray_logs}}
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Attach to the cluster this process runs under (``ray job submit`` sets RAY_ADDRESS),
-    else start a local one with an explicit CPU count."""
+    else start a local one with an explicit CPU count. Ray's own log lines stay out unless
+    ``--verbose``."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**_init_options())
     else:
         # address="local": a fresh cluster, never one that happens to run on this machine
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **_init_options())
 
 
-def free_task(fn, **resources):
-    """``ray.remote(fn)`` with ``resources``, scheduled on the whole cluster. Inside a Tune trial
-    Ray would otherwise capture the task into the trial's placement group, which reserves only
-    the trial's driver, and the task could never be placed."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return ray.remote(fn).options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None), **resources)
+def cluster_resources() -> dict[str, float]:
+    return dict(ray.cluster_resources())
 
 
 def placeable_bundles(bundle: dict[str, float], strategy: str) -> int:
@@ -47,7 +81,7 @@ def check_placeable(bundle: dict[str, float], n: int, strategy: str, what: str) 
     can = placeable_bundles(bundle, strategy)
     if can < n:
         need = ", ".join(f"{v:g} {k}" for k, v in bundle.items() if v > 0)
-        raise ValueError(
+        raise ClusterError(
             f"{what} asks for {n} workers of {need} each ({strategy}) but this Ray cluster can place only {can}: "
             "lower scaling.num_workers or the per-worker resources, or add nodes "
             "(on an autoscaling cluster set scaling.check_resources=false)"
@@ -67,5 +101,42 @@ def validate_cluster_config(cfg: dict) -> dict:
     for name, node_type in prepared.get("available_node_types", {}).items():
         lo, hi = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
         if name != prepared.get("head_node_type") and lo > hi:
-            raise ValueError(f"node type '{name}' has min_workers {lo} above max_workers {hi}: lower min_workers or raise max_workers")
+            raise ConfigError(f"node type '{name}' has min_workers {lo} above max_workers {hi}: lower min_workers or raise max_workers")
     return prepared
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one run of a job holds on the cluster: its driver (a Tune trial reserves this) and
+    ``workers`` copies of ``worker`` placed by ``strategy``; ``check=False`` on an autoscaling
+    cluster, which grows to fit."""
+
+    driver: dict[str, float]
+    worker: dict[str, float]
+    workers: int
+    strategy: str = "PACK"
+    check: bool = True
+
+    def total(self) -> dict[str, float]:
+        keys = {*self.driver, *self.worker}
+        return {k: self.driver.get(k, 0.0) + self.workers * self.worker.get(k, 0.0) for k in keys}
+
+
+def concurrency(footprints: list[Footprint], what: str) -> int:
+    """How many runs of these footprints fit side by side (the smallest over them); refuses in
+    one sentence one that the cluster cannot place at all."""
+    totals = cluster_resources()
+    fits: list[int] = []
+    for fp in footprints:
+        if not fp.check:
+            continue
+        check_placeable(fp.worker, fp.workers, fp.strategy, what)
+        for k, v in fp.total().items():
+            if v > totals.get(k, 0.0) + 1e-9:
+                raise ClusterError(
+                    f"{what} needs {v:g} {k} (driver + workers) but the cluster has {totals.get(k, 0.0):g}: "
+                    "lower the workers or their resources"
+                )
+            if v > 0:
+                fits.append(math.floor(totals.get(k, 0.0) / v + 1e-9))
+    return max(1, min(fits, default=1))

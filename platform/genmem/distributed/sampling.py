@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from tqdm import tqdm
 
 from genmem.checkpoint import load_checkpoint, read_meta
 from genmem.data import seal_shards, write_part
-from genmem.distributed.cluster import ensure_ray, free_task
+from genmem.distributed.cluster import ensure_ray
+from genmem.distributed.tasks import map_tasks
+from genmem.errors import ConfigError
 from genmem.generative import build_process, generate
 from genmem.storage import ensure_writable
 
@@ -43,29 +44,27 @@ def sample(
     seed: int = 0,
     tasks: int | None = None,
     batch_size: int = 256,
-    gpus_per_task: float = 0.0,
+    gpus_per_task: float | None = None,
     cpus_per_task: float = 1.0,
 ) -> dict[str, Any]:
-    """Generate samples 0..n-1 of ``seed`` from a checkpoint's EMA weights into Parquet shards."""
+    """Generate samples 0..n-1 of ``seed`` from a checkpoint's EMA weights into Parquet shards.
+
+    ``gpus_per_task=None`` (auto) takes one GPU a task where the cluster has GPUs; 0 never does.
+    ``tasks=None``: one per GPU (or CPU) of the cluster."""
     if n <= 0:
-        raise ValueError(f"--n must be a positive number of samples, not {n}")
+        raise ConfigError(f"--n must be a positive number of samples, not {n}")
     meta = read_meta(checkpoint)  # a clear error before any Ray work
     out = Path(out).absolute()
     ensure_writable(out.parent)
     ensure_ray()
-    if gpus_per_task == 0.0 and ray.cluster_resources().get("GPU", 0) > 0:
-        gpus_per_task = 1.0
+    if gpus_per_task is None:
+        gpus_per_task = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     tasks = tasks or max(1, int(ray.cluster_resources().get("GPU" if gpus_per_task else "CPU", 1)))
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
-    remote = free_task(_sample_part, num_cpus=cpus_per_task, num_gpus=gpus_per_task)
     ranges = split_ranges(n, tasks)
-    refs = [remote.remote(str(checkpoint), a, b, seed, str(staging), i, batch_size) for i, (a, b) in enumerate(ranges)]
     try:
-        with tqdm(total=n, unit="sample", desc="sample") as bar:
-            pending = refs
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                bar.update(ray.get(done[0]))
+        map_tasks(_sample_part, [(str(checkpoint), a, b, seed, str(staging), i, batch_size) for i, (a, b) in enumerate(ranges)],
+                  num_cpus=cpus_per_task, num_gpus=gpus_per_task, desc="sample", total=n, progress=int, unit="sample")
         manifest = seal_shards(
             staging, out, source=f"checkpoint:{meta['checkpoint_id']}", split="samples",
             extra={"checkpoint": str(checkpoint), "seed": seed, "sampler": meta["config"]["sampler"]},

@@ -26,7 +26,7 @@ class VPDiffusion(Process):
     """VP diffusion with a cosine (default) or linear schedule.
 
     >>> vp = VPDiffusion("cosine")
-    >>> losses = vp.loss(model, x1, x0=torch.randn_like(x1), t=torch.rand(len(x1)))  # (batch,)
+    >>> losses = vp.loss(model, torch.randn_like(x1), x1, torch.rand(len(x1)))  # (batch,): noise, data, time
     """
 
     schedule: str = "cosine"
@@ -73,7 +73,7 @@ class VPDiffusion(Process):
         shape = (-1, *([1] * (x1.dim() - 1)))
         return PathSample(x_t=alpha.view(shape) * x1 + sigma.view(shape) * x0, target=x0)
 
-    def loss(self, model, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss(self, model, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-sample ||eps_hat(x_t, t) - eps||^2 averaged over dimensions (x0 plays eps)."""
         ps = self.path(x0, x1, t)
         return per_sample_mse(model(ps.x_t, t), ps.target)

@@ -20,7 +20,7 @@ class FlowMatching(Process):
     """Straight-path conditional flow matching, optionally with minibatch-OT coupling.
 
     >>> fm = FlowMatching()
-    >>> losses = fm.loss(model, x1, x0=torch.randn_like(x1), t=torch.rand(len(x1)))  # (batch,)
+    >>> losses = fm.loss(model, torch.randn_like(x1), x1, torch.rand(len(x1)))  # (batch,): noise, data, time
     """
 
     ot_coupling: bool = False
@@ -41,7 +41,7 @@ class FlowMatching(Process):
         tb = t.view(-1, *([1] * (x1.dim() - 1)))
         return PathSample(x_t=(1 - tb) * x0 + tb * x1, target=x1 - x0)
 
-    def loss(self, model, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss(self, model, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-sample ||v(x_t, t) - (x1 - x0)||^2, averaged over dimensions; shape (batch,)."""
         ps = self.path(self.couple(x0, x1), x1, t)
         return per_sample_mse(model(ps.x_t, t), ps.target)

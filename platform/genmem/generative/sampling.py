@@ -47,22 +47,31 @@ def generate(
 ) -> torch.Tensor:
     """Samples for the given indices, shape (len(indices), *shape), on the CPU.
 
+    A network is sampled in eval mode; each of its modules gets its own ``training`` flag back
+    when this returns (or raises), so sampling inside a training loop leaves it training.
+
     >>> x = generate(model, FlowMatching(), SamplerConfig(method="heun", steps=32), (2,), range(1000), seed=0)
     """
+    # Restore each module's own flag, not model.train(): a network may keep some parts in eval.
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
     if isinstance(model, nn.Module):
         model.eval()
-    indices = list(indices)
-    grid = time_grid(process, sampler.steps)
-    out = []
-    for start in range(0, len(indices), batch_size):
-        gens = sample_generators(seed, indices[start : start + batch_size])
-        x = _draw(gens, shape).to(device)
-        if sampler.method == "sde":
-            if not isinstance(process, VPDiffusion):
-                raise ValueError("sampler.method=sde needs process.kind=diffusion")
-            drift, g = process.sde_drift_diffusion(model)
-            x = sdesolve(drift, g, x, grid, lambda i, gens=gens: _draw(gens, shape).to(device))
-        else:
-            x = odesolve(process.velocity(model), x, grid, sampler.method, rtol=sampler.rtol, atol=sampler.atol)
-        out.append(x.float().cpu())
-    return torch.cat(out) if out else torch.empty(0, *shape)
+    try:
+        indices = list(indices)
+        grid = time_grid(process, sampler.steps)
+        out = []
+        for start in range(0, len(indices), batch_size):
+            gens = sample_generators(seed, indices[start : start + batch_size])
+            x = _draw(gens, shape).to(device)
+            if sampler.method == "sde":
+                if not isinstance(process, VPDiffusion):
+                    raise ValueError("sampler.method=sde needs process.kind=diffusion")
+                drift, g = process.sde_drift_diffusion(model)
+                x = sdesolve(drift, g, x, grid, lambda i, gens=gens: _draw(gens, shape).to(device))
+            else:
+                x = odesolve(process.velocity(model), x, grid, sampler.method, rtol=sampler.rtol, atol=sampler.atol)
+            out.append(x.float().cpu())
+        return torch.cat(out) if out else torch.empty(0, *shape)
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -24,8 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -35,7 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from genmem.data.dataset import content_hash
+from genmem.errors import DataError, DataNotFoundError
 from genmem.metrics.frechet import GaussianStats, gaussian_stats
+from genmem.storage import atomic_folder
 
 if TYPE_CHECKING:
     from genmem.data.dataset import ArrayDataset
@@ -282,17 +282,12 @@ def _train(net: nn.Module, x: Tensor, labels: Tensor, *, seed: int, epochs: int,
 
 
 def _publish(folder: Path, net: nn.Module, meta: dict) -> None:
-    """Write weights + meta into a temporary folder and rename it into place in one step, so a
-    concurrent reader sees either nothing or a complete cache entry."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process published the same fingerprint first: its copy is equivalent
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Publish weights + meta as one cache entry, so a concurrent reader sees either nothing or a
+    complete entry. Another process that published the same fingerprint first wins: its copy is
+    equivalent."""
+    with atomic_folder(folder, replace=False) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,11 +325,11 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
     explicit = path if path is not None else os.environ.get("GENMEM_INCEPTION")
     if explicit:
         if not Path(explicit).is_file():
-            raise FileNotFoundError(f"Inception-v3 weights not found at {explicit}: {how}.")
+            raise DataNotFoundError(f"Inception-v3 weights not found at {explicit}: {how}.")
         return Path(explicit)
     found = _wheel_weights() or _torch_home_weights()
     if found is None:
-        raise FileNotFoundError(f"Inception-v3 weights not found (they are never downloaded): {how}.")
+        raise DataNotFoundError(f"Inception-v3 weights not found (they are never downloaded): {how}.")
     return found
 
 
@@ -370,7 +365,7 @@ class InceptionFeatures:
         self.path = find_inception_weights(path)
         digest = _sha256_file(self.path)
         if sha256 is not None and digest != sha256.lower():
-            raise ValueError(f"Inception weights {self.path} have sha256 {digest}, expected {sha256.lower()}: wrong or corrupt file.")
+            raise DataError(f"Inception weights {self.path} have sha256 {digest}, expected {sha256.lower()}: wrong or corrupt file.")
         self.sha256 = digest
         self.fingerprint = f"inception-{digest[:16]}"
         self.batch_size = batch_size
@@ -431,7 +426,7 @@ def get_extractor(name: str, *, train: ArrayDataset | None = None, cache_dir: st
         return PixelFeatures(None if train is None else math.prod(train.shape))
     if name == "classifier":
         if train is None or train.labels is None:
-            raise ValueError("the classifier extractor needs a labelled training set: pass train=<ArrayDataset with labels>")
+            raise DataError("the classifier extractor needs a labelled training set: pass train=<ArrayDataset with labels>")
         return ClassifierFeatures.fit(train.x, train.labels, cache_dir=cache_dir, data_hash=train.manifest.sha256, **kw)
     return InceptionFeatures(**kw)
 

@@ -14,12 +14,13 @@ Usage::
 from __future__ import annotations
 
 import io
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from genmem.storage import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,9 @@ class GaussianStats:
 
     def save(self, path: str | Path) -> None:
         """Write an ``.npz`` (no pickled objects), atomically: a reader never sees half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
+        atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianStats:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from genmem.errors import ConfigError
 from genmem.models.embedding import TimeEmbedding
 
 
@@ -47,11 +48,11 @@ class UNet(nn.Module):
     ):
         super().__init__()
         if len(shape) != 3 or shape[0] not in (1, 2, 3):
-            raise ValueError(f"the U-Net takes images of shape (C, H, W) with 1-3 channels, not {tuple(shape)}: use model.kind=mlp")
+            raise ConfigError(f"the U-Net takes images of shape (C, H, W) with 1-3 channels, not {tuple(shape)}: use model.kind=mlp")
         c_in, h, w = shape
         factor = 2 ** (len(channel_mults) - 1)
         if h % factor or w % factor:
-            raise ValueError(f"image size {h}x{w} must be divisible by {factor} for {len(channel_mults)} U-Net levels: shorten model.channel_mults")
+            raise ConfigError(f"image size {h}x{w} must be divisible by {factor} for {len(channel_mults)} U-Net levels: shorten model.channel_mults")
         self.shape = tuple(shape)
         self.time = TimeEmbedding(time_dim)
         self.inp = nn.Conv2d(c_in, channels, 3, padding=1)

@@ -44,8 +44,8 @@ def diagonal_curvature(
     d = math.prod(obj.x1.shape[1:])
     scale = 2.0 / d / obj.draws  # output Hessian of ||f − y||²/D, and the 1/draws weight
 
-    def f(th, x1, x0, t):  # one sample's network output, flattened: (D,)
-        return obj.outputs(th, x1[None], x0[None], t[None])[0].reshape(-1)
+    def f(th, x0, x1, t):  # one sample's network output, flattened: (D,)
+        return obj.outputs(th, x0[None], x1[None], t[None])[0].reshape(-1)
 
     diag = torch.zeros_like(theta)
     if kind == "ggn":
@@ -53,28 +53,28 @@ def diagonal_curvature(
         jac = vmap(jacrev(f), in_dims=(None, 0, 0, 0))
         for lo in range(0, len(obj.x1), per_chunk):
             sl = slice(lo, lo + per_chunk)
-            diag += jac(theta, obj.x1[sl], obj.x0[sl], obj.t[sl]).pow(2).sum(dim=(0, 1))
+            diag += jac(theta, obj.x0[sl], obj.x1[sl], obj.t[sl]).pow(2).sum(dim=(0, 1))
         return scale * diag
 
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be at least 1, not {mc_samples}")
-    projected = vmap(grad(lambda th, x1, x0, t, r: f(th, x1, x0, t).dot(r)), in_dims=(None, 0, 0, 0, 0))
+    projected = vmap(grad(lambda th, x0, x1, t, r: f(th, x0, x1, t).dot(r)), in_dims=(None, 0, 0, 0, 0))
     for _ in range(mc_samples):
-        for x1, x0, t in obj.chunks():
+        for x0, x1, t in obj.chunks():
             r = torch.randint(0, 2, (len(x1), d), generator=generator).to(theta.dtype) * 2 - 1
-            diag += projected(theta, x1, x0, t, r).pow(2).sum(dim=0)
+            diag += projected(theta, x0, x1, t, r).pow(2).sum(dim=0)
     return scale * diag / mc_samples
 
 
 def _empirical_fisher(obj: PosteriorObjective, theta: torch.Tensor) -> torch.Tensor:
     shape = obj.x1.shape[1:]
-    x1 = obj.x1.view(obj.n_points, obj.draws, *shape)
     x0 = obj.x0.view(obj.n_points, obj.draws, *shape)
+    x1 = obj.x1.view(obj.n_points, obj.draws, *shape)
     t = obj.t.view(obj.n_points, obj.draws)
     point_grad = vmap(grad(lambda th, a, b, c: obj.per_sample_loss(th, a, b, c).sum() / obj.draws), in_dims=(None, 0, 0, 0))
     per_chunk = max(1, obj.chunk_size // obj.draws)
     diag = torch.zeros_like(theta)
     for lo in range(0, obj.n_points, per_chunk):
         sl = slice(lo, lo + per_chunk)
-        diag += point_grad(theta, x1[sl], x0[sl], t[sl]).pow(2).sum(dim=0)
+        diag += point_grad(theta, x0[sl], x1[sl], t[sl]).pow(2).sum(dim=0)
     return diag

@@ -90,21 +90,7 @@ def exponential_map(
 
     y0 = torch.cat([theta0, v.to(theta0.dtype)])
     if solver == "rk4":
-        states = [y0]
-        for k in range(len(grid) - 1):
-            s, h, y = grid[k], grid[k + 1] - grid[k], states[-1]
-            try:
-                k1 = rhs(s, y)
-                k2 = rhs(s + h / 2, y + h / 2 * k1)
-                k3 = rhs(s + h / 2, y + h / 2 * k2)
-                k4 = rhs(s + h, y + h * k3)
-            except _Stop as err:
-                raise fail(str(err), f"step {k + 1} of {len(grid) - 1} (s = {float(s):.3g})") from None
-            y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            if not torch.isfinite(y).all():
-                raise fail("non-finite state", f"step {k + 1} of {len(grid) - 1} (s = {float(s + h):.3g})")
-            states.append(y)
-        path = torch.stack(states)
+        path = _rk4_path(rhs, y0, grid, fail)
     else:
         try:
             path = odeint(rhs, y0, grid, method="dopri5", rtol=rtol, atol=atol)
@@ -113,3 +99,22 @@ def exponential_map(
         if not torch.isfinite(path).all():
             raise fail("non-finite state", "s = 1")
     return GeodesicResult(theta=path[-1, :p], velocity=path[-1, p:], path=path, grid=grid, n_rhs=count[0])
+
+
+def _rk4_path(rhs, y0: torch.Tensor, grid: torch.Tensor, fail) -> torch.Tensor:
+    """Classic RK4, one step per interval of ``grid``; the states at every grid point."""
+    states = [y0]
+    for k in range(len(grid) - 1):
+        s, h, y = grid[k], grid[k + 1] - grid[k], states[-1]
+        try:
+            k1 = rhs(s, y)
+            k2 = rhs(s + h / 2, y + h / 2 * k1)
+            k3 = rhs(s + h / 2, y + h / 2 * k2)
+            k4 = rhs(s + h, y + h * k3)
+        except _Stop as err:
+            raise fail(str(err), f"step {k + 1} of {len(grid) - 1} (s = {float(s):.3g})") from None
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        if not torch.isfinite(y).all():
+            raise fail("non-finite state", f"step {k + 1} of {len(grid) - 1} (s = {float(s + h):.3g})")
+        states.append(y)
+    return torch.stack(states)

@@ -1,6 +1,6 @@
 """The deterministic posterior loss over a named parameter subset (METHODS.md §Riemannian Laplace, step 1).
 
-L(θ) = Σ_i Σ_j ℓ(θ; x1_i, x0_ij, t_ij) / draws + (α/2)||θ||²  over the subset θ, the rest frozen at θ*,
+L(θ) = Σ_i Σ_j ℓ(θ; x0_ij, x1_i, t_ij) / draws + (α/2)||θ||²  over the subset θ, the rest frozen at θ*,
 with the (x0, t) draws fixed once per training point (common random numbers), so L is a plain
 deterministic function. ℓ is the process's squared error ||f(x_t, t) − target||²/D evaluated in the
 objective's dtype. Centring, L_c(θ) = L(θ) − g0·(θ − θ*) with g0 = ∇L(θ*), makes θ* stationary
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
+from genmem.errors import ConfigError
 from genmem.generative.process import Process
 
 
@@ -41,13 +42,13 @@ def default_subset(model: nn.Module) -> list[str]:
 def select_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
     """Names of ``model``'s parameters matched by any fnmatch pattern, in ``named_parameters`` order.
 
-    A pattern that matches nothing raises ValueError listing the names that exist.
+    A pattern that matches nothing raises :class:`ConfigError` listing the names that exist.
     """
     names = [n for n, _ in model.named_parameters()]
     for pat in patterns:
         if not any(n == pat or fnmatch.fnmatchcase(n, pat) for n in names):
             shown = ", ".join(names[:30]) + (f", ... ({len(names) - 30} more)" if len(names) > 30 else "")
-            raise ValueError(f"subset pattern {pat!r} matches no parameter of {type(model).__name__}; the parameters are: {shown}")
+            raise ConfigError(f"subset pattern {pat!r} matches no parameter of {type(model).__name__}; the parameters are: {shown}")
     return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
@@ -110,27 +111,29 @@ class PosteriorObjective:
             out[n] = piece.view(shape)
         return out
 
-    def outputs(self, theta: torch.Tensor, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor):
-        """(f(θ), target) on a batch: the network output at x_t and the process's regression target."""
+    def outputs(self, theta: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor):
+        """(f(θ), target) on a batch (noise, data, time, as ``process.path``): the network output
+        at x_t and the process's regression target."""
         ps = self.process.path(x0, x1, t)
         return functional_call(self.net, self.params(theta), (ps.x_t, t)), ps.target
 
-    def per_sample_loss(self, theta, x1, x0, t) -> torch.Tensor:
+    def per_sample_loss(self, theta, x0, x1, t) -> torch.Tensor:
         """ℓ = ||f − target||²/D per sample, shape (batch,), in the objective's dtype.
 
         Equals ``process.loss`` without its float32 cast (kept out so float64 HVPs are exact) and
         without minibatch-OT re-pairing (the fixed draws are the coupling).
         """
-        f, target = self.outputs(theta, x1, x0, t)
+        f, target = self.outputs(theta, x0, x1, t)
         return (f - target).pow(2).flatten(1).mean(dim=1)
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(x0, x1, t) slices of at most ``chunk_size`` samples, in the order of ``per_sample_loss``."""
         for lo in range(0, len(self.x1), self.chunk_size):
             hi = lo + self.chunk_size
-            yield self.x1[lo:hi], self.x0[lo:hi], self.t[lo:hi]
+            yield self.x0[lo:hi], self.x1[lo:hi], self.t[lo:hi]
 
-    def _chunk_loss(self, theta, x1, x0, t) -> torch.Tensor:
-        return self.per_sample_loss(theta, x1, x0, t).sum() / self.draws
+    def _chunk_loss(self, theta, x0, x1, t) -> torch.Tensor:
+        return self.per_sample_loss(theta, x0, x1, t).sum() / self.draws
 
     def _data_grad(self, theta: torch.Tensor) -> torch.Tensor:
         return sum(grad(self._chunk_loss)(theta, *c) for c in self.chunks())

@@ -1,4 +1,5 @@
 """Search spaces for `genmem sweep`: a YAML file in tune_spaces/, checked in full before Ray starts.
+Library code: Tune objects are built from a :class:`Space` in genmem.distributed.tune.
 
 Format::
 
@@ -30,13 +31,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from genmem.config import ConfigError, PosteriorConfig, RetrainConfig, TrainConfig, _set_dotted, read_yaml_mapping, validate
+from genmem.config import _set_dotted, read_yaml_mapping, validate
+from genmem.errors import ConfigError
 
-JOBS: dict[str, type[BaseModel]] = {"train": TrainConfig, "retrain": RetrainConfig, "posterior": PosteriorConfig}
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 _TOP = ("num_samples", "space", "metric", "mode", "scheduler", "max_concurrent_trials")
 
@@ -67,22 +68,6 @@ class Space:
     def trials(self) -> int:
         """Trials the sweep runs: the grid product times num_samples."""
         return math.prod(len(a.values) for a in self.axes if a.kind == "grid") * self.num_samples
-
-    def param_space(self) -> dict[str, Any]:
-        """Tune's param_space, keyed by the dotted config keys."""
-        from ray import tune
-
-        make = {"grid": tune.grid_search, "choice": tune.choice}
-        ranges = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
-        return {a.key: make[a.kind](a.values) if a.kind in make else ranges[a.kind](*a.values) for a in self.axes}
-
-    def scheduler(self):
-        """Tune's ASHA scheduler when the space asks for one (trials stop early on ``metric``)."""
-        if self.asha is None:
-            return None
-        from ray.tune.schedulers import ASHAScheduler
-
-        return ASHAScheduler(time_attr="training_iteration", **self.asha)
 
     def candidates(self) -> list[tuple[str, Any]]:
         """(key, value) for every value a trial could take at an extreme: all grid/choice values
@@ -160,40 +145,40 @@ def load_space(path: str | Path) -> Space:
     return Space(path, axes, num_samples, raw.get("metric"), mode, asha, limit, raw)
 
 
-# What every report of a trial carries, per job (Tune refuses a result without the sweep metric).
-METRICS = {
-    "train": ("train/loss",),
-    "retrain": ("fd", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage",
-                "memorised_fraction", "sample_variance", "mmd", "sliced_wasserstein", "lid_mle", "collapsed", "real_fraction"),
-}
-_POSTERIOR_METRIC = re.compile(r"^(theta_star|euclidean|riemannian)(_[0-9.e+-]+)?/[a-z_]+$")
+class Sweepable(Protocol):
+    """What the checks need of a job: its name, config class and the metric names it reports
+    (a tuple of names, or a pattern)."""
+
+    name: str
+    config: type[BaseModel]
+    metrics: tuple[str, ...] | re.Pattern
 
 
-def check_metric(space: Space, job: str) -> None:
+def check_metric(space: Space, job: Sweepable) -> None:
     if space.metric is None:
         return
-    known = METRICS.get(job)
-    ok = _POSTERIOR_METRIC.match(space.metric) if job == "posterior" else space.metric in known
+    known = job.metrics
+    if isinstance(known, re.Pattern):
+        ok, allowed = bool(known.match(space.metric)), f"a name matching {known.pattern}"
+    else:
+        ok, allowed = space.metric in known, f"one of {', '.join(known)}"
     if not ok:
-        allowed = ", ".join(known) if known else "ARM/METRIC such as riemannian/memorised_fraction"
-        raise _fail(space.path, f"metric '{space.metric}' is not reported by {job} trials: use one of {allowed}")
+        raise _fail(space.path, f"metric '{space.metric}' is not reported by {job.name} trials: use {allowed}")
 
 
-def check_space(space: Space, job: str, base: dict[str, Any]) -> list[BaseModel]:
+def check_space(space: Space, job: Sweepable, base: dict[str, Any]) -> list[BaseModel]:
     """Apply every candidate value to the job's base config and validate it: an unknown key or a
-    value the config refuses is named with its space key. Returns the checked configs (for the
-    resource check)."""
-    if job not in JOBS:
-        raise SpaceError(f"unknown job '{job}' for a sweep: choose one of {', '.join(JOBS)}")
+    value the config refuses is named with its space key; a metric the job does not report is
+    refused. Returns the checked configs (for the resource check)."""
     check_metric(space, job)
-    cls = JOBS[job]
+    cls = job.config
     fields = _field_paths(cls)
     checked = []
     for key, value in space.candidates():
         if key not in fields:
             near = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
             hint = f": did you mean '{near[0]}'?" if near else f": address a field of {cls.__name__}, e.g. '{sorted(fields)[0]}'"
-            raise _fail(space.path, f"key '{key}' is not a field of the {job} config{hint}")
+            raise _fail(space.path, f"key '{key}' is not a field of the {job.name} config{hint}")
         tree = copy.deepcopy(base)
         try:
             _set_dotted(tree, key, value)

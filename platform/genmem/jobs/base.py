@@ -1,0 +1,83 @@
+"""What a job is: a typed config, ``run(cfg, ctx) -> result``, and what it declares to the CLI
+and to Tune. Every job module defines one :class:`Job` named ``JOB``; the registry lists them."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from genmem.distributed.cluster import Footprint
+
+
+@dataclass
+class Context:
+    """How a job was started. From the CLI: all defaults. From a Tune trial: the sweep's parent
+    MLflow run and tags, a deterministic ``key`` (a restored trial reopens the same Ray and
+    MLflow runs instead of starting new ones) and ``report``, which sends metrics to Tune."""
+
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    key: str | None = None
+    report: Callable[[dict[str, float]], None] | None = None
+
+    @property
+    def under_tune(self) -> bool:
+        return self.report is not None
+
+    def emit(self, metrics: dict[str, float]) -> None:
+        """Progress metrics for Tune (nothing outside a sweep)."""
+        if self.report is not None:
+            self.report(metrics)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets one config key: ``Flag("--checkpoint", "checkpoint", required=True)``."""
+
+    name: str
+    key: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, name: str, key: str, **options: Any):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "options", options)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One capability. ``run(cfg, ctx)`` returns a JSON-serialisable dict (the job's result
+    record). ``file_key``: the YAML of ``--config`` and the ``--set`` overrides address this
+    sub-key of the config (quickstart: its training config; sweep: the swept job's base config).
+    ``footprint(cfg)``, ``metrics`` and ``final_report(result)`` make the job sweepable:
+    what a trial holds, which metric names its Tune reports carry, and its last report;
+    ``table(result)`` is what the CLI prints, ``summary(result)`` its JSON (default: the result)."""
+
+    name: str
+    help: str
+    config: type[BaseModel]
+    run: Callable[[Any, Context], dict[str, Any]]
+    flags: tuple[Flag, ...] = ()
+    file_key: str | None = None
+    default_config: str | None = None
+    example: str = "seed=1"
+    footprint: Callable[[Any], Footprint] | None = None
+    preflight: Callable[[Any], None] | None = None  # checks a sweep runs once before its trials
+    metrics: tuple[str, ...] | re.Pattern = ()  # the metric names its Tune reports carry
+    final_report: Callable[[dict[str, Any]], dict[str, float]] | None = None
+    table: Callable[[dict[str, Any]], str] | None = None
+    summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    @property
+    def sweepable(self) -> bool:
+        return self.footprint is not None
+
+
+def numeric(d: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a record, as floats (what Tune and MLflow metrics take)."""
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}

@@ -1,0 +1,73 @@
+"""`genmem evaluate`: samples generated across Ray tasks (or read from Parquet), every metric
+against the checkpoint's own training and held-out data, and one MLflow run with the figures."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from pydantic import Field
+
+from genmem.config import MetricsConfig, to_yaml
+from genmem.data import read_shards
+from genmem.distributed.sampling import sample
+from genmem.evaluation import Evaluation, evaluate_samples, feature_names, training_data
+from genmem.jobs.base import Context, Flag, Job
+from genmem.storage import ensure_writable, storage_root
+from genmem.tracking import Tracker, check_reachable, job_run
+
+
+class EvaluateConfig(MetricsConfig):
+    """What `genmem evaluate` measures, against the checkpoint's own training and held-out data."""
+
+    checkpoint: str
+    n: int = Field(1000, gt=0)  # samples to generate (ignored with samples=)
+    samples: str | None = None  # Parquet file/folder of samples from anywhere, instead of generating
+    tasks: int | None = Field(None, gt=0)  # Ray sampling tasks
+
+
+def run(cfg: EvaluateConfig, ctx: Context) -> dict[str, Any]:
+    check_reachable()
+    meta, train, heldout = training_data(cfg.checkpoint)
+    tags = {"checkpoint": str(cfg.checkpoint), "checkpoint_id": meta["checkpoint_id"],
+            "features": ",".join(feature_names(cfg.features, train)), **ctx.tags}
+    if meta.get("mlflow_run_id"):
+        tags["train_run_id"] = meta["mlflow_run_id"]
+    with job_run("evaluate", f"evaluate-{meta['checkpoint_id']}", params=cfg.model_dump(mode="json"), tags=tags,
+                 parent_run_id=ctx.parent_run_id, key=ctx.key) as tracker:
+        samples_path = cfg.samples
+        if not samples_path:
+            out = ensure_writable(storage_root() / "samples") / f"{meta['checkpoint_id']}-seed{cfg.seed}-n{cfg.n}-{uuid.uuid4().hex[:6]}"
+            samples_path = sample(cfg.checkpoint, cfg.n, out, seed=cfg.seed, tasks=cfg.tasks)["samples"]
+        tracker.tags({"samples": str(samples_path)})
+        result = evaluate_samples(read_shards(samples_path), train, heldout, cfg, cache_dir=storage_root() / "features")
+        log_evaluation(tracker, result, cfg, step=meta.get("images_seen", 0))
+    return {"mlflow_run_id": tracker.run_id, "samples": str(samples_path), **{k.removeprefix("eval/"): v for k, v in result.metrics.items()}}
+
+
+def log_evaluation(tracker: Tracker, result: Evaluation, cfg: MetricsConfig, *, step: int = 0, figure_step: int | None = None) -> None:
+    """An evaluation into a run: metrics at ``step``, the figures (by ``figure_step`` when given),
+    the most memorised samples with their provenance, and the metric settings."""
+    tracker.metrics(result.metrics, step=step)
+    for name, picture in result.figures.items():
+        tracker.image(name, picture, step=figure_step)
+    tracker.text(json.dumps(result.most_memorised, indent=2), "most_memorised.json")
+    tracker.text(to_yaml(cfg), "evaluate.yaml")
+
+
+JOB = Job(
+    name="evaluate",
+    help="memorisation, FD, precision/recall, LID of a checkpoint's samples",
+    config=EvaluateConfig,
+    run=run,
+    example="threshold=0.3",
+    flags=(
+        Flag("--checkpoint", "checkpoint", help="checkpoint folder; its own training and held-out data are the reference"),
+        Flag("--n", "n", type=int, help="samples to generate across Ray tasks (default 1000)"),
+        Flag("--samples", "samples", help="evaluate these Parquet samples instead of generating"),
+        Flag("--seed", "seed", type=int),
+        Flag("--features", "features", nargs="+", choices=["auto", "pixels", "classifier", "inception"],
+             help="feature extractors for FD/PRDC"),
+    ),
+)

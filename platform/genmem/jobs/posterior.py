@@ -1,0 +1,234 @@
+"""`genmem posterior`: a Laplace posterior fitted once on the driver, its S weight samples per
+(method, scale) solved as independent Ray tasks, each generating its share of images; every arm
+(θ*, Euclidean, Riemannian at each scale) pooled and evaluated like any model."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import ray
+import torch
+from pydantic import Field, model_validator
+
+from genmem.checkpoint import Checkpoint, load_checkpoint
+from genmem.config import FEATURES, MetricsConfig, Strict, to_yaml
+from genmem.data import ArrayDataset, read_shards, seal_shards, write_part
+from genmem.distributed.cluster import Footprint, ensure_ray
+from genmem.distributed.sampling import sample, split_ranges
+from genmem.distributed.tasks import map_tasks
+from genmem.evaluation import evaluate_samples, primary_fd, training_data
+from genmem.generative import build_process, derive_seed, generate
+from genmem.jobs.base import Context, Flag, Job, numeric
+from genmem.posterior import LaplacePosterior
+from genmem.storage import ensure_writable, storage_root
+from genmem.tracking import check_reachable, job_run
+from genmem.viz import figure_to_array
+
+_WEIGHT_SEEDS = 17  # derive_seed(seed, 17, k): the k-th weight sample of every arm
+
+
+class PosteriorConfig(Strict):
+    """`genmem posterior`: Laplace weight samples of a checkpoint, evaluated arm by arm."""
+
+    checkpoint: str
+    methods: list[Literal["euclidean", "riemannian"]] = Field(default_factory=lambda: ["euclidean", "riemannian"])
+    scales: list[float] = Field(default_factory=lambda: [1e-2], min_length=1)  # temperatures tau of the covariance
+    samples: int = Field(4, gt=0)  # weight samples S per (method, scale); each a Ray task
+    n: int = Field(1000, gt=0)  # images per arm, split evenly over its weight samples
+    seed: int = 0
+    subset: list[str] | None = None  # fnmatch patterns over parameter names; default: the last blocks
+    prior_precision: float = Field(1.0, gt=0)
+    optimize_prior: bool = False  # choose alpha by the Laplace marginal likelihood instead
+    curvature: Literal["ef", "ggn", "ggn_mc"] = "ef"
+    draws: int = Field(8, gt=0)  # fixed (x0, t) draws per training point (common random numbers)
+    solver: Literal["dopri5", "rk4"] = "dopri5"
+    steps: int = Field(20, gt=0)  # rk4
+    rtol: float = Field(1e-4, gt=0)
+    atol: float = Field(1e-6, gt=0)
+    max_evals: int = Field(5000, gt=0)
+    features: list[FEATURES] = Field(default_factory=lambda: ["auto"])
+
+    @model_validator(mode="after")
+    def _check(self) -> "PosteriorConfig":
+        bad = [s for s in self.scales if not s > 0]
+        if bad:
+            raise ValueError(f"posterior scales must be positive, got {bad[0]}: pass scales such as 0.01")
+        if self.n < self.samples:
+            raise ValueError(f"n={self.n} images cannot be split over {self.samples} weight samples: raise n or lower samples")
+        if self.n < 21:  # the evaluation's k-NN metrics use up to 20 neighbours
+            raise ValueError(f"n={self.n} images per arm are too few to evaluate: use n of at least 21")
+        return self
+
+
+def _posterior(cfg: PosteriorConfig, ckpt: Checkpoint, train_x: torch.Tensor) -> LaplacePosterior:
+    process = build_process(ckpt.config.process)
+    return LaplacePosterior(ckpt.model, process, train_x, subset=cfg.subset, prior_precision=cfg.prior_precision,
+                            curvature=cfg.curvature, draws=cfg.draws, seed=cfg.seed)
+
+
+def _weight_sample_task(cfg_json: dict, state: dict, train_x: torch.Tensor, method: str, scale: float, seed: int,
+                        start: int, stop: int, staging: str, part: int) -> dict[str, Any]:
+    """One weight sample (one geodesic solve for Riemannian) and its share of images."""
+    cfg = PosteriorConfig.model_validate(cfg_json)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    la = _posterior(cfg, ckpt, train_x)
+    la.load_state_dict(state)
+    ws = la.sample_one(seed, method=method, scale=scale, solver=cfg.solver, steps=cfg.steps,
+                       rtol=cfg.rtol, atol=cfg.atol, max_evals=cfg.max_evals)
+    net = la.apply(ws).float()
+    x = generate(net, build_process(ckpt.config.process), ckpt.config.sampler, ckpt.shape, range(start, stop), cfg.seed)
+    n = stop - start
+    model_id = f"{ckpt.id}/{method}/{scale:g}/{seed}"
+    write_part(staging, part, x, {"model_id": np.full(n, model_id), "seed": np.full(n, cfg.seed, dtype=np.int64),
+                                  "weight_seed": np.full(n, seed, dtype=np.int64), "index": np.arange(start, stop)})
+    return {"seed": seed, "n_grad": ws.n_grad, "n_hvp": ws.n_hvp, "loss_increase": ws.loss_increase, "seconds": ws.seconds}
+
+
+_KEYS = ("memorised_fraction", "heldout_memorised_fraction", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage")
+
+
+def _arm_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(metrics[f"eval/{k}"]) for k in _KEYS if f"eval/{k}" in metrics}
+
+
+class _Arms:
+    """Evaluates each arm's pooled samples against the checkpoint's own data."""
+
+    def __init__(self, cfg: PosteriorConfig, root: Path, train: ArrayDataset, heldout: ArrayDataset, checkpoint_id: str):
+        self.cfg, self.root, self.train, self.heldout, self.checkpoint_id = cfg, root, train, heldout, checkpoint_id
+        self.metrics_cfg = MetricsConfig(seed=cfg.seed, features=cfg.features)
+
+    def evaluate(self, folder: Path | str) -> dict[str, float]:
+        ev = evaluate_samples(read_shards(folder), self.train, self.heldout, self.metrics_cfg, cache_dir=storage_root() / "features")
+        return ev.metrics
+
+    def theta_star(self) -> dict[str, Any]:
+        star = sample(self.cfg.checkpoint, self.cfg.n, self.root / "theta_star", seed=self.cfg.seed)
+        metrics = self.evaluate(star["samples"])
+        self.fd_key = primary_fd(metrics).removeprefix("eval/")
+        return {"arm": "theta_star", "scale": 0.0, **_arm_metrics(metrics), "loss_increase": 0.0, "grad_evals": 0.0,
+                "seconds_per_sample": 0.0}
+
+    def weight_arm(self, method: str, scale: float, state_ref, train_ref) -> dict[str, Any]:
+        cfg = self.cfg
+        staging = self.root / f".{method}-{scale:g}.staging"
+        ranges = split_ranges(cfg.n, cfg.samples)
+        calls = [(cfg.model_dump(mode="json"), state_ref, train_ref, method, scale, derive_seed(cfg.seed, _WEIGHT_SEEDS, k), a, b,
+                  str(staging), k) for k, (a, b) in enumerate(ranges)]
+        try:
+            stats = map_tasks(_weight_sample_task, calls, num_cpus=1, desc=f"{method} τ={scale:g}", unit="weight sample")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        folder = self.root / f"{method}-{scale:g}"
+        seal_shards(staging, folder, source=f"posterior:{self.checkpoint_id}", split="samples",
+                    extra={"method": method, "scale": scale, "weight_samples": stats})
+        return {"arm": method, "scale": scale, **_arm_metrics(self.evaluate(folder)),
+                "loss_increase": float(np.mean([s["loss_increase"] for s in stats])),
+                "grad_evals": float(np.mean([s["n_grad"] + s["n_hvp"] for s in stats])),
+                "seconds_per_sample": float(np.mean([s["seconds"] for s in stats]))}
+
+
+def run(cfg: PosteriorConfig, ctx: Context) -> dict[str, Any]:
+    check_reachable()
+    meta, train, heldout = training_data(cfg.checkpoint)  # refuses a checkpoint without manifest
+    la = _posterior(cfg, load_checkpoint(cfg.checkpoint), train.x)  # refuses an unknown subset pattern, naming what exists
+    ensure_ray()
+    root = ensure_writable(storage_root() / "posterior" / f"{meta['checkpoint_id']}-{uuid.uuid4().hex[:6]}")
+    tags = {"checkpoint_id": meta["checkpoint_id"], "samples_root": str(root), **ctx.tags}
+    if meta.get("mlflow_run_id"):
+        tags["train_run_id"] = meta["mlflow_run_id"]
+    with job_run("posterior", f"posterior-{meta['checkpoint_id']}", params=cfg.model_dump(mode="json"), tags=tags,
+                 parent_run_id=ctx.parent_run_id, key=ctx.key) as tracker:
+        tracker.text(to_yaml(cfg), "posterior.yaml")
+        la.fit()
+        if cfg.optimize_prior:
+            la.optimize_prior_precision()
+        tracker.metrics({"posterior/prior_precision": la.prior_precision})
+        arms = _Arms(cfg, root, train, heldout, meta["checkpoint_id"])
+        rows = [arms.theta_star()]
+        state_ref, train_ref = ray.put(la.state_dict()), ray.put(train.x)
+        for method in cfg.methods:
+            for scale in cfg.scales:
+                rows.append(arms.weight_arm(method, scale, state_ref, train_ref))
+                tracker.metrics({f"posterior/{_arm_name(rows[-1])}/{k}": v for k, v in numeric(rows[-1]).items() if k != "scale"})
+        tracker.metrics({f"posterior/theta_star/{k}": v for k, v in numeric(rows[0]).items() if k != "scale"})
+        tracker.image("memorised_vs_fd", _scale_figure(rows, arms.fd_key))
+    return {"mlflow_run_id": tracker.run_id, "prior_precision": la.prior_precision, "fd_key": arms.fd_key, "arms": rows}
+
+
+def _arm_name(row: dict[str, Any]) -> str:
+    return row["arm"] if row["arm"] == "theta_star" else f"{row['arm']}_{row['scale']:g}"
+
+
+def _scale_figure(rows: list[dict[str, Any]], fd_key: str) -> np.ndarray:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for method, colour in (("euclidean", "#1f77b4"), ("riemannian", "#d62728")):
+        pts = sorted((r["scale"], r[fd_key], r["memorised_fraction"]) for r in rows if r["arm"] == method)
+        if pts:
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", c=colour, label=method)
+            for s, x, y in pts:
+                ax.annotate(f"τ={s:g}", (x, y), fontsize=6)
+    star = [r for r in rows if r["arm"] == "theta_star"][0]
+    ax.scatter([star[fd_key]], [star["memorised_fraction"]], marker="*", s=120, c="k", label="θ*", zorder=3)
+    ax.set_xlabel(fd_key)
+    ax.set_ylabel("memorised fraction")
+    ax.legend(fontsize=7)
+    return figure_to_array(fig)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The arms side by side, as the quickstart prints them."""
+    fd = result["fd_key"]
+    head = f"{'arm':<12}{'scale':>8}{'memorised':>11}{fd:>15}{'precision':>11}{'recall':>8}{'loss +':>10}{'grad+HVP':>10}{'s/sample':>10}"
+    lines = [head, "-" * len(head)]
+    for r in result["arms"]:
+        lines.append(f"{r['arm']:<12}{r['scale']:>8g}{r['memorised_fraction']:>11.3f}{r.get(fd, float('nan')):>15.2f}"
+                     f"{r.get('precision', float('nan')):>11.3f}{r.get('recall', float('nan')):>8.3f}"
+                     f"{r['loss_increase']:>10.1f}{r['grad_evals']:>10.0f}{r['seconds_per_sample']:>10.1f}")
+    return "\n".join(lines)
+
+
+def final_report(result: dict[str, Any]) -> dict[str, float]:
+    """One Tune report: every arm's numbers under ``<arm>/`` (``<method>/`` alone when the trial
+    has one scale, ``<method>_<scale>/`` otherwise)."""
+    scales = {r["scale"] for r in result["arms"] if r["arm"] != "theta_star"}
+    out: dict[str, float] = {}
+    for row in result["arms"]:
+        arm = row["arm"] if row["arm"] == "theta_star" or len(scales) == 1 else _arm_name(row)
+        out |= {f"{arm}/{k}": v for k, v in numeric(row).items() if k != "scale"}
+    return out
+
+
+_REPORTED = re.compile(r"^(theta_star|euclidean|riemannian)(_[0-9.e+-]+)?/[a-z_]+$")
+
+JOB = Job(
+    name="posterior",
+    help="Euclidean/Riemannian Laplace weight samples of a checkpoint, evaluated arm by arm",
+    config=PosteriorConfig,
+    run=run,
+    example="curvature=ggn",
+    flags=(
+        Flag("--checkpoint", "checkpoint"),
+        Flag("--method", "methods", nargs="+", choices=["euclidean", "riemannian"]),
+        Flag("--samples", "samples", type=int, help="weight samples per (method, scale), one Ray task each"),
+        Flag("--scale", "scales", type=float, nargs="+", help="posterior temperatures tau"),
+        Flag("--n", "n", type=int, help="images per arm"),
+        Flag("--seed", "seed", type=int),
+    ),
+    # The driver fits the curvature itself; one weight-sample task runs beside it at a time.
+    footprint=lambda cfg: Footprint({"CPU": 1.0}, {"CPU": 1.0}, 1),
+    metrics=_REPORTED,
+    final_report=final_report,
+    table=format_table,
+)

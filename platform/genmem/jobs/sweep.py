@@ -1,0 +1,204 @@
+"""`genmem sweep`: a Ray Tune sweep over any sweepable job, one trial per point of a
+tune_spaces/ file.
+
+Each trial is a driver function (the Train V2 pattern) that applies its point to the base config
+and calls the job's ``run``, exactly as the CLI does; the job builds and fits its own
+``TorchTrainer`` or Ray tasks. Tune reserves only the trial's driver; ``max_concurrent_trials``
+comes from the cluster's resources divided by a trial's footprint (declared by the job), so
+trials never starve each other's workers.
+
+MLflow: one parent run per sweep, one child run per trial (the job's own run). ``--resume``
+restores an interrupted sweep with ``Tuner.restore``; a trial that finished writes
+``done/<trial_id>.json`` and is never rerun, and every run is reopened by key, never duplicated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from genmem.config import Strict, _set_dotted, to_yaml, validate
+from genmem.distributed import tune as tuning
+from genmem.distributed.cluster import concurrency, ensure_ray
+from genmem.distributed.train import ray_storage
+from genmem.errors import ConfigError
+from genmem.jobs import registry
+from genmem.jobs.base import Context, Flag, Job
+from genmem.space import Space, SpaceError, check_space, load_space, sweep_name
+from genmem.storage import atomic_write_text, ensure_writable, storage_root
+from genmem.tracking import Tracker, check_reachable, job_run, tracking_uri
+from genmem.viz import line_panels
+
+
+class SweepConfig(Strict):
+    space: str  # search space YAML, e.g. tune_spaces/mixing_ratio.yaml
+    job: str  # the swept job
+    base: dict[str, Any] = Field(default_factory=dict)  # the job's base config (--config and --set address it)
+    name: str | None = None  # default: derived from the space, job and base config
+    resume: bool = False  # continue an interrupted sweep; finished trials are not rerun
+
+
+def _trial(point: dict[str, Any], *, job_name: str, base: dict[str, Any], env: dict[str, str], sweep: str,
+           parent_run_id: str, done_dir: str) -> None:
+    """One trial: the job's ``run`` on the base config with this trial's point applied."""
+    os.environ.update(env)  # the sweep driver's storage and tracking, whatever this worker inherited
+    job = registry.get(job_name)
+    trial_id = tuning.trial_id()
+    done = Path(done_dir) / f"{trial_id}.json"
+    if done.is_file():  # finished before an interruption: report what it measured, run nothing
+        for metrics in json.loads(done.read_text())["reports"]:
+            tuning.report(metrics)
+        return
+    tree = copy.deepcopy(base)
+    for key, value in point.items():
+        _set_dotted(tree, key, value)
+    reports: list[dict[str, float]] = []
+
+    def report(metrics: dict[str, float]) -> None:
+        reports.append(metrics)
+        tuning.report(metrics)
+
+    # The key is deterministic: a restored trial resumes its own Ray and MLflow runs.
+    ctx = Context(parent_run_id=parent_run_id, tags={"sweep": sweep, "trial_id": trial_id}, key=f"{sweep}-{trial_id}", report=report)
+    result = job.run(validate(job.config, tree), ctx)
+    if job.final_report is not None:
+        report(job.final_report(result))
+    atomic_write_text(done, json.dumps({"params": point, "mlflow_run_id": result["mlflow_run_id"], "reports": reports}, default=str))
+
+
+def _check(cfg: SweepConfig) -> tuple[Job, Space, list[Any]]:
+    """The swept job, its space and every candidate config, all checked before Ray starts."""
+    job = registry.get(cfg.job)
+    if not job.sweepable:
+        sweepable = ", ".join(j.name for j in registry.all_jobs() if j.sweepable)
+        raise ConfigError(f"job '{cfg.job}' cannot be swept: choose one of {sweepable}")
+    space = load_space(cfg.space)
+    checked = check_space(space, job, cfg.base)
+    validate(job.config, cfg.base)
+    return job, space, checked
+
+
+def run(cfg: SweepConfig, ctx: Context) -> dict[str, Any]:
+    """Run (or with ``resume`` restore) the sweep. Everything checkable is checked before Ray starts."""
+    job, space, checked = _check(cfg)
+    name = cfg.name or sweep_name(space, job.name, cfg.base)
+    root = ensure_writable(ray_storage() / "sweeps")
+    if (root / name).exists() and not cfg.resume:
+        raise SpaceError(f"sweep {name} already exists in {root}: pass --resume to continue it, or --name to start a new one")
+    if cfg.resume and not (root / name).exists():
+        raise SpaceError(f"there is no sweep {name} in {root} to resume: run it without --resume first")
+    check_reachable()
+    if job.preflight is not None:
+        job.preflight(validate(job.config, cfg.base))  # e.g. data materialised once, here, not by every trial
+    done_dir = ensure_writable(storage_root() / "sweeps" / name / "done")
+    ensure_ray()
+    footprints = [job.footprint(c) for c in checked]
+    fits = concurrency(footprints, f"search space {space.path}: a {job.name} trial")  # refuses what cannot be placed
+    limit = space.max_concurrent_trials or fits
+    params = {"space": space.raw["space"], "num_samples": space.num_samples, "job": job.name, "trials": space.trials}
+    with job_run(job.name, f"sweep-{name}", params=params, tags={"sweep": name, "space_file": str(space.path), "sweep_dir": str(root / name)},
+                 key=f"sweep:{name}") as tracker:
+        tracker.text(to_yaml(validate(job.config, cfg.base)), "base_config.yaml")
+        tracker.text(Path(space.path).read_text(), "space.yaml")
+        print(f"[genmem sweep] {name}: {space.trials} trials of {job.name}, up to {limit} at a time; MLflow parent run {tracker.run_id}", flush=True)
+        env = {"GENMEM_STORAGE": str(storage_root()), "MLFLOW_TRACKING_URI": tracking_uri(), "GENMEM_RAY_STORAGE": str(ray_storage())}
+        outcomes = tuning.run_tuner(_trial, space, name=name, storage=root, resume=cfg.resume, concurrency=limit,
+                                    driver=footprints[0].driver, job_name=job.name, base=cfg.base, env=env, sweep=name,
+                                    parent_run_id=tracker.run_id, done_dir=str(done_dir))
+        return _summarise(tracker, job, space, name, root / name, done_dir, outcomes)
+
+
+def _summarise(tracker: Tracker, job: Job, space: Space, name: str, folder: Path, done_dir: Path, outcomes) -> dict[str, Any]:
+    errors = [f"{Path(o.path).name}: {o.error}" for o in outcomes if o.error is not None]
+    rows = sorted(({"trial_id": p.stem, **json.loads(p.read_text())} for p in done_dir.glob("*.json")), key=lambda r: r["trial_id"])
+    figure = _summary_figure(job, space, rows)
+    if figure is not None:
+        tracker.image("sweep_summary", figure)
+    tracker.text(json.dumps(rows, indent=2, default=str), "trials.json")
+    tracker.metrics({"sweep/trials_finished": len(rows), "sweep/trials_failed": len(errors)})
+    if errors:
+        tracker.tags({"error": f"{len(errors)} trial(s) failed: {errors[0]}"[:5000]})
+        tracker.outcome = "FAILED"
+    out: dict[str, Any] = {"sweep": name, "metric": space.metric, "path": str(folder), "mlflow_run_id": tracker.run_id, "trials": len(rows), "failed": errors,
+                           "results": [{"trial_id": r["trial_id"], "params": r["params"], "final": r["reports"][-1] if r["reports"] else {}}
+                                       for r in rows]}
+    scored = [r for r in out["results"] if space.metric and space.metric in r["final"]]
+    if space.mode and scored:
+        out["best"] = (min if space.mode == "min" else max)(scored, key=lambda r: r["final"][space.metric])
+    return out
+
+
+def _summary_figure(job: Job, space: Space, rows: list[dict[str, Any]]) -> np.ndarray | None:
+    """Jobs that report a sequence (retraining's generations): each metric against the report
+    index, one line per swept value (mean over seeds). Others: the sweep metric against each key."""
+    if not rows:
+        return None
+    if max(len(r["reports"]) for r in rows) > 1 and any("generation" in rep for r in rows for rep in r["reports"]):
+        return _generation_figure(space, rows)
+    if not space.metric:
+        return None
+    panels = {}
+    for key in (a.key for a in space.axes):
+        pts = [(row["params"].get(key), row["reports"][-1][space.metric]) for row in rows
+               if row["reports"] and space.metric in row["reports"][-1]]
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in pts):
+            order = list(dict.fromkeys(str(x) for x, _ in pts))  # lists, strings: one position per value
+            pts = [(order.index(str(x)), y) for x, y in pts]
+        pts.sort(key=lambda p: p[0])
+        panels[f"{space.metric} vs {key}"] = {"": ([float(x) for x, _ in pts], [y for _, y in pts])}
+    return line_panels(panels, "swept value")
+
+
+def _generation_figure(space: Space, rows: list[dict[str, Any]]) -> np.ndarray | None:
+    from genmem.methods.retraining import CURVES
+
+    keys = [a.key for a in space.axes]
+    label_keys = [k for k in keys if k.split(".")[-1] != "seed"] or keys
+    groups: dict[str, list[list[dict[str, float]]]] = {}
+    for row in rows:
+        label = ", ".join(f"{k.split('.')[-1]}={row['params'].get(k)}" for k in label_keys)
+        groups.setdefault(label, []).append([rep for rep in row["reports"] if "generation" in rep])
+    panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for metric in CURVES:
+        lines = {}
+        for label, runs in groups.items():
+            depth = min(len(r) for r in runs)
+            if depth and all(metric in r[0] for r in runs):
+                lines[label] = (list(range(depth)), [float(np.mean([r[g][metric] for r in runs])) for g in range(depth)])
+        if lines:
+            panels[f"{metric} (mean over seeds)"] = lines
+    return line_panels(panels, "generation", integer_x=True) if panels else None
+
+
+def format_results(result: dict[str, Any]) -> str:
+    metric = result.get("metric")
+    lines = [f"sweep {result['sweep']}: {result['trials']} trials finished, {len(result['failed'])} failed"]
+    for r in result["results"]:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        shown = {k: v for k, v in r["final"].items() if metric is None or k == metric}
+        lines.append(f"  {r['trial_id']}: {params} -> " + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:6]))
+    return "\n".join(lines)
+
+
+JOB = Job(
+    name="sweep",
+    help="a Ray Tune sweep of a job over a tune_spaces/ YAML search space",
+    config=SweepConfig,
+    run=run,
+    file_key="base",
+    example="train.images=20000",
+    flags=(
+        Flag("--space", "space", help="search space YAML, e.g. tune_spaces/mixing_ratio.yaml"),
+        Flag("--job", "job", help="the job to sweep: train, retrain or posterior"),
+        Flag("--name", "name", help="sweep name (default: derived from the space, job and base config)"),
+        Flag("--resume", "resume", action="store_const", const=True,
+             help="continue an interrupted sweep; finished trials are not rerun"),
+    ),
+    table=format_results,
+)

@@ -1,0 +1,183 @@
+"""`genmem train`: the training loop on Ray Train workers (Accelerate inside each: DDP over N
+workers, bf16 on GPU), tracked in MLflow from rank 0.
+
+Three levels (Ray Train V2): :func:`train_fn_per_worker` runs the library's loop on every
+worker; :func:`train_model` is the driver (it opens the MLflow run, then fits the workers); a
+Tune trial calls ``run`` like the CLI does. Other jobs train through :func:`train_model` too,
+with their own objective (``objective_factory(cfg, train) -> Objective``, picklable)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+
+from genmem.checkpoint import load_checkpoint, read_meta
+from genmem.config import TrainConfig, to_yaml
+from genmem.data import ArrayDataset, load_dataset
+from genmem.distributed.cluster import Footprint, ensure_ray
+from genmem.distributed.engine import AccelerateEngine
+from genmem.distributed.train import (
+    check_workers,
+    fit_workers,
+    latest_checkpoint,
+    ray_storage,
+    report_round,
+    restored_checkpoint,
+    worker_bundle,
+)
+from genmem.errors import CheckpointError
+from genmem.evaluation import memorisation_probe
+from genmem.jobs.base import Context, Job, numeric
+from genmem.storage import ensure_writable, storage_root
+from genmem.tracking import Tracker, check_reachable, job_run, tracking_uri
+from genmem.training import Objective, train_loop
+
+# A hook runs on every rank after each checkpoint round: hook(rank, images_seen, final).
+Hook = Callable[[int, int, bool], None]
+ObjectiveFactory = Callable[[TrainConfig, ArrayDataset], Objective]
+
+
+class TrainJobResult(TypedDict):
+    checkpoint: str
+    grid: str
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    step: int
+    images_seen: int
+    loss: float | None
+    param_spread: float | None
+    parameters: int
+    num_workers: int
+
+
+class RayReporter:
+    """Training side effects on a Ray worker: MLflow writes from rank 0 only (a disabled
+    Tracker elsewhere), a Ray Train report from every rank each checkpoint round."""
+
+    def __init__(self, tracker: Tracker, rank: int, hooks: Sequence[Hook] = (), total_images: int = 0):
+        self.tracker, self.rank, self.hooks, self.total_images = tracker, rank, list(hooks), total_images
+        self.checkpoint_meta: dict[str, Any] = {"mlflow_run_id": tracker.run_id} if tracker.enabled else {}
+        self._tmp: list[str] = []
+
+    def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
+        # MLflow's step axis is images seen: comparable across batch sizes and worker counts.
+        self.tracker.metrics({**metrics, "train/step": step}, step=images_seen)
+        if self.rank == 0 and "train/loss" in metrics:  # Ray forwards worker stdout to the driver
+            print(f"[genmem train] {images_seen}/{self.total_images} images ({100 * images_seen / max(self.total_images, 1):.0f}%) "
+                  f"loss {metrics['train/loss']:.4f}, {metrics['train/images_per_s']:.0f} images/s", flush=True)
+
+    def picture(self, step: int, images_seen: int, name: str, picture: np.ndarray) -> None:
+        self.tracker.image(name, picture, step=images_seen)
+
+    def checkpoint_path(self, images_seen: int, final: bool) -> Path:
+        tmp = tempfile.mkdtemp(prefix="genmem-ckpt-")
+        self._tmp.append(tmp)
+        return Path(tmp) / "checkpoint"
+
+    def checkpoint(self, step: int, images_seen: int, metrics: dict[str, float], path: Path | None, final: bool) -> None:
+        if path is not None:  # train/* is logged at its own interval; the rest (dist/*) only comes here
+            self.tracker.metrics({k: v for k, v in metrics.items() if not k.startswith("train/")}, step=images_seen)
+        report_round({**metrics, "step": step, "images_seen": images_seen}, path)
+        for tmp in self._tmp:  # the report has persisted the checkpoint to storage
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._tmp.clear()
+        for hook in self.hooks:
+            hook(self.rank, images_seen, final)
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    # The driver's view of storage and tracking wins over whatever the worker process inherited.
+    os.environ["GENMEM_STORAGE"] = loop_config["storage"]
+    os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    engine = AccelerateEngine(cfg.scaling.mixed_precision)
+    resume = restored_checkpoint(lambda p: load_checkpoint(p, use_ema=False, with_optimizer=True), Path(loop_config["run_dir"]))
+    init = None
+    if resume is None and cfg.init_from:
+        init = load_checkpoint(cfg.init_from, expect=cfg.model, use_ema=False)
+    tracker = Tracker(loop_config["run_id"]) if engine.is_main else Tracker.disabled()
+    train, heldout = load_dataset(cfg.data)
+    total = -(-cfg.images // cfg.batch_size) * cfg.batch_size
+    reporter = RayReporter(tracker, engine.rank, loop_config["hooks"], total_images=total)
+    probe = memorisation_probe(cfg, train, heldout) if cfg.eval_every_images and engine.is_main else None
+    factory = loop_config["objective"]
+    objective = factory(cfg, train) if factory is not None else None
+    train_loop(cfg, train, reporter, objective=objective, engine=engine, resume=resume, init=init, probe=probe)
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Everything that can be checked before Ray work starts: tracking, storage, data, init_from."""
+    check_reachable()
+    ensure_writable(storage_root())
+    ensure_writable(ray_storage())
+    train, _ = load_dataset(cfg.data)  # materialises once, and fails here on bad data
+    if cfg.init_from:
+        init = read_meta(cfg.init_from)  # a clear error for a missing or foreign folder
+        if tuple(init["shape"]) != train.shape:
+            raise CheckpointError(
+                f"init_from checkpoint {cfg.init_from} generates shape {tuple(init['shape'])} but the data has shape {train.shape}: "
+                "fine-tune a model trained on data of this shape"
+            )
+        load_checkpoint(cfg.init_from, expect=cfg.model)  # refuses another architecture, naming the key
+
+
+def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "train", hooks: Sequence[Hook] = (),
+                objective_factory: ObjectiveFactory | None = None) -> TrainJobResult:
+    """Train on Ray workers under an MLflow run of experiment ``genmem/<kind>``.
+
+    The Ray run name is ``cfg.run_name``, else the context's key, else a fresh unique name; a
+    named run that exists resumes from its last checkpoint and reopens its MLflow run."""
+    ctx = ctx or Context()
+    preflight(cfg)
+    ensure_ray()
+    check_workers(cfg.scaling)  # before the MLflow run opens: nothing is recorded for a refused request
+    run_name = cfg.run_name or ctx.key or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+    named = bool(cfg.run_name or ctx.key)
+    previous = latest_checkpoint(ray_storage() / run_name) if named else None
+    run_id = read_meta(previous).get("mlflow_run_id") if previous else None
+    with job_run(kind, run_name, params=cfg.model_dump(mode="json"), tags={"ray_run_name": run_name, **ctx.tags},
+                 parent_run_id=ctx.parent_run_id, key=run_name if named else None, run_id=run_id) as tracker:
+        if not run_id:
+            tracker.text(to_yaml(cfg), "config.yaml")
+        loop_config = {"config": cfg.model_dump(mode="json"), "run_id": tracker.run_id, "tracking_uri": tracking_uri(),
+                       "storage": str(storage_root()), "run_dir": str(ray_storage() / run_name), "hooks": list(hooks),
+                       "objective": objective_factory}
+        fitted = fit_workers(train_fn_per_worker, loop_config, cfg.scaling, run_name, report_to_tune=ctx.under_tune)
+        tracker.tags({"checkpoint_uri": str(fitted.checkpoint), "ray_storage": str(fitted.run_dir)})
+    meta = read_meta(fitted.checkpoint)
+    return TrainJobResult(
+        checkpoint=str(fitted.checkpoint), grid=str(fitted.checkpoint / "samples.png"), run_name=run_name,
+        mlflow_run_id=tracker.run_id, tracking_uri=tracking_uri(), step=meta["step"], images_seen=meta["images_seen"],
+        loss=fitted.metrics.get("train/loss"), param_spread=fitted.metrics.get("dist/param_spread"),
+        parameters=meta["parameters"], num_workers=cfg.scaling.num_workers,
+    )
+
+
+def run(cfg: TrainConfig, ctx: Context) -> TrainJobResult:
+    return train_model(cfg, ctx)
+
+
+def footprint(cfg: TrainConfig, driver_cpus: float = 0.1) -> Footprint:
+    s = cfg.scaling
+    return Footprint({"CPU": driver_cpus}, worker_bundle(s), s.num_workers, s.placement_strategy, s.check_resources)
+
+
+JOB = Job(
+    name="train",
+    help="train a flow-matching or diffusion model on Ray Train workers",
+    config=TrainConfig,
+    run=run,
+    example="model.hidden=128",
+    footprint=footprint,
+    preflight=preflight,
+    metrics=("train/loss", "images_seen", "step", "param_spread"),
+    final_report=lambda r: {"train/loss": r["loss"], **numeric({k: r[k] for k in ("images_seen", "step", "param_spread")})},
+)

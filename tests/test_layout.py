@@ -1,0 +1,105 @@
+"""The package's shape, read from its source (AST): the maths imports neither Ray nor MLflow,
+execution imports no tracking or method, only jobs meet MLflow; every registered job has its
+`ray job submit` entry point; functions stay short."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from genmem.jobs import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "platform" / "genmem"
+
+MATHS = ("data", "models", "generative", "posterior", "metrics", "methods")
+# Library modules beside the maths packages: they too run without a cluster or a tracking server.
+LIBRARY = ("checkpoint.py", "config.py", "errors.py", "evaluation.py", "space.py", "storage.py", "training.py", "viz.py")
+# A function longer than this many lines needs a reason here.
+MAX_LINES = 60
+LONG_FUNCTIONS: dict[str, str] = {}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (deferred imports count too), relative ones resolved."""
+    package = ".".join(path.relative_to(ROOT / "platform").with_suffix("").parts[:-1]) if path.is_relative_to(PACKAGE) else ""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base]) if base else ".".join(parts)
+            out.add(base)
+    return out
+
+
+def _files(*names: str) -> list[Path]:
+    files: list[Path] = []
+    for name in names:
+        target = PACKAGE / name
+        files += sorted(target.rglob("*.py")) if target.is_dir() else [target]
+    return files
+
+
+def _offending(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    bad = []
+    for path in files:
+        for module in _imports(path):
+            if any(module == f or module.startswith(f + ".") for f in forbidden):
+                bad.append(f"{path.relative_to(PACKAGE) if path.is_relative_to(PACKAGE) else path.name} imports {module}")
+    return bad
+
+
+def test_maths_and_library_import_neither_ray_nor_mlflow_nor_orchestration():
+    forbidden = ("ray", "mlflow", "genmem.jobs", "genmem.distributed", "genmem.tracking", "genmem.cli", "accelerate")
+    assert _offending(_files(*MATHS, *LIBRARY), forbidden) == []
+
+
+def test_execution_layer_imports_no_tracking_and_no_method():
+    forbidden = ("mlflow", "genmem.tracking", "genmem.methods", "genmem.jobs", "genmem.cli")
+    assert _offending(_files("distributed"), forbidden) == []
+
+
+def test_only_jobs_import_tracking():
+    everything = [p for p in PACKAGE.rglob("*.py") if "jobs" not in p.relative_to(PACKAGE).parts and p.name != "tracking.py"]
+    assert _offending(everything, ("genmem.tracking",)) == []
+
+
+def test_the_layering_check_sees_a_violation(tmp_path):
+    # The check itself can fail: deferred imports inside a function are found.
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    import ray.train\n    from genmem.tracking import Tracker\n")
+    assert sorted(_offending([probe], ("ray", "genmem.tracking"))) == ["probe.py imports genmem.tracking", "probe.py imports ray.train"]
+
+
+def test_every_registered_job_has_its_entry_point_and_nothing_else_does():
+    entry_points = {p.stem for p in (ROOT / "jobs").glob("*.py")}
+    assert entry_points == set(registry.NAMES)
+    for job in registry.all_jobs():
+        text = (ROOT / "jobs" / f"{job.name}.py").read_text()
+        assert "entry_point(__file__)" in text
+
+
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_every_job_declares_what_the_cli_and_tune_need(name):
+    job = registry.get(name)
+    assert job.help and job.config.model_fields
+    if job.sweepable:
+        assert job.metrics, f"{name} is sweepable but declares no metric its trials report"
+
+
+def test_functions_stay_short():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                where = f"{path.relative_to(PACKAGE)}:{node.name}"
+                if lines > MAX_LINES and where not in LONG_FUNCTIONS:
+                    long.append(f"{where} ({lines} lines)")
+    assert long == []
