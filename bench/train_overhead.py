@@ -17,7 +17,7 @@ import torch
 
 
 def plain_loop(cfg, train, threads: int) -> float:
-    """The reference: a bare PyTorch loop with the same network, loss, optimizer and batch."""
+    """The reference: a bare PyTorch loop with the same network, loss, optimizer, clipping, EMA and batch."""
     from genmem.generative import build_process
     from genmem.models import build_model
 
@@ -25,6 +25,8 @@ def plain_loop(cfg, train, threads: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg.model, train.shape)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    ema_params = [p.detach().clone() for p in model.parameters()]
+    beta = 0.5 ** (cfg.batch_size / cfg.ema_halflife_images)
     process = build_process(cfg.process)
     g = torch.Generator().manual_seed(0)
     steps = cfg.images // cfg.batch_size
@@ -39,6 +41,7 @@ def plain_loop(cfg, train, threads: int) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - beta)  # the EMA the loop keeps too
     return (steps - warm) * cfg.batch_size / (time.perf_counter() - t0)
 
 
