@@ -26,8 +26,13 @@ def _error(capsys, argv) -> str:
 
 @pytest.mark.slow  # a local Ray cluster, started by the command
 def test_train_then_sample_with_json(storage, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "genmem.cli", "train", *TINY, "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "genmem.cli", "train", *TINY, "--set", "log_every_images=250", "--json"],
+                         capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    # Progress shows once per log point; Ray Train's internal chatter stays out by default.
+    progress = [line for line in (out.stdout + out.stderr).splitlines() if "[genmem train]" in line]
+    assert len(progress) == 2 and "250/500 images" in progress[0] and "500/500 images" in progress[1], progress
+    assert "PlacementGroupCleaner" not in out.stderr and "TrainingReport(" not in out.stderr
     assert result["images_seen"] == 500 and result["step"] == 10
     assert result["checkpoint"].startswith(str(storage)) and result["grid"].endswith(".png")
 

@@ -219,24 +219,16 @@ class Tracker:
 
 
 @contextmanager
-def job_run(
-    kind: str,
-    run_name: str,
-    *,
-    params: dict[str, Any] | None = None,
-    tags: dict[str, str] | None = None,
-    parent_run_id: str | None = None,
-    key: str | None = None,
-    run_id: str | None = None,
-) -> Iterator[Tracker]:
-    """An MLflow run open for the whole job: RUNNING from the start (with its params), FINISHED
-    when the block ends, FAILED (KILLED on Ctrl-C) with the error as the tag ``error`` when it
+def job_run(kind: str, run_name: str, *, run_id: str | None = None, **start: Any) -> Iterator[Tracker]:
+    """An MLflow run open for the whole job: RUNNING from the start (``start``: the params, tags,
+    parent run and key of :meth:`Tracker.start`), FINISHED when the block ends (or
+    ``tracker.outcome``), FAILED (KILLED on Ctrl-C) with the error as the tag ``error`` when it
     raises, so a failed job leaves a record. ``run_id`` reopens an existing run instead."""
     if run_id:
         tracker = Tracker(run_id)
         tracker._c.update_run(run_id, status="RUNNING")
     else:
-        tracker = Tracker.start(kind, run_name, params=params, tags=tags, parent_run_id=parent_run_id, key=key)
+        tracker = Tracker.start(kind, run_name, **start)
     try:
         yield tracker
     except BaseException as exc:
