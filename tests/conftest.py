@@ -147,7 +147,10 @@ def tracking(mlflow_server, monkeypatch):
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="session")
+# One head per test module: two modules submitting the same working directory to one head race
+# Ray's package cache (the second job's "already exists, skipping upload" package was deleted by
+# the time its actors started: RuntimeEnvSetupError).
+@pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head` under token auth, as a new user gets it once ~/.ray/auth_token exists.
     The job's environment is only what the submission carries: the head's own GENMEM_STORAGE and
