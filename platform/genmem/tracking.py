@@ -8,6 +8,7 @@ the rank-0 worker (or the driver) ever writes.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -66,6 +67,9 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
 
 def _client(uri: str | None = None):
     from mlflow import MlflowClient
+
+    if os.environ.get("GENMEM_VERBOSE", "0") != "1":  # "Creating initial MLflow database tables..."
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
