@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from genmem.distributed.submit import add_submit_parser
 from genmem.config import _set_dotted, apply_overrides, read_yaml_mapping, to_yaml, validate
+from genmem.distributed.cluster import set_verbose
+from genmem.distributed.submit import add_submit_parser, check_job_defaults
 from genmem.errors import GenmemError
 from genmem.jobs import registry
 from genmem.jobs.base import Context, Job
@@ -61,8 +62,6 @@ def job_config(job: Job, args: argparse.Namespace) -> Any:
 
 
 def run_job(job: Job, args: argparse.Namespace) -> dict[str, Any]:
-    from genmem.distributed.submit import check_job_defaults
-
     cfg = job_config(job, args)
     print(to_yaml(cfg), file=sys.stderr)
     check_job_defaults()  # a job running in Ray's working-dir copy would lose its results with it
@@ -82,8 +81,6 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from genmem.distributed.cluster import set_verbose
-
     set_verbose(getattr(args, "verbose", False))
     try:
         result = args.func(args) if args.command == "submit" else run_job(args.job, args)
