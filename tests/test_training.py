@@ -184,3 +184,13 @@ def test_training_leaves_the_callers_global_rng_alone(storage, tmp_path):
     torch.manual_seed(123)
     _train(_cfg(images=256 * 2, model={"dropout": 0.1}), tmp_path)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_resuming_a_run_at_its_end_trains_no_further(storage, tmp_path):
+    # A sweep trial killed after its last checkpoint resumes here: no step, no NaN-loss error.
+    cfg = _cfg(images=256 * 4)
+    done = _train(cfg, tmp_path, "done")
+    again = _train(cfg, tmp_path, "again", resume=load_checkpoint(done.checkpoint, use_ema=False, with_optimizer=True))
+    assert again.step == 4 and again.images_seen == 256 * 4
+    a, b = load_file(done.checkpoint / "model.safetensors"), load_file(again.checkpoint / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

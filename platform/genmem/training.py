@@ -324,9 +324,9 @@ class _LossWindow:
     """Losses summed on the device since the last log: synchronised (all-reduced, and checked for
     NaN) only when read, not every step."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, step: int):
         self.engine = engine
-        self.sum, self.count, self.images, self.since_step = None, 0, 0, 0
+        self.sum, self.count, self.images, self.since_step = None, 0, 0, step
         self.t = time.perf_counter()
         self.last = float("nan")
 
@@ -335,10 +335,11 @@ class _LossWindow:
         self.count, self.images = self.count + 1, self.images + images
 
     def read(self, step: int, batch: int) -> dict[str, float]:
-        """The window's mean loss over all ranks and its throughput; raises on a non-finite loss."""
+        """The window's mean loss over all ranks and its throughput; raises on a non-finite loss.
+        An empty window (a run resumed at its end) repeats the last value, NaN if there was none."""
         if self.count:
             self.last = self.engine.mean(self.sum / self.count).item()
-        if not math.isfinite(self.last):
+        if self.count and not math.isfinite(self.last):
             raise TrainingError(
                 f"the training loss became {self.last} by step {step} ({step * batch} images seen; "
                 f"finite up to step {self.since_step}): lower optim.lr or set optim.grad_clip"
@@ -411,7 +412,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
     batch, total_steps = cfg.batch_size, math.ceil(cfg.images / cfg.batch_size)
     beta = ema_beta(batch, cfg.ema_halflife_images) if state.ema is not None else 0.0
     run = _Run(cfg, train, reporter, engine, state)
-    schedule, window = Schedule(cfg, run.seen, probe=probe is not None), _LossWindow(engine)
+    schedule, window = Schedule(cfg, run.seen, probe=probe is not None), _LossWindow(engine, state.step)
     x_all = train.x.to(engine.device)
     t_start = time.perf_counter()
     state.model.train()
