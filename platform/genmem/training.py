@@ -429,7 +429,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
         if state.step < total_steps and "grid" in due:
             run.draw_grid()
         if state.step < total_steps and "checkpoint" in due:
-            run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"] if window.count else window.last})
+            run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"]})
     seconds = time.perf_counter() - t_start
     final_loss = window.read(state.step, batch)["train/loss"]
     run.draw_grid()

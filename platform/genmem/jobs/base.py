@@ -35,18 +35,12 @@ class Context:
             self.report(metrics)
 
 
-@dataclass(frozen=True)
 class Flag:
-    """A command-line flag that sets one config key: ``Flag("--checkpoint", "checkpoint", required=True)``."""
-
-    name: str
-    key: str
-    options: dict[str, Any] = field(default_factory=dict)
+    """A command-line flag that sets one config key: ``Flag("--n", "n", type=int, help=...)``;
+    ``options`` go to argparse's ``add_argument``."""
 
     def __init__(self, name: str, key: str, **options: Any):
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "key", key)
-        object.__setattr__(self, "options", options)
+        self.name, self.key, self.options = name, key, options
 
 
 @dataclass(frozen=True)
