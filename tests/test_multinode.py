@@ -64,7 +64,7 @@ def test_training_spans_nodes_and_survives_losing_one(three_node_cluster, storag
         # Ray's Cluster installs signal handlers, so node changes stay on the main thread.
         future = pool.submit(train_model, cfg, None, hooks=[RecordNode(seen)])
         deadline = time.time() + 240
-        while not list((ray_storage() / run_name).glob("checkpoint_*/meta.json")):
+        while not list((Path(ray_storage()) / run_name).glob("checkpoint_*/meta.json")):
             assert time.time() < deadline and not future.done(), "no checkpoint appeared"
             time.sleep(0.2)
         first_round = {p.name.split("-")[0]: p.read_text() for p in seen.glob("*-640")}

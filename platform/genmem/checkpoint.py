@@ -21,7 +21,7 @@ from torch import nn
 from genmem.config import ModelConfig, TrainConfig
 from genmem.errors import CheckpointError
 from genmem.models import build_model, count_parameters
-from genmem.storage import atomic_folder
+from genmem.storage import atomic_folder, pull
 
 META = "meta.json"
 WEIGHTS = "model.safetensors"
@@ -117,11 +117,12 @@ def save_checkpoint(
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """The checkpoint's meta.json; a checkpoint on remote storage is first brought to the local mirror."""
+    name, path = path, pull(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist: pass the folder `genmem train` printed")
+        raise CheckpointError(f"checkpoint folder {name} does not exist: pass the folder `genmem train` printed")
     if not (path / META).is_file():
-        raise CheckpointError(f"checkpoint folder {path} has no {META}: it is not a genmem checkpoint (or was not fully written)")
+        raise CheckpointError(f"checkpoint folder {name} has no {META}: it is not a genmem checkpoint (or was not fully written)")
     try:
         return json.loads((path / META).read_text())
     except json.JSONDecodeError as exc:
@@ -153,9 +154,9 @@ def load_checkpoint(
     with_optimizer: bool = False,
     map_location: str | torch.device = "cpu",
 ) -> Checkpoint:
-    """Load a checkpoint folder; ``expect`` refuses one trained with another architecture."""
-    path = Path(path)
+    """Load a checkpoint folder (a path or a URI); ``expect`` refuses one trained with another architecture."""
     meta = read_meta(path)
+    path = pull(path)
     try:
         cfg = TrainConfig.from_saved(meta["config"])
     except Exception as exc:  # pydantic ValidationError or a missing key

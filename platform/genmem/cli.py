@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from genmem.config import _set_dotted, apply_overrides, read_yaml_mapping, to_yaml, validate
-from genmem.distributed.cluster import set_verbose
+from genmem.distributed.cluster import release_ray, set_verbose
 from genmem.distributed.submit import add_submit_parser, check_job_defaults
 from genmem.errors import GenmemError
 from genmem.jobs import registry
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors are written as one sentence for the user: show that, not a traceback.
         print(f"genmem {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        release_ray()
     _emit(result, getattr(args, "json", False))
     return 0
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import FILE_SOURCES, TOY_SOURCES, DataConfig
-from ..storage import atomic_folder, ensure_writable, storage_root
+from ..storage import atomic_folder, ensure_writable, pull, storage_root, uri_of
 from . import sources, user
 from .dataset import ArrayDataset
 from .errors import DataError, DataNotFoundError
@@ -35,7 +35,7 @@ def build_source(cfg: DataConfig) -> ArrayDataset:
     if cfg.source == "manifold":
         return sources.manifold(cfg.n, cfg.manifold_dim, cfg.ambient_dim, cfg.seed, cfg.manifold_variances)
     if cfg.source in _READERS:
-        return _READERS[cfg.source](cfg.path)
+        return _READERS[cfg.source](pull(cfg.path))
     known = ", ".join(["digits", *TOY_SOURCES, "manifold", *FILE_SOURCES])
     raise DataError(f"unknown data source '{cfg.source}': choose one of {known}")
 
@@ -60,8 +60,8 @@ def dataset_key(cfg: DataConfig) -> str:
     if cfg.source == "manifold":
         fields |= {"d": cfg.manifold_dim, "D": cfg.ambient_dim, "variances": cfg.manifold_variances}
     if cfg.source in FILE_SOURCES:
-        path = Path(cfg.path).absolute()
-        fields |= {"path": str(path), "files": _fingerprint(path)}
+        path = pull(cfg.path)  # a URI is read from its local mirror
+        fields |= {"path": uri_of(path), "files": _fingerprint(path)}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return f"{cfg.source}-{digest[:16]}"
 
@@ -77,7 +77,7 @@ def load_dataset(cfg: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
 
         train, heldout = load_dataset(DataConfig(source="moons", n=2000))
     """
-    folder = ensure_writable(storage_root() / "datasets") / dataset_key(cfg)
+    folder = pull(ensure_writable(storage_root() / "datasets") / dataset_key(cfg))
     if not folder.is_dir():
         raw = build_source(cfg)
         train, heldout = split(raw, cfg.heldout_fraction, cfg.seed)
@@ -92,7 +92,7 @@ def load_dataset(cfg: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
     if cfg.synthetic:
         generated = [as_synthetic(read_shards(path)) for path in cfg.synthetic]
         extra = {"n_real": len(train) if cfg.real else 0, "n_synthetic": sum(len(g) for g in generated),
-                 "synthetic": [str(p) for p in cfg.synthetic], "real_sha256": train.manifest.sha256}
+                 "synthetic": [uri_of(p) for p in cfg.synthetic], "real_sha256": train.manifest.sha256}
         train = concat(([train] if cfg.real else []) + generated, extra=extra)
     return train, heldout
 

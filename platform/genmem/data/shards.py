@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ..storage import atomic_file, atomic_folder, publish_folder
+from ..storage import atomic_file, atomic_folder, local_path, publish_folder, pull
 from .dataset import ArrayDataset, Manifest, content_hash
 from .errors import DataError, DataNotFoundError
 
@@ -80,7 +80,7 @@ def write_part(staging: str | Path, part: int, x: torch.Tensor, columns: dict[st
     """One shard of a set written by several processes into ``staging``; :func:`seal_shards`
     later publishes the folder with its manifest."""
     table, _ = _table(x, columns)
-    path = Path(staging) / f"part-{part:05d}.parquet"
+    path = local_path(staging) / f"part-{part:05d}.parquet"
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
     return path
@@ -90,7 +90,7 @@ def seal_shards(staging: str | Path, folder: str | Path, *, source: str, split: 
     """Give the parts in ``staging`` their manifest (content hash over all rows, in part order)
     and publish them as ``folder`` (:func:`genmem.storage.publish_folder`: an existing ``folder``
     is replaced only once the new one is in place)."""
-    ds = read_shards(staging)
+    ds = read_shards(staging)  # under a remote store, parts other nodes wrote come down first
     manifest = Manifest(len(ds), ds.shape, "float32", ds.manifest.sha256, source, split, extra or {})
     (Path(staging) / "manifest.json").write_text(manifest.to_json())
     publish_folder(staging, folder)
@@ -103,9 +103,9 @@ def read_shards(folder: str | Path) -> ArrayDataset:
     With a ``manifest.json`` the rows are checked against its sha256. Without one, the
     per-sample shape comes from the schema metadata, else each row of ``x`` is a vector.
     """
-    path = Path(folder)
+    name, path = folder, pull(folder)  # a URI, or a folder of a remote store, is read from its local mirror
     if not path.exists():
-        raise DataNotFoundError(f"Parquet file or folder does not exist: {path}: check the path")
+        raise DataNotFoundError(f"Parquet file or folder does not exist: {name}: check the path")
     manifest = _read_manifest(path / "manifest.json") if (path / "manifest.json").is_file() else None
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:

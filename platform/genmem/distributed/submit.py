@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from genmem.errors import ClusterError, ConfigError
+from genmem.storage import STORAGE_ENV
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -92,10 +93,12 @@ def _absolute(value: str, base: Path) -> str:
 def job_env(env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, str]:
     """The env_vars a submitted job needs: ``env`` plus absolute GENMEM_STORAGE,
     MLFLOW_TRACKING_URI (from ``env``, else this process's environment, else the embedded
-    defaults beside ``cwd``) and GENMEM_RAY_STORAGE when set."""
+    defaults beside ``cwd``), GENMEM_RAY_STORAGE when set, and the storage endpoint settings
+    (GENMEM_CACHE, AWS_ENDPOINT_URL, region) of this process."""
     cwd = cwd or Path.cwd()
     env = env or {}
-    out = {k: str(v) for k, v in env.items()}
+    out = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    out.update({k: str(v) for k, v in env.items()})
     defaults = {"GENMEM_STORAGE": "genmem-store", "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "GENMEM_RAY_STORAGE": None}
     for var, default in defaults.items():
         value = env.get(var) or os.environ.get(var) or default

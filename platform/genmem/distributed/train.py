@@ -19,12 +19,28 @@ from ray.train.torch import TorchTrainer
 
 from genmem.config import ScalingConfig
 from genmem.distributed.cluster import check_placeable, ensure_ray, verbose
-from genmem.storage import storage_root
+from genmem.storage import is_remote, join, listdir, pull, remote, storage_uri
 
 
-def ray_storage() -> Path:
-    """Where Ray Train keeps run state and checkpoints: shared storage on a cluster."""
-    return Path(os.environ.get("GENMEM_RAY_STORAGE", str(storage_root() / "ray"))).absolute()
+def ray_storage() -> str:
+    """Where Ray Train keeps run state and checkpoints (``$GENMEM_RAY_STORAGE``, default
+    ``<storage>/ray``): a local path or a URI, shared storage on a cluster."""
+    value = os.environ.get("GENMEM_RAY_STORAGE") or join(storage_uri(), "ray")
+    return join(value)
+
+
+def storage_options(location: str) -> dict[str, Any]:
+    """``RunConfig`` arguments for ``location``: a remote one goes as a path within a pyarrow
+    filesystem, so Ray's workers reach the same endpoint the driver was configured with."""
+    if not is_remote(location):
+        return {"storage_path": location}
+    fs, path = remote(location)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def _as_location(ray_path: str, storage: str) -> str:
+    """Ray's name of a checkpoint (a path within the storage filesystem) as a path or URI."""
+    return f"{storage.split('://', 1)[0]}://{ray_path}" if is_remote(storage) else ray_path
 
 
 def worker_bundle(s: ScalingConfig) -> dict[str, float]:
@@ -40,9 +56,9 @@ def check_workers(s: ScalingConfig) -> None:
 
 @dataclass
 class FitResult:
-    checkpoint: Path  # the last reported checkpoint, in Ray's storage
+    checkpoint: str  # the last reported checkpoint, in Ray's storage (a path or a URI)
     metrics: dict[str, Any]  # the metrics of the report that carried it
-    run_dir: Path
+    run_dir: str
 
 
 def fit_workers(
@@ -60,6 +76,7 @@ def fit_workers(
     trial, ``report_to_tune`` forwards every worker report to Tune."""
     ensure_ray()
     check_workers(scaling)
+    storage = ray_storage()
     callbacks = list(callbacks)
     if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -70,26 +87,28 @@ def fit_workers(
         train_loop_config=loop_config,
         scaling_config=RayScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                         resources_per_worker=worker_bundle(scaling), placement_strategy=scaling.placement_strategy),
-        run_config=RunConfig(name=run_name, storage_path=str(ray_storage()),
+        run_config=RunConfig(name=run_name, **storage_options(storage),
                              failure_config=FailureConfig(max_failures=scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=scaling.num_to_keep), callbacks=callbacks,
                              logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
     )
     result = trainer.fit()
-    return FitResult(Path(result.checkpoint.path), dict(result.metrics or {}), ray_storage() / run_name)
+    return FitResult(_as_location(result.checkpoint.path, storage), dict(result.metrics or {}), join(storage, run_name))
 
 
-def run_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders of a run in Ray's storage, oldest first (Ray names them by time)."""
-    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / "meta.json").is_file())
+def run_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoint folders of a run in Ray's storage (paths or URIs) that hold their meta.json,
+    oldest first (Ray names them by time)."""
+    found = [join(run_dir, name) for name in listdir(run_dir) if name.startswith("checkpoint_")]
+    return [c for c in found if "meta.json" in listdir(c)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: str) -> str | None:
     found = run_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def restored_checkpoint(load: Callable[[Path], Any], run_dir: Path) -> Any | None:
+def restored_checkpoint(load: Callable[[Path], Any], run_dir: str) -> Any | None:
     """On a worker: ``load(folder)`` of the checkpoint this run resumes from, or None.
 
     Ray hands the restarted group the last registered checkpoint; failing that, the newest
@@ -101,7 +120,7 @@ def restored_checkpoint(load: Callable[[Path], Any], run_dir: Path) -> Any | Non
             return load(Path(folder))
     for path in reversed(run_checkpoints(run_dir)):
         try:
-            return load(path)
+            return load(pull(path))
         except (ValueError, OSError):
             continue  # still being copied, or pruned meanwhile: take an older one
     return None

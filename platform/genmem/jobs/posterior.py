@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +24,7 @@ from genmem.evaluation import evaluate_samples, primary_fd, training_data
 from genmem.generative import build_process, derive_seed, generate
 from genmem.jobs.base import Context, Flag, Job, numeric
 from genmem.posterior import LaplacePosterior
-from genmem.storage import ensure_writable, storage_root
+from genmem.storage import ensure_writable, remove, storage_root, uri_of
 from genmem.tracking import check_reachable, job_run
 from genmem.viz import figure_to_array
 
@@ -119,15 +118,14 @@ class _Arms:
         staging = self.root / f".{method}-{scale:g}.staging"
         ranges = split_ranges(cfg.n, cfg.samples)
         calls = [(cfg.model_dump(mode="json"), state_ref, train_ref, method, scale, derive_seed(cfg.seed, _WEIGHT_SEEDS, k), a, b,
-                  str(staging), k) for k, (a, b) in enumerate(ranges)]
+                  uri_of(staging), k) for k, (a, b) in enumerate(ranges)]
+        folder = self.root / f"{method}-{scale:g}"
         try:
             stats = map_tasks(_weight_sample_task, calls, num_cpus=1, desc=f"{method} τ={scale:g}", unit="weight sample")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        folder = self.root / f"{method}-{scale:g}"
-        seal_shards(staging, folder, source=f"posterior:{self.checkpoint_id}", split="samples",
-                    extra={"method": method, "scale": scale, "weight_samples": stats})
+            seal_shards(staging, folder, source=f"posterior:{self.checkpoint_id}", split="samples",
+                        extra={"method": method, "scale": scale, "weight_samples": stats})
+        finally:
+            remove(staging)  # the parts, here and (under a remote store) there
         return {"arm": method, "scale": scale, **_arm_metrics(self.evaluate(folder)),
                 "loss_increase": float(np.mean([s["loss_increase"] for s in stats])),
                 "grad_evals": float(np.mean([s["n_grad"] + s["n_hvp"] for s in stats])),
@@ -140,7 +138,7 @@ def run(cfg: PosteriorConfig, ctx: Context) -> dict[str, Any]:
     la = _posterior(cfg, load_checkpoint(cfg.checkpoint), train.x)  # refuses an unknown subset pattern, naming what exists
     ensure_ray()
     root = ensure_writable(storage_root() / "posterior" / f"{meta['checkpoint_id']}-{uuid.uuid4().hex[:6]}")
-    tags = {"checkpoint_id": meta["checkpoint_id"], "samples_root": str(root), **ctx.tags}
+    tags = {"checkpoint_id": meta["checkpoint_id"], "samples_root": uri_of(root), **ctx.tags}
     if meta.get("mlflow_run_id"):
         tags["train_run_id"] = meta["mlflow_run_id"]
     with job_run("posterior", f"posterior-{meta['checkpoint_id']}", params=cfg.model_dump(mode="json"), tags=tags,

@@ -31,7 +31,13 @@ from genmem.jobs import train as train_job
 from genmem.jobs.base import Context, Job, numeric
 from genmem.jobs.evaluate import log_evaluation
 from genmem.methods.retraining import collapse_generation, curves, select_synthetic
-from genmem.storage import atomic_write_text, ensure_writable, storage_root
+from genmem.storage import (
+    atomic_write_text,
+    ensure_writable,
+    pull,
+    storage_root,
+    uri_of,
+)
 from genmem.tracking import Tracker, job_run
 
 # Streams of derive_seed(loop seed, stream, generation): independent randomness per purpose.
@@ -93,7 +99,7 @@ def generation_config(cfg: RetrainConfig, run_name: str, g: int, history: list[d
 
 
 def _load_state(root: Path, cfg: RetrainConfig) -> dict[str, Any]:
-    path = root / "state.json"
+    path = pull(root / "state.json")  # under a remote store, the state another node saved
     config = cfg.model_dump(mode="json", exclude={"run_name"})
     if not path.is_file():
         return {"config": config, "mlflow_run_id": None, "generations": []}
@@ -145,8 +151,8 @@ class _Loop:
         metrics, fd_key = self._score(checkpoint, samples, trained["mlflow_run_id"])
         synthetic = None
         if g < cfg.generations and self.k > 0:
-            synthetic = select_synthetic(samples, self.k, derive_seed(cfg.seed, _SELECT, g), gen_dir / "synthetic",
-                                         generation=g, checkpoint=checkpoint)
+            synthetic = uri_of(select_synthetic(samples, self.k, derive_seed(cfg.seed, _SELECT, g), gen_dir / "synthetic",
+                                                generation=g, checkpoint=checkpoint))
         fds = [h["metrics"]["fd"] for h in self.history] + [metrics["fd"]]
         metrics["collapsed"] = float(collapse_generation(fds, cfg.collapse_factor, cfg.collapse_patience) is not None)
         return {"generation": g, "checkpoint": checkpoint, "samples": samples, "synthetic": synthetic,
@@ -236,6 +242,8 @@ JOB = Job(
     footprint=lambda cfg: train_job.footprint(cfg.train),
     preflight=lambda cfg: train_job.preflight(cfg.train),
     metrics=REPORTS,
+    time_attr="generation",
+    budget=lambda cfg: cfg.generations,
     table=format_table,
     summary=summary,
 )

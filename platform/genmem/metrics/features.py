@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from genmem.data.dataset import content_hash
 from genmem.errors import DataError, DataNotFoundError
 from genmem.metrics.frechet import GaussianStats, gaussian_stats
-from genmem.storage import atomic_folder
+from genmem.storage import atomic_folder, pull
 
 if TYPE_CHECKING:
     from genmem.data.dataset import ArrayDataset
@@ -203,7 +203,7 @@ class ClassifierFeatures:
         if labels.shape != (len(x),):
             raise ValueError(f"labels must have shape ({len(x)},), got {tuple(labels.shape)}")
         fp = cls.fingerprint_for(x, labels, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, data_hash=data_hash)
-        folder = None if cache_dir is None else Path(cache_dir) / fp
+        folder = None if cache_dir is None else pull(Path(cache_dir) / fp)
         if folder is not None and (folder / "meta.json").is_file():
             return cls._load(folder, x_val, labels_val)
 
@@ -448,7 +448,7 @@ def reference_stats(extractor: FeatureExtractor, data: Tensor, *, cache_dir: str
     """
     if cache_dir is None:
         return gaussian_stats(extractor(data))
-    file = Path(cache_dir) / f"{_safe(key)}-{extractor.fingerprint}.npz"
+    file = pull(Path(cache_dir) / f"{_safe(key)}-{extractor.fingerprint}.npz")
     if file.is_file():
         stats = GaussianStats.load(file)
         if stats.n == len(data):
