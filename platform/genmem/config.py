@@ -85,15 +85,28 @@ class ProcessConfig(Strict):
     kind: Literal["flow", "diffusion"] = "flow"
     ot_coupling: bool = False  # minibatch optimal-transport pairing of (x0, x1), flow only
     schedule: Literal["cosine", "linear"] = "cosine"  # diffusion noise schedule
+    # diffusion network target: the noise ("eps", Ho et al. 2020) or v = alpha eps - sigma x
+    # ("v", Salimans & Ho 2022), whose denoised estimate stays bounded where alpha is small
+    prediction: Literal["eps", "v"] = "v"
 
 
 class SamplerConfig(Strict):
     """How samples are drawn."""
 
-    method: Literal["euler", "heun", "rk4", "dopri5", "sde"] = "heun"
-    steps: int = Field(32, gt=0)  # fixed-step solvers and the SDE
+    # ODE solvers (any process); diffusion only: "sde" (reverse SDE, Euler-Maruyama), "ddpm"
+    # (ancestral) and "ddim" (eta), both with exact Gaussian transitions between grid times
+    method: Literal["euler", "heun", "rk4", "dopri5", "sde", "ddpm", "ddim"] = "heun"
+    steps: int = Field(32, gt=0)  # fixed-step solvers, the SDE, ddpm and ddim
     rtol: float = Field(1e-5, gt=0)  # dopri5
     atol: float = Field(1e-5, gt=0)  # dopri5
+    eta: float = Field(0.0, ge=0, le=1)  # ddim: 0 deterministic, 1 the ddpm posterior variance
+    # time grid: "edm" spaces steps as Karras et al. (2022) (rho) in sigma/alpha; "auto" is edm
+    # for diffusion and uniform for flow matching
+    grid: Literal["auto", "uniform", "edm"] = "auto"
+    rho: float = Field(7.0, gt=0)
+    # diffusion: clamp the denoised estimate to [-c, c] at every step; "auto" is 1 for image data
+    # in [-1, 1] and off otherwise, resolved when training starts (the checkpoint records it)
+    clip_denoised: float | Literal["auto"] | None = "auto"
 
 
 class OptimConfig(Strict):
@@ -151,14 +164,21 @@ class TrainConfig(Strict):
     def from_saved(cls, tree: dict[str, Any]) -> "TrainConfig":
         """The config a checkpoint recorded; keys that older versions wrote and that no longer
         mean anything (``output``, never read) are dropped."""
-        return cls.model_validate({k: v for k, v in tree.items() if k not in ("output",)})
+        tree = {k: v for k, v in tree.items() if k not in ("output",)}
+        # Settings that are new defaults keep, for a checkpoint written before them, what it was
+        # trained and sampled with: an eps network, a uniform grid, no clipping.
+        process, sampler = dict(tree.get("process", {})), dict(tree.get("sampler", {}))
+        process.setdefault("prediction", "eps")
+        sampler.setdefault("grid", "uniform")
+        sampler.setdefault("clip_denoised", None)
+        return cls.model_validate({**tree, "process": process, "sampler": sampler})
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.process.ot_coupling and self.process.kind != "flow":
             raise ValueError("process.ot_coupling applies to flow matching only: set process.kind=flow or drop it")
-        if self.sampler.method == "sde" and self.process.kind != "diffusion":
-            raise ValueError("sampler.method=sde needs process.kind=diffusion; flow matching samples with an ODE solver")
+        if self.sampler.method in ("sde", "ddpm", "ddim") and self.process.kind != "diffusion":
+            raise ValueError(f"sampler.method={self.sampler.method} needs process.kind=diffusion; flow matching samples with an ODE solver")
         if self.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by scaling.num_workers {self.scaling.num_workers}"

@@ -27,6 +27,7 @@ from genmem.metrics import (
     reference_stats,
     sliced_wasserstein,
 )
+from genmem.metrics.outliers import out_of_range_fraction
 from genmem.viz import pairs_grid, ratio_histograms, sample_picture
 
 
@@ -109,6 +110,7 @@ def evaluate_samples(
     # Mean per-coordinate variance: shrinks generation after generation when retraining collapses.
     metrics["eval/sample_variance"] = float(gen.flatten(1).double().var(0).mean())
     metrics["eval/train_variance"] = float(tr.flatten(1).double().var(0).mean())
+    metrics["eval/out_of_range_fraction"] = out_of_range_fraction(gen, float(tr.min()), float(tr.max()))
 
     mem = memorisation(gen, tr, ho, threshold=cfg.threshold, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device)
     metrics.update({f"eval/{k}": float(v) for k, v in mem.summary().items() if v is not None})

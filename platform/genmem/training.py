@@ -39,7 +39,7 @@ from genmem.checkpoint import Checkpoint, save_checkpoint
 from genmem.config import TrainConfig
 from genmem.data import ArrayDataset
 from genmem.errors import TrainingError
-from genmem.generative import Process, build_process, derive_seed, generate
+from genmem.generative import Process, build_process, data_clip, derive_seed, generate
 from genmem.models import build_model, count_parameters
 from genmem.viz import sample_picture, save_png
 
@@ -377,12 +377,22 @@ class _Run:
             path = save_checkpoint(
                 self.reporter.checkpoint_path(self.seen, final), self.engine.unwrap(s.model), self.cfg,
                 shape=tuple(self.train.shape), step=s.step, images_seen=self.seen, data_manifest=self.train.manifest.sha256,
-                ema=s.ema, optimizer=s.optimizer, extra=self.reporter.checkpoint_meta,
+                ema=s.ema, optimizer=s.optimizer,
+                extra={**self.reporter.checkpoint_meta, "data_range": [float(self.train.x.min()), float(self.train.x.max())]},
             )
             if final and self.grid is not None:
                 save_png(self.grid, path / "samples.png")  # the checkpoint shows what it generates
         self.reporter.checkpoint(self.state.step, self.seen, metrics, path, final)
         return path
+
+
+def resolve_sampler(cfg: TrainConfig, train: ArrayDataset) -> TrainConfig:
+    """``cfg`` with ``sampler.clip_denoised="auto"`` made concrete from the training data
+    (diffusion on images in [-1, 1]: 1; otherwise None), as checkpoints record it."""
+    if cfg.sampler.clip_denoised != "auto":
+        return cfg
+    clip = data_clip(train.x) if cfg.process.kind == "diffusion" else None
+    return cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"clip_denoised": clip})})
 
 
 def train_loop(
@@ -401,6 +411,7 @@ def train_loop(
     ``probe(model, device)``: metrics of the sampling model every ``cfg.eval_every_images``
     (rank 0), e.g. the memorised fraction."""
     engine = engine or Engine()
+    cfg = resolve_sampler(cfg, train)
     devices = [engine.device] if engine.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the caller's global RNG is left as it was
         state = restore_state(cfg, tuple(train.shape), engine, resume=resume, init=init)

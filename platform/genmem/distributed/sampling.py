@@ -3,7 +3,7 @@ writing its Parquet shard. Sample k still depends only on (seed, k), so the spli
 
 from __future__ import annotations
 
-import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,17 +18,21 @@ from genmem.distributed.cluster import ensure_ray
 from genmem.distributed.tasks import map_tasks
 from genmem.errors import ConfigError
 from genmem.generative import build_process, generate
-from genmem.storage import ensure_writable
+from genmem.metrics.outliers import out_of_range_fraction, range_warning
+from genmem.storage import ensure_writable, local_path, remove, uri_of
 
 
-def _sample_part(checkpoint: str, start: int, stop: int, seed: int, staging: str, part: int, batch_size: int) -> int:
+def _sample_part(checkpoint: str, start: int, stop: int, seed: int, staging: str, part: int, batch_size: int) -> tuple[int, float]:
+    """Write samples start..stop-1 as part ``part``; return their count and how many of their
+    values lie out of the training data's range (0 for a checkpoint that did not record it)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = load_checkpoint(checkpoint, map_location=device)
     process = build_process(ckpt.config.process)
     x = generate(ckpt.model, process, ckpt.config.sampler, ckpt.shape, range(start, stop), seed, batch_size=batch_size, device=device)
     n = stop - start
     write_part(staging, part, x, {"model_id": np.full(n, ckpt.id), "seed": np.full(n, seed, dtype=np.int64), "index": np.arange(start, stop)})
-    return n
+    lo_hi = ckpt.meta.get("data_range")
+    return n, (out_of_range_fraction(x, *lo_hi) * n if lo_hi else 0.0)
 
 
 def split_ranges(n: int, parts: int) -> list[tuple[int, int]]:
@@ -54,7 +58,7 @@ def sample(
     if n <= 0:
         raise ConfigError(f"--n must be a positive number of samples, not {n}")
     meta = read_meta(checkpoint)  # a clear error before any Ray work
-    out = Path(out).absolute()
+    out = local_path(out)  # a URI is written through its local mirror
     ensure_writable(out.parent)
     ensure_ray()
     if gpus_per_task is None:
@@ -63,17 +67,21 @@ def sample(
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
     ranges = split_ranges(n, tasks)
     try:
-        map_tasks(_sample_part, [(str(checkpoint), a, b, seed, str(staging), i, batch_size) for i, (a, b) in enumerate(ranges)],
-                  num_cpus=cpus_per_task, num_gpus=gpus_per_task, desc="sample", total=n, progress=int, unit="sample")
+        # By URI under a remote store: a task on another node writes through its own mirror.
+        parts = map_tasks(_sample_part, [(uri_of(checkpoint), a, b, seed, uri_of(staging), i, batch_size) for i, (a, b) in enumerate(ranges)],
+                          num_cpus=cpus_per_task, num_gpus=gpus_per_task, desc="sample", total=n, progress=lambda r: r[0], unit="sample")
         manifest = seal_shards(
             staging, out, source=f"checkpoint:{meta['checkpoint_id']}", split="samples",
-            extra={"checkpoint": str(checkpoint), "seed": seed, "sampler": meta["config"]["sampler"]},
+            extra={"checkpoint": uri_of(checkpoint), "seed": seed, "sampler": meta["config"]["sampler"]},
         )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:
+        remove(staging)  # the parts, here and (under a remote store) there
+    out_of_range = sum(p[1] for p in parts) / n
+    if meta.get("data_range") and range_warning(out_of_range, *meta["data_range"]):
+        print(f"[genmem sample] {range_warning(out_of_range, *meta['data_range'])}", file=sys.stderr, flush=True)
     return {
-        "samples": str(out),
+        "samples": uri_of(out),
+        "out_of_range_fraction": out_of_range,
         "n": n,
         "seed": seed,
         "tasks": len(ranges),

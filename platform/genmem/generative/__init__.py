@@ -6,7 +6,7 @@ from genmem.config import ProcessConfig
 from genmem.generative.diffusion import VPDiffusion
 from genmem.generative.flow import FlowMatching
 from genmem.generative.process import PathSample, Process, per_sample_mse
-from genmem.generative.sampling import derive_seed, generate, time_grid
+from genmem.generative.sampling import data_clip, derive_seed, generate, sampling_grid, time_grid
 from genmem.generative.solvers import odesolve, sdesolve
 
 __all__ = [
@@ -15,10 +15,12 @@ __all__ = [
     "PathSample",
     "Process",
     "build_process",
+    "data_clip",
     "derive_seed",
     "generate",
     "odesolve",
     "per_sample_mse",
+    "sampling_grid",
     "sdesolve",
     "time_grid",
 ]
@@ -27,4 +29,4 @@ __all__ = [
 def build_process(cfg: ProcessConfig) -> Process:
     if cfg.kind == "flow":
         return FlowMatching(ot_coupling=cfg.ot_coupling)
-    return VPDiffusion(schedule=cfg.schedule)
+    return VPDiffusion(schedule=cfg.schedule, prediction=cfg.prediction)

@@ -6,14 +6,18 @@ Each sample draws its starting noise (and, for the SDE, its Brownian increments)
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
 
 from genmem.config import SamplerConfig
-from genmem.generative.diffusion import VPDiffusion
+from genmem.generative.diffusion import VPDiffusion, ddim_step, ddpm_step
 from genmem.generative.process import Process
 from genmem.generative.solvers import odesolve, sdesolve
+
+EDM_RATIO_RANGE = (0.002, 80.0)  # Karras et al. (2022): sigma_min, sigma_max
 
 
 def derive_seed(*keys: int) -> int:
@@ -29,8 +33,70 @@ def _draw(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
-def time_grid(process: Process, steps: int) -> torch.Tensor:
-    return torch.linspace(process.t_start, process.t_end, steps + 1, dtype=torch.float64)
+def _ratio(process: Process, t: torch.Tensor) -> torch.Tensor:
+    """sigma/alpha of the path at t (flow matching: (1 - t) / t), decreasing in t."""
+    if isinstance(process, VPDiffusion):
+        return process.noise_ratio(t)
+    return (1 - t) / t.clamp(min=1e-12)
+
+
+def _time_of_ratio(process: Process, ratios: torch.Tensor) -> torch.Tensor:
+    """t in [t_start, t_end] with ratio(t) = ratios (bisection: the ratio is monotone)."""
+    lo = torch.full_like(ratios, process.t_start)
+    hi = torch.full_like(ratios, process.t_end)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        above = _ratio(process, mid) > ratios  # still too noisy: go later
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def time_grid(process: Process, steps: int, grid: str = "uniform", rho: float = 7.0) -> torch.Tensor:
+    """``steps + 1`` times from t_start (noise) to t_end (data): uniform in t, or "edm":
+    uniform in ratio^(1/rho) (Karras et al. 2022, eq. 5), ratio = sigma/alpha, clipped to EDM's
+    [0.002, 80], so steps crowd where the drift is stiff, near the data."""
+    if grid == "uniform":
+        return torch.linspace(process.t_start, process.t_end, steps + 1, dtype=torch.float64)
+    ends = torch.tensor([process.t_start, process.t_end], dtype=torch.float64)
+    r_max, r_min = _ratio(process, ends).clamp(*EDM_RATIO_RANGE).tolist()
+    i = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    ratios = (r_max ** (1 / rho) + i * (r_min ** (1 / rho) - r_max ** (1 / rho))) ** rho
+    t = _time_of_ratio(process, ratios)
+    t[0], t[-1] = process.t_start, process.t_end
+    return t
+
+
+def sampling_grid(process: Process, sampler: SamplerConfig) -> torch.Tensor:
+    """The grid ``sampler`` asks for; "auto" is edm for diffusion, uniform for flow matching."""
+    kind = sampler.grid if sampler.grid != "auto" else ("edm" if isinstance(process, VPDiffusion) else "uniform")
+    return time_grid(process, sampler.steps, kind, sampler.rho)
+
+
+def data_clip(x: torch.Tensor) -> float | None:
+    """What ``clip_denoised="auto"`` resolves to for training data ``x``: 1 for images
+    (n, c, h, w) within [-1, 1], else None (no clipping)."""
+    return 1.0 if x.dim() == 4 and len(x) and float(x.abs().max()) <= 1.0 + 1e-6 else None
+
+
+def _ancestral(process: VPDiffusion, model, x: torch.Tensor, grid: torch.Tensor, method: str, eta: float, noise) -> torch.Tensor:
+    """DDPM or DDIM over ``grid``; the last step takes the mean (no noise), as the SDE's does."""
+    n = len(grid) - 1
+    for i, (ta, tb) in enumerate(zip(grid[:-1], grid[1:])):
+        ta, tb = ta.to(x.dtype).to(x.device), tb.to(x.dtype).to(x.device)
+        z = noise(i) if i < n - 1 else None
+        x = ddpm_step(process, model, x, ta, tb, z) if method == "ddpm" else ddim_step(process, model, x, ta, tb, eta, z)
+    return x
+
+
+def _solve(model, process: Process, sampler: SamplerConfig, x: torch.Tensor, grid: torch.Tensor, noise) -> torch.Tensor:
+    if sampler.method in ("sde", "ddpm", "ddim"):
+        if not isinstance(process, VPDiffusion):
+            raise ValueError(f"sampler.method={sampler.method} needs process.kind=diffusion")
+        if sampler.method == "sde":
+            drift, g = process.sde_drift_diffusion(model)
+            return sdesolve(drift, g, x, grid, noise)
+        return _ancestral(process, model, x, grid.to(x.device), sampler.method, sampler.eta, noise)
+    return odesolve(process.velocity(model), x, grid, sampler.method, rtol=sampler.rtol, atol=sampler.atol)
 
 
 @torch.no_grad()
@@ -58,18 +124,15 @@ def generate(
         model.eval()
     try:
         indices = list(indices)
-        grid = time_grid(process, sampler.steps)
+        grid = sampling_grid(process, sampler)
+        if isinstance(process, VPDiffusion):  # "auto" unresolved (no training data at hand): off
+            clip = sampler.clip_denoised if sampler.clip_denoised != "auto" else None
+            process = dataclasses.replace(process, clip=clip)
         out = []
         for start in range(0, len(indices), batch_size):
             gens = sample_generators(seed, indices[start : start + batch_size])
             x = _draw(gens, shape).to(device)
-            if sampler.method == "sde":
-                if not isinstance(process, VPDiffusion):
-                    raise ValueError("sampler.method=sde needs process.kind=diffusion")
-                drift, g = process.sde_drift_diffusion(model)
-                x = sdesolve(drift, g, x, grid, lambda i, gens=gens: _draw(gens, shape).to(device))
-            else:
-                x = odesolve(process.velocity(model), x, grid, sampler.method, rtol=sampler.rtol, atol=sampler.atol)
+            x = _solve(model, process, sampler, x, grid, lambda i, gens=gens: _draw(gens, shape).to(device))
             out.append(x.float().cpu())
         return torch.cat(out) if out else torch.empty(0, *shape)
     finally:

@@ -4,6 +4,7 @@ against the checkpoint's own training and held-out data, and one MLflow run with
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from typing import Any
 
@@ -14,6 +15,7 @@ from genmem.data import read_shards
 from genmem.distributed.sampling import sample
 from genmem.evaluation import Evaluation, evaluate_samples, feature_names, training_data
 from genmem.jobs.base import Context, Flag, Job
+from genmem.metrics.outliers import range_warning
 from genmem.storage import ensure_writable, storage_root
 from genmem.tracking import Tracker, check_reachable, job_run
 
@@ -43,6 +45,9 @@ def run(cfg: EvaluateConfig, ctx: Context) -> dict[str, Any]:
         tracker.tags({"samples": str(samples_path)})
         result = evaluate_samples(read_shards(samples_path), train, heldout, cfg, cache_dir=storage_root() / "features")
         log_evaluation(tracker, result, cfg, step=meta.get("images_seen", 0))
+        warning = range_warning(result.metrics["eval/out_of_range_fraction"], float(train.x.min()), float(train.x.max()))
+        if warning:
+            print(f"[genmem evaluate] {warning}", file=sys.stderr, flush=True)
     return {"mlflow_run_id": tracker.run_id, "samples": str(samples_path), **{k.removeprefix("eval/"): v for k, v in result.metrics.items()}}
 
 

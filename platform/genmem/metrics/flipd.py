@@ -140,7 +140,8 @@ def flow_score(model, process: Process, t: float) -> ScoreFn:
 
     - FlowMatching (x_t = (1 - t) x0 + t x1, v = E[x1 - x0 | x_t]): Tweedie gives
       E[x0 | x_t] = x - t v, and the score is -E[x0 | x_t] / (1 - t) = (t v - x) / (1 - t).
-    - VPDiffusion (x_t = alpha x1 + sigma eps, model = eps_hat): score = -eps_hat / sigma.
+    - VPDiffusion (x_t = alpha x1 + sigma eps; the model predicts eps or v, either giving eps_hat):
+      score = -eps_hat / sigma.
 
     Usage::
 
@@ -162,7 +163,7 @@ def flow_score(model, process: Process, t: float) -> ScoreFn:
             raise ValueError(f"the VP score needs sigma(t) > 0, got sigma({t}) = {sigma}")
 
         def score(x: Tensor) -> Tensor:
-            return -model(x, _t_batch(t, x)) / sigma
+            return -process.denoise(model, x, _t_batch(t, x))[1] / sigma
 
         return score
     raise TypeError(f"no score for process {type(process).__name__}: expected FlowMatching or VPDiffusion")
