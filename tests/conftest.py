@@ -91,7 +91,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # With the dashboard, as a real cluster has: Ray Train cleans up a stopped trial's workers through its state API.
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
         _RAY_STARTED.append(True)
     yield ray
 
@@ -196,3 +197,48 @@ def ray_head(tmp_path_factory):
         current = Path(get_ray_address_file(None))
         if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
             current.unlink()
+
+
+S3_BUCKET = "genmem-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 with bucket ``genmem-test``;
+    yields its endpoint URL. Credentials are dummies moto accepts."""
+    import pyarrow.fs as pafs
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
+                time.sleep(0.2)
+        pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", access_key="testing", secret_key="testing",
+                          allow_bucket_creation=True).create_dir(S3_BUCKET)
+        yield endpoint
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture
+def s3_storage(s3_server, tmp_path, monkeypatch):
+    """GENMEM_STORAGE on a fresh prefix of the S3 server, with this test's own local mirror;
+    returns the storage URI."""
+    import uuid
+
+    uri = f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:8]}"
+    for key, value in {"GENMEM_STORAGE": uri, "GENMEM_CACHE": str(tmp_path / "cache"), "AWS_ENDPOINT_URL": s3_server,
+                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("GENMEM_RAY_STORAGE", raising=False)
+    return uri

@@ -124,7 +124,7 @@ def test_a_trial_the_cluster_cannot_place_is_refused_before_any_trial(tmp_path, 
     with pytest.raises(ClusterError, match="asks for 4 workers of 0.9 CPU each .* can place only 2"):
         run_sweep(space, "train", base)
     name = sweep_name(load_space(space), "train", base)
-    assert not (ray_storage() / "sweeps" / name).exists()  # no Tune experiment was created
+    assert not (Path(ray_storage()) / "sweeps" / name).exists()  # no Tune experiment was created
     client = MlflowClient(tracking)
     exp = client.get_experiment_by_name("genmem/train")
     assert exp is None or not client.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{name}'")
@@ -173,3 +173,29 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(tmp_path,
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert len(steps) == len(set(steps)) == 3, steps
     assert {"sweep_summary.png", "trials.json"} <= {a.path for a in client.list_artifacts(result["mlflow_run_id"])}
+
+
+def test_asha_stops_a_bad_learning_rate_early_and_mlflow_marks_it(tmp_path, storage, tracking, ray_local):
+    """Four training trials, one with a learning rate far too small to learn in the budget: ASHA,
+    counting images seen (a report every log interval), stops it at its first rung."""
+    space = _space(tmp_path, "space:\n  optim.lr: {grid: [0.003, 0.002, 0.004, 1.0e-7]}\nmetric: train/loss\nmode: min\n"
+                             "scheduler: {asha: {grace_period: 960, reduction_factor: 2}}\nmax_concurrent_trials: 2\n")
+    base = TrainConfig.model_validate({**TINY, "log_every_images": 320, "checkpoint_every_images": 0}).model_dump(mode="json")
+    result = run_sweep(space, "train", base)
+    budget = TINY["images"]
+    assert not result["failed"] and result["trials"] + len(result["stopped"]) == 4, result
+    assert result["stopped"], "ASHA stopped no trial"
+    lrs = {trial["trial_id"]: trial["params"]["optim.lr"] for trial in result["stopped"]}
+    assert 1.0e-7 in lrs.values(), lrs  # the bad one is among the stopped
+    for trial in result["stopped"]:
+        assert trial["images_seen"] < budget, trial  # stopped before its budget
+    finished = {r["params"]["optim.lr"] for r in result["results"]}
+    assert 1.0e-7 not in finished and len(finished) == result["trials"]
+
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("genmem/train").experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert len(killed) == len(result["stopped"]) and all("stopped early by the ASHA scheduler at images_seen=" in r.data.tags["stopped"] for r in killed)
+    assert {float(r.data.params["optim.lr"]) for r in killed} == set(lrs.values())
+    assert all(r.info.status == "FINISHED" for r in children if r not in killed)

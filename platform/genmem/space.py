@@ -16,6 +16,11 @@ Format::
     scheduler: {asha: {max_t: 5, grace_period: 1, reduction_factor: 2}}   # optional
     max_concurrent_trials: 2       # optional; default: as many as the cluster holds
 
+ASHA measures a trial's progress in the job's own unit (``Job.time_attr``): images seen for
+``train`` (a trial reports at every ``log_every_images``), generations for ``retrain``, reports
+otherwise. ``max_t`` and ``grace_period`` are in that unit; ``max_t`` defaults to the base
+config's budget (its ``images``, its ``generations``).
+
 Every value a grid or choice can take, and both ends of every range, is applied to the job's
 config and validated, so an unknown key or an invalid value (a negative λ) is refused with the
 job config's own one-sentence error, naming the space key.

@@ -90,6 +90,12 @@ def experiment_id(kind: str, uri: str | None = None) -> str:
         return exp.experiment_id
 
 
+def find_run(kind: str, key: str, uri: str | None = None) -> str | None:
+    """The id of the run of experiment ``genmem/<kind>`` tagged with ``key`` (see :meth:`Tracker.start`), if any."""
+    found = _client(uri).search_runs([experiment_id(kind, uri)], filter_string=f"tags.{KEY_TAG} = '{key}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import ray
@@ -55,8 +56,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**_init_options())
     else:
-        # address="local": a fresh cluster, never one that happens to run on this machine
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **_init_options())
+        # address="local": a fresh cluster, never one that happens to run on this machine. With its
+        # dashboard (on 127.0.0.1): Ray Train's PlacementGroupCleaner asks the state API whether a
+        # controller died, and without it a stopped sweep trial's workers keep their CPUs forever.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 **_init_options())
+
+
+def release_ray() -> None:
+    """Disconnect from Ray (stopping a local cluster this process started): after this no
+    worker's forwarded log line can reach our stdout, so a final ``--json`` line stays last."""
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
 
 
 def cluster_resources() -> dict[str, float]:

@@ -4,14 +4,17 @@ function it is given. The sweep job supplies that function and what it records."
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ray import tune
 
+from genmem.distributed.train import storage_options
 from genmem.space import Space
+
+STOP_GRACE_S = 15  # seconds a stopped trial gets before Tune kills it and its Ray Train workers
 
 
 def param_space(space: Space) -> dict[str, Any]:
@@ -21,13 +24,16 @@ def param_space(space: Space) -> dict[str, Any]:
     return {a.key: make[a.kind](a.values) if a.kind in make else ranges[a.kind](*a.values) for a in space.axes}
 
 
-def scheduler(space: Space):
-    """Tune's ASHA scheduler when the space asks for one (trials stop early on ``metric``)."""
+def scheduler(space: Space, time_attr: str = "training_iteration", budget: int | None = None):
+    """Tune's ASHA scheduler when the space asks for one: trials stop early on ``metric``, their
+    progress read from report key ``time_attr`` (``max_t`` defaults to the trial's ``budget``)."""
     if space.asha is None:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", **space.asha)
+    settings = {**({"max_t": budget} if budget else {}), **space.asha}
+    # A trial that reaches max_t ends by itself: stopping it there would kill it before it records its result.
+    return ASHAScheduler(time_attr=time_attr, stop_last_trials=False, **settings)
 
 
 def trial_id() -> str:
@@ -40,8 +46,11 @@ def report(metrics: dict[str, float]) -> None:
 
 @dataclass
 class TrialOutcome:
+    trial_id: str
     path: str
     error: str | None
+    metrics: dict[str, Any]  # its last report
+    params: dict[str, Any]  # its point of the space
 
 
 def run_tuner(
@@ -49,25 +58,32 @@ def run_tuner(
     space: Space,
     *,
     name: str,
-    storage: Path,
+    storage: str,
     resume: bool,
     concurrency: int,
     driver: dict[str, float],
+    time_attr: str = "training_iteration",
+    budget: int | None = None,
     **trial_kwargs: Any,
 ) -> list[TrialOutcome]:
     """Run ``trial_fn(point, **trial_kwargs)`` for every point of ``space``, up to
     ``concurrency`` at a time, each reserving ``driver``; with ``resume`` restore the sweep
     ``name`` from ``storage`` and finish its unfinished and errored trials."""
     trainable = tune.with_resources(tune.with_parameters(trial_fn, **trial_kwargs), driver)
-    folder = storage / name
-    if resume and tune.Tuner.can_restore(str(folder)):
-        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    # A trial the scheduler stops is blocked in its TorchTrainer.fit(), which Tune's graceful stop
+    # does not interrupt: Tune kills it after this grace (default 600 s, holding its workers).
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOP_GRACE_S))
+    options = storage_options(storage)
+    folder, fs = f"{options['storage_path']}/{name}", options.get("storage_filesystem")
+    if resume and tune.Tuner.can_restore(folder, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space),
             tune_config=tune.TuneConfig(num_samples=space.num_samples, metric=space.metric, mode=space.mode,
-                                        scheduler=scheduler(space), max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
+                                        scheduler=scheduler(space, time_attr, budget), max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=name, verbose=1, **options),
         )
-    return [TrialOutcome(r.path, None if r.error is None else str(r.error)) for r in tuner.fit()]
+    return [TrialOutcome((r.metrics or {}).get("trial_id", ""), r.path, None if r.error is None else str(r.error),
+                         dict(r.metrics or {}), dict(r.config or {})) for r in tuner.fit()]

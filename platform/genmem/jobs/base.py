@@ -50,6 +50,8 @@ class Job:
     sub-key of the config (quickstart: its training config; sweep: the swept job's base config).
     ``footprint(cfg)``, ``metrics`` and ``final_report(result)`` make the job sweepable:
     what a trial holds, which metric names its Tune reports carry, and its last report;
+    ``time_attr`` is the report key that measures a trial's progress (ASHA's time axis, in which
+    a space gives ``max_t`` and ``grace_period``) and ``budget(cfg)`` its value at the end;
     ``table(result)`` is what the CLI prints, ``summary(result)`` its JSON (default: the result)."""
 
     name: str
@@ -64,6 +66,8 @@ class Job:
     preflight: Callable[[Any], None] | None = None  # checks a sweep runs once before its trials
     metrics: tuple[str, ...] | re.Pattern = ()  # the metric names its Tune reports carry
     final_report: Callable[[dict[str, Any]], dict[str, float]] | None = None
+    time_attr: str = "training_iteration"  # Tune's count of reports, unless the job names better
+    budget: Callable[[Any], int] | None = None
     table: Callable[[dict[str, Any]], str] | None = None
     summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 

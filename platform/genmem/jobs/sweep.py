@@ -31,8 +31,19 @@ from genmem.errors import ConfigError
 from genmem.jobs import registry
 from genmem.jobs.base import Context, Flag, Job
 from genmem.space import Space, SpaceError, check_space, load_space, sweep_name
-from genmem.storage import atomic_write_text, ensure_writable, storage_root
-from genmem.tracking import Tracker, check_reachable, job_run, tracking_uri
+from genmem.storage import (
+    atomic_write_text,
+    check_storage,
+    ensure_writable,
+    join,
+    listdir,
+    local_path,
+    pull,
+    storage_env,
+    storage_root,
+    uri_of,
+)
+from genmem.tracking import Tracker, check_reachable, find_run, job_run, tracking_uri
 from genmem.viz import line_panels
 
 
@@ -50,7 +61,7 @@ def _trial(point: dict[str, Any], *, job_name: str, base: dict[str, Any], env: d
     os.environ.update(env)  # the sweep driver's storage and tracking, whatever this worker inherited
     job = registry.get(job_name)
     trial_id = tuning.trial_id()
-    done = Path(done_dir) / f"{trial_id}.json"
+    done = pull(local_path(done_dir) / f"{trial_id}.json")  # done_dir is a URI under a remote store
     if done.is_file():  # finished before an interruption: report what it measured, run nothing
         for metrics in json.loads(done.read_text())["reports"]:
             tuning.report(metrics)
@@ -88,10 +99,12 @@ def run(cfg: SweepConfig, ctx: Context) -> dict[str, Any]:
     """Run (or with ``resume`` restore) the sweep. Everything checkable is checked before Ray starts."""
     job, space, checked = _check(cfg)
     name = cfg.name or sweep_name(space, job.name, cfg.base)
-    root = ensure_writable(ray_storage() / "sweeps")
-    if (root / name).exists() and not cfg.resume:
+    root = join(ray_storage(), "sweeps")
+    check_storage(root, "GENMEM_RAY_STORAGE")
+    exists = name in listdir(root)
+    if exists and not cfg.resume:
         raise SpaceError(f"sweep {name} already exists in {root}: pass --resume to continue it, or --name to start a new one")
-    if cfg.resume and not (root / name).exists():
+    if cfg.resume and not exists:
         raise SpaceError(f"there is no sweep {name} in {root} to resume: run it without --resume first")
     check_reachable()
     if job.preflight is not None:
@@ -102,30 +115,51 @@ def run(cfg: SweepConfig, ctx: Context) -> dict[str, Any]:
     fits = concurrency(footprints, f"search space {space.path}: a {job.name} trial")  # refuses what cannot be placed
     limit = space.max_concurrent_trials or fits
     params = {"space": space.raw["space"], "num_samples": space.num_samples, "job": job.name, "trials": space.trials}
-    with job_run(job.name, f"sweep-{name}", params=params, tags={"sweep": name, "space_file": str(space.path), "sweep_dir": str(root / name)},
+    with job_run(job.name, f"sweep-{name}", params=params, tags={"sweep": name, "space_file": str(space.path), "sweep_dir": join(root, name)},
                  key=f"sweep:{name}") as tracker:
         tracker.text(to_yaml(validate(job.config, cfg.base)), "base_config.yaml")
         tracker.text(Path(space.path).read_text(), "space.yaml")
         print(f"[genmem sweep] {name}: {space.trials} trials of {job.name}, up to {limit} at a time; MLflow parent run {tracker.run_id}", flush=True)
-        env = {"GENMEM_STORAGE": str(storage_root()), "MLFLOW_TRACKING_URI": tracking_uri(), "GENMEM_RAY_STORAGE": str(ray_storage())}
+        env = {**storage_env(), "MLFLOW_TRACKING_URI": tracking_uri(), "GENMEM_RAY_STORAGE": ray_storage()}
         outcomes = tuning.run_tuner(_trial, space, name=name, storage=root, resume=cfg.resume, concurrency=limit,
-                                    driver=footprints[0].driver, job_name=job.name, base=cfg.base, env=env, sweep=name,
-                                    parent_run_id=tracker.run_id, done_dir=str(done_dir))
-        return _summarise(tracker, job, space, name, root / name, done_dir, outcomes)
+                                    driver=footprints[0].driver, time_attr=job.time_attr,
+                                    budget=job.budget(validate(job.config, cfg.base)) if job.budget else None, job_name=job.name, base=cfg.base, env=env, sweep=name,
+                                    parent_run_id=tracker.run_id, done_dir=uri_of(done_dir))
+        return _summarise(tracker, job, space, name, join(root, name), done_dir, outcomes)
 
 
-def _summarise(tracker: Tracker, job: Job, space: Space, name: str, folder: Path, done_dir: Path, outcomes) -> dict[str, Any]:
+def _mark_stopped(job: Job, sweep: str, outcomes, finished: set[str]) -> list[dict[str, Any]]:
+    """Trials the scheduler stopped (no error, no done-file): Tune ends their process, so their
+    MLflow run is closed here, KILLED with the reason as the tag ``stopped``."""
+    stopped = []
+    for o in outcomes:
+        if o.error is not None or not o.trial_id or o.trial_id in finished:
+            continue
+        at = o.metrics.get(job.time_attr)
+        stopped.append({"trial_id": o.trial_id, job.time_attr: at, "params": o.params})
+        run_id = find_run(job.name, f"{sweep}-{o.trial_id}")
+        if run_id is not None:
+            trial = Tracker(run_id)
+            trial.tags({"stopped": f"stopped early by the ASHA scheduler at {job.time_attr}={at}"})
+            trial.finish("KILLED")
+    return stopped
+
+
+def _summarise(tracker: Tracker, job: Job, space: Space, name: str, folder: str, done_dir: Path, outcomes) -> dict[str, Any]:
     errors = [f"{Path(o.path).name}: {o.error}" for o in outcomes if o.error is not None]
-    rows = sorted(({"trial_id": p.stem, **json.loads(p.read_text())} for p in done_dir.glob("*.json")), key=lambda r: r["trial_id"])
+    done = [pull(done_dir / f) for f in listdir(done_dir) if f.endswith(".json")]  # trials on any node
+    rows = sorted(({"trial_id": p.stem, **json.loads(p.read_text())} for p in done), key=lambda r: r["trial_id"])
     figure = _summary_figure(job, space, rows)
     if figure is not None:
         tracker.image("sweep_summary", figure)
     tracker.text(json.dumps(rows, indent=2, default=str), "trials.json")
-    tracker.metrics({"sweep/trials_finished": len(rows), "sweep/trials_failed": len(errors)})
+    stopped = _mark_stopped(job, name, outcomes, {r["trial_id"] for r in rows})
+    tracker.metrics({"sweep/trials_finished": len(rows), "sweep/trials_failed": len(errors), "sweep/trials_stopped": len(stopped)})
     if errors:
         tracker.tags({"error": f"{len(errors)} trial(s) failed: {errors[0]}"[:5000]})
         tracker.outcome = "FAILED"
-    out: dict[str, Any] = {"sweep": name, "metric": space.metric, "path": str(folder), "mlflow_run_id": tracker.run_id, "trials": len(rows), "failed": errors,
+    out: dict[str, Any] = {"sweep": name, "metric": space.metric, "path": folder, "mlflow_run_id": tracker.run_id, "trials": len(rows),
+                           "failed": errors, "stopped": stopped,
                            "results": [{"trial_id": r["trial_id"], "params": r["params"], "final": r["reports"][-1] if r["reports"] else {}}
                                        for r in rows]}
     scored = [r for r in out["results"] if space.metric and space.metric in r["final"]]

@@ -35,9 +35,9 @@ from genmem.distributed.train import (
 from genmem.errors import CheckpointError
 from genmem.evaluation import memorisation_probe
 from genmem.jobs.base import Context, Job, numeric
-from genmem.storage import ensure_writable, storage_root
+from genmem.storage import check_storage, join, storage_env, storage_uri
 from genmem.tracking import Tracker, check_reachable, job_run, tracking_uri
-from genmem.training import Objective, train_loop
+from genmem.training import Objective, resolve_sampler, train_loop
 
 # A hook runs on every rank after each checkpoint round: hook(rank, images_seen, final).
 Hook = Callable[[int, int, bool], None]
@@ -60,16 +60,24 @@ class TrainJobResult(TypedDict):
 
 class RayReporter:
     """Training side effects on a Ray worker: MLflow writes from rank 0 only (a disabled
-    Tracker elsewhere), a Ray Train report from every rank each checkpoint round."""
+    Tracker elsewhere), a Ray Train report from every rank each checkpoint round and, with
+    ``report_logs`` (a Tune trial: ASHA needs the progress), each log interval too; rank 0's
+    probe results ride on its next report."""
 
-    def __init__(self, tracker: Tracker, rank: int, hooks: Sequence[Hook] = (), total_images: int = 0):
+    def __init__(self, tracker: Tracker, rank: int, hooks: Sequence[Hook] = (), total_images: int = 0, report_logs: bool = False):
         self.tracker, self.rank, self.hooks, self.total_images = tracker, rank, list(hooks), total_images
         self.checkpoint_meta: dict[str, Any] = {"mlflow_run_id": tracker.run_id} if tracker.enabled else {}
+        self.report_logs = report_logs
         self._tmp: list[str] = []
+        self._pending: dict[str, float] = {}
 
     def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
         # MLflow's step axis is images seen: comparable across batch sizes and worker counts.
         self.tracker.metrics({**metrics, "train/step": step}, step=images_seen)
+        self._pending.update(metrics)
+        if self.report_logs and "train/loss" in metrics:  # every rank logs the loss at the same steps
+            report_round({**self._pending, "step": step, "images_seen": images_seen})
+            self._pending.clear()
         if self.rank == 0 and "train/loss" in metrics:  # Ray forwards worker stdout to the driver
             print(f"[genmem train] {images_seen}/{self.total_images} images ({100 * images_seen / max(self.total_images, 1):.0f}%) "
                   f"loss {metrics['train/loss']:.4f}, {metrics['train/images_per_s']:.0f} images/s", flush=True)
@@ -85,7 +93,8 @@ class RayReporter:
     def checkpoint(self, step: int, images_seen: int, metrics: dict[str, float], path: Path | None, final: bool) -> None:
         if path is not None:  # train/* is logged at its own interval; the rest (dist/*) only comes here
             self.tracker.metrics({k: v for k, v in metrics.items() if not k.startswith("train/")}, step=images_seen)
-        report_round({**metrics, "step": step, "images_seen": images_seen}, path)
+        report_round({**self._pending, **metrics, "step": step, "images_seen": images_seen}, path)
+        self._pending.clear()
         for tmp in self._tmp:  # the report has persisted the checkpoint to storage
             shutil.rmtree(tmp, ignore_errors=True)
         self._tmp.clear()
@@ -95,18 +104,19 @@ class RayReporter:
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     # The driver's view of storage and tracking wins over whatever the worker process inherited.
-    os.environ["GENMEM_STORAGE"] = loop_config["storage"]
+    os.environ.update(loop_config["storage"])
     os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
     cfg = TrainConfig.model_validate(loop_config["config"])
     engine = AccelerateEngine(cfg.scaling.mixed_precision)
-    resume = restored_checkpoint(lambda p: load_checkpoint(p, use_ema=False, with_optimizer=True), Path(loop_config["run_dir"]))
+    resume = restored_checkpoint(lambda p: load_checkpoint(p, use_ema=False, with_optimizer=True), loop_config["run_dir"])
     init = None
     if resume is None and cfg.init_from:
         init = load_checkpoint(cfg.init_from, expect=cfg.model, use_ema=False)
     tracker = Tracker(loop_config["run_id"]) if engine.is_main else Tracker.disabled()
     train, heldout = load_dataset(cfg.data)
+    cfg = resolve_sampler(cfg, train)  # the probe samples as the checkpoint will record
     total = -(-cfg.images // cfg.batch_size) * cfg.batch_size
-    reporter = RayReporter(tracker, engine.rank, loop_config["hooks"], total_images=total)
+    reporter = RayReporter(tracker, engine.rank, loop_config["hooks"], total_images=total, report_logs=loop_config["tune_reports"])
     probe = memorisation_probe(cfg, train, heldout) if cfg.eval_every_images and engine.is_main else None
     factory = loop_config["objective"]
     objective = factory(cfg, train) if factory is not None else None
@@ -116,8 +126,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 def preflight(cfg: TrainConfig) -> None:
     """Everything that can be checked before Ray work starts: tracking, storage, data, init_from."""
     check_reachable()
-    ensure_writable(storage_root())
-    ensure_writable(ray_storage())
+    check_storage(storage_uri())
+    check_storage(ray_storage(), "GENMEM_RAY_STORAGE")
     train, _ = load_dataset(cfg.data)  # materialises once, and fails here on bad data
     if cfg.init_from:
         init = read_meta(cfg.init_from)  # a clear error for a missing or foreign folder
@@ -141,20 +151,21 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
     check_workers(cfg.scaling)  # before the MLflow run opens: nothing is recorded for a refused request
     run_name = cfg.run_name or ctx.key or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
     named = bool(cfg.run_name or ctx.key)
-    previous = latest_checkpoint(ray_storage() / run_name) if named else None
+    previous = latest_checkpoint(join(ray_storage(), run_name)) if named else None
     run_id = read_meta(previous).get("mlflow_run_id") if previous else None
     with job_run(kind, run_name, params=cfg.model_dump(mode="json"), tags={"ray_run_name": run_name, **ctx.tags},
                  parent_run_id=ctx.parent_run_id, key=run_name if named else None, run_id=run_id) as tracker:
         if not run_id:
             tracker.text(to_yaml(cfg), "config.yaml")
         loop_config = {"config": cfg.model_dump(mode="json"), "run_id": tracker.run_id, "tracking_uri": tracking_uri(),
-                       "storage": str(storage_root()), "run_dir": str(ray_storage() / run_name), "hooks": list(hooks),
+                       "storage": storage_env(), "run_dir": join(ray_storage(), run_name), "hooks": list(hooks),
+                       "tune_reports": ctx.under_tune,
                        "objective": objective_factory}
         fitted = fit_workers(train_fn_per_worker, loop_config, cfg.scaling, run_name, report_to_tune=ctx.under_tune)
         tracker.tags({"checkpoint_uri": str(fitted.checkpoint), "ray_storage": str(fitted.run_dir)})
     meta = read_meta(fitted.checkpoint)
     return TrainJobResult(
-        checkpoint=str(fitted.checkpoint), grid=str(fitted.checkpoint / "samples.png"), run_name=run_name,
+        checkpoint=fitted.checkpoint, grid=join(fitted.checkpoint, "samples.png"), run_name=run_name,
         mlflow_run_id=tracker.run_id, tracking_uri=tracking_uri(), step=meta["step"], images_seen=meta["images_seen"],
         loss=fitted.metrics.get("train/loss"), param_spread=fitted.metrics.get("dist/param_spread"),
         parameters=meta["parameters"], num_workers=cfg.scaling.num_workers,
@@ -178,6 +189,9 @@ JOB = Job(
     example="model.hidden=128",
     footprint=footprint,
     preflight=preflight,
-    metrics=("train/loss", "images_seen", "step", "param_spread"),
+    metrics=("train/loss", "train/lr", "images_seen", "step", "param_spread", "eval/memorised_fraction", "eval/d1_q50",
+             "eval/heldout_memorised_fraction", "eval/d1_gap_q50"),
+    time_attr="images_seen",
+    budget=lambda cfg: -(-cfg.images // cfg.batch_size) * cfg.batch_size,
     final_report=lambda r: {"train/loss": r["loss"], **numeric({k: r[k] for k in ("images_seen", "step", "param_spread")})},
 )
