@@ -118,7 +118,10 @@ def save_checkpoint(
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The checkpoint's meta.json; a checkpoint on remote storage is first brought to the local mirror."""
-    name, path = path, pull(path)
+    return _read_local_meta(pull(path), name=path)
+
+
+def _read_local_meta(path: Path, *, name: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {name} does not exist: pass the folder `genmem train` printed")
     if not (path / META).is_file():
@@ -155,8 +158,8 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
 ) -> Checkpoint:
     """Load a checkpoint folder (a path or a URI); ``expect`` refuses one trained with another architecture."""
-    meta = read_meta(path)
-    path = pull(path)
+    path, name = pull(path), path  # one download check, not one per read
+    meta = _read_local_meta(path, name=name)
     try:
         cfg = TrainConfig.from_saved(meta["config"])
     except Exception as exc:  # pydantic ValidationError or a missing key

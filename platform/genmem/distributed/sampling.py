@@ -23,8 +23,9 @@ from genmem.storage import ensure_writable, local_path, remove, uri_of
 
 
 def _sample_part(checkpoint: str, start: int, stop: int, seed: int, staging: str, part: int, batch_size: int) -> tuple[int, float]:
-    """Write samples start..stop-1 as part ``part``; return their count and how many of their
-    values lie out of the training data's range (0 for a checkpoint that did not record it)."""
+    """Write samples start..stop-1 as part ``part``; return their count and that count times the
+    fraction of their values out of the training data's range (0 for a checkpoint that did not
+    record the range), so the driver's sum over parts divided by n is the overall fraction."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = load_checkpoint(checkpoint, map_location=device)
     process = build_process(ckpt.config.process)
@@ -77,8 +78,9 @@ def sample(
     finally:
         remove(staging)  # the parts, here and (under a remote store) there
     out_of_range = sum(p[1] for p in parts) / n
-    if meta.get("data_range") and range_warning(out_of_range, *meta["data_range"]):
-        print(f"[genmem sample] {range_warning(out_of_range, *meta['data_range'])}", file=sys.stderr, flush=True)
+    warning = range_warning(out_of_range, *meta["data_range"]) if meta.get("data_range") else None
+    if warning:
+        print(f"[genmem sample] {warning}", file=sys.stderr, flush=True)
     return {
         "samples": uri_of(out),
         "out_of_range_fraction": out_of_range,
