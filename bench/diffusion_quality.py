@@ -32,7 +32,7 @@ def train(base: dict, process: dict, out: Path):
     from genmem.data import load_dataset
     from genmem.training import LocalReporter, train_loop
 
-    cfg = TrainConfig.model_validate({**base, "process": process, "log_every_images": 0, "grid_every_images": 0,
+    cfg = TrainConfig.model_validate({**base, "process": process, "log_every_images": base["images"], "grid_every_images": 0,
                                       "checkpoint_every_images": 0, "seed": 0})
     train_set, _ = load_dataset(cfg.data)
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from torch import nn
 
 from genmem.config import ModelConfig, TrainConfig
 from genmem.errors import CheckpointError
+from genmem.generative import Chained, build_process
 from genmem.models import build_model, count_parameters
 from genmem.storage import atomic_folder, pull
 
@@ -186,6 +187,14 @@ def load_checkpoint(
     opt_state = None
     if with_optimizer and meta.get("optimizer") is not None:
         opt_state = _optimizer_state(load_file(path / OPTIMIZER), meta["optimizer"])
+    if cfg.source_checkpoint and use_ema and not with_optimizer:  # loaded to sample: noise -> source -> this flow
+        model = chain_source(model, cfg.source_checkpoint)
     model.to(map_location)
     return Checkpoint(path=path, model=model, config=cfg, meta=meta, optimizer_state=opt_state, ema_state=ema_state)
+
+
+def chain_source(model: nn.Module, source_checkpoint: str) -> nn.Module:
+    """``model`` behind the sampler of the checkpoint it starts from (see ``TrainConfig.source_checkpoint``)."""
+    source = load_checkpoint(source_checkpoint)
+    return Chained(source.model, build_process(source.config.process), source.config.sampler, model)
 

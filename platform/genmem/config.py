@@ -159,6 +159,9 @@ class TrainConfig(Strict):
     # Fine-tune: start from this checkpoint's weights (and EMA) with a fresh optimizer, step count
     # and warm-up. Ignored when the run resumes from its own checkpoint.
     init_from: str | None = None
+    # Sampling starts from this checkpoint's samples instead of noise: a flow between two models'
+    # distributions (the unlearning flow, METHODS.md §Unlearning). Flow matching only.
+    source_checkpoint: str | None = None
 
     @classmethod
     def from_saved(cls, tree: dict[str, Any]) -> "TrainConfig":
@@ -179,6 +182,8 @@ class TrainConfig(Strict):
             raise ValueError("process.ot_coupling applies to flow matching only: set process.kind=flow or drop it")
         if self.sampler.method in ("sde", "ddpm", "ddim") and self.process.kind != "diffusion":
             raise ValueError(f"sampler.method={self.sampler.method} needs process.kind=diffusion; flow matching samples with an ODE solver")
+        if self.source_checkpoint and self.process.kind != "flow":
+            raise ValueError("source_checkpoint needs process.kind=flow: a flow between two models' samples is flow matching")
         if self.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by scaling.num_workers {self.scaling.num_workers}"

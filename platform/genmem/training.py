@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from genmem.checkpoint import Checkpoint, save_checkpoint
+from genmem.checkpoint import Checkpoint, chain_source, save_checkpoint
 from genmem.config import TrainConfig
 from genmem.data import ArrayDataset
 from genmem.errors import TrainingError
@@ -357,6 +357,17 @@ class _Run:
         self.cfg, self.train, self.reporter, self.engine, self.state = cfg, train, reporter, engine, state
         self.process = build_process(cfg.process)
         self.grid: np.ndarray | None = None
+        self._source: nn.Module | None = None
+
+    def sampling_model(self) -> nn.Module:
+        """What the grid and the probe sample: the EMA network, behind its source model if it has one."""
+        model = self.state.sampling_model(self.engine)
+        if not self.cfg.source_checkpoint:
+            return model
+        if self._source is None:
+            self._source = chain_source(model, self.cfg.source_checkpoint).to(self.engine.device)
+        self._source.model = model
+        return self._source
 
     @property
     def seen(self) -> int:
@@ -365,7 +376,7 @@ class _Run:
     def draw_grid(self) -> None:
         if self.engine.is_main:
             cfg, shape = self.cfg, tuple(self.train.shape)
-            x = generate(self.state.sampling_model(self.engine), self.process, cfg.sampler, shape, range(cfg.grid_size),
+            x = generate(self.sampling_model(), self.process, cfg.sampler, shape, range(cfg.grid_size),
                          _GRID_SEED, device=self.engine.device)
             self.grid = sample_picture(x, self.train.x[:2000], f"{self.seen} images")
             self.reporter.picture(self.state.step, self.seen, "samples", self.grid)
@@ -435,7 +446,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
         if "log" in due:
             reporter.log(state.step, run.seen, {**window.read(state.step, batch), "train/lr": state.optimizer.param_groups[0]["lr"]})
         if "probe" in due and engine.is_main:
-            reporter.log(state.step, run.seen, probe(state.sampling_model(engine), engine.device))
+            reporter.log(state.step, run.seen, probe(run.sampling_model(), engine.device))
             state.model.train()
         if state.step < total_steps and "grid" in due:
             run.draw_grid()

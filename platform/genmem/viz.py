@@ -151,3 +151,33 @@ def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], x
         ax.axis("off")
     fig.tight_layout()
     return figure_to_array(fig)
+
+
+def before_after(before: torch.Tensor, after: torch.Tensor, reference: torch.Tensor | None = None,
+                 forget: torch.Tensor | None = None, titles: tuple[str, str] = ("before", "after")) -> np.ndarray:
+    """Two panels, the same samples' model before and after a change: image grids, or for 2-D
+    points scatters over the data with the data to forget (boolean mask ``forget``) drawn in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=100)
+    for ax, x, title in zip(axes, (before, after), titles):
+        if x.dim() == 4 and x.shape[1] <= 3:
+            ax.imshow(image_grid(x[:64]))
+            ax.axis("off")
+        else:
+            if reference is not None:
+                ref = reference.detach().cpu().flatten(1).numpy()
+                mask = np.zeros(len(ref), bool) if forget is None else forget.cpu().numpy().astype(bool)
+                ax.scatter(ref[~mask, 0], ref[~mask, 1], s=2, c="#bbbbbb", label="data kept")
+                if mask.any():
+                    ax.scatter(ref[mask, 0], ref[mask, 1], s=2, c="#f4a6a6", label="data to forget")
+            pts = x.detach().cpu().flatten(1).numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=2, c="#1f3b73", label="samples")
+            ax.set_aspect("equal")
+            ax.legend(loc="upper right", fontsize=7, markerscale=4)
+        ax.set_title(title)
+    fig.tight_layout()
+    return figure_to_array(fig)

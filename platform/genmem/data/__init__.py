@@ -11,6 +11,7 @@ from .dataset import ArrayDataset, Manifest, content_hash
 from .errors import DataError, DataNotFoundError
 from .materialise import build_source, dataset_key, load_dataset, load_real
 from .shards import read_shards, seal_shards, write_part, write_shards
+from .sources import TOYS, toy_regions
 from .splits import as_synthetic, concat, mix, select, split, subset, synthetic_count
 
 __all__ = [
@@ -33,5 +34,7 @@ __all__ = [
     "split",
     "subset",
     "synthetic_count",
+    "TOYS",
+    "toy_regions",
     "write_shards",
 ]

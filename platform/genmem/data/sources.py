@@ -68,6 +68,36 @@ TOYS = {
 }
 
 
+def _arc_distances(x: np.ndarray) -> np.ndarray:
+    """Distances of points to the upper and lower moon (the noise-free arcs), shape (n, 2)."""
+    t = np.linspace(0.0, math.pi, 721)
+    arcs = [(np.stack([np.cos(t), np.sin(t)], 1) - [0.5, 0.25]) * 2.0,
+            (np.stack([1.0 - np.cos(t), 0.5 - np.sin(t)], 1) - [0.5, 0.25]) * 2.0]
+    return np.stack([np.linalg.norm(x[:, None] - a[None], axis=2).min(1) for a in arcs], 1)
+
+
+def toy_regions(name: str, x: np.ndarray) -> np.ndarray:
+    """The ground-truth region label of any 2-D points under toy ``name``: the nearest moon, ring
+    or mode; for the checkerboard the filled cell a point lies in, -1 outside every filled cell.
+    Labels index the toy's ``label_names``, as :func:`toy` draws them."""
+    x = np.asarray(x, dtype=float).reshape(len(x), 2)
+    if name == "moons":
+        return _arc_distances(x).argmin(1)
+    if name == "circles":
+        r = np.linalg.norm(x, axis=1)
+        return np.where(np.abs(r - 2.0) < np.abs(r - 1.0), 0, 1)
+    if name in ("6gaussians", "8gaussians"):
+        modes = int(name[0])
+        angle = 2 * math.pi * np.arange(modes) / modes
+        centres = 2 * math.sqrt(2) * np.stack([np.cos(angle), np.sin(angle)], 1)
+        return np.linalg.norm(x[:, None] - centres[None], axis=2).argmin(1)
+    if name == "checkerboard":
+        cell = np.floor(x + 2.0)
+        hit = (cell[:, None] == _CELLS[None]).all(2)
+        return np.where(hit.any(1), hit.argmax(1), -1)
+    raise ValueError(f"'{name}' is not a 2-D toy with regions: use one of {', '.join(TOYS)}")
+
+
 def toy(name: str, n: int, seed: int, noise: float = 0.0) -> ArrayDataset:
     """``n`` seeded 2-D points of toy ``name`` with ground-truth region labels.
 

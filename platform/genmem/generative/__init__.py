@@ -6,10 +6,11 @@ from genmem.config import ProcessConfig
 from genmem.generative.diffusion import VPDiffusion
 from genmem.generative.flow import FlowMatching
 from genmem.generative.process import PathSample, Process, per_sample_mse
-from genmem.generative.sampling import data_clip, derive_seed, generate, sampling_grid, time_grid
+from genmem.generative.sampling import Chained, data_clip, derive_seed, generate, sampling_grid, time_grid
 from genmem.generative.solvers import odesolve, sdesolve
 
 __all__ = [
+    "Chained",
     "FlowMatching",
     "VPDiffusion",
     "PathSample",

@@ -99,6 +99,29 @@ def _solve(model, process: Process, sampler: SamplerConfig, x: torch.Tensor, gri
     return odesolve(process.velocity(model), x, grid, sampler.method, rtol=sampler.rtol, atol=sampler.atol)
 
 
+class Chained(nn.Module):
+    """A flow that starts from another model's samples instead of noise (the unlearning flow of
+    ContinualFlow): :func:`generate` first samples ``source`` with its own process and sampler
+    from the same per-sample noise, then integrates ``model`` from those points (t = 0 -> 1)."""
+
+    def __init__(self, source: nn.Module, source_process: Process, source_sampler: SamplerConfig, model: nn.Module):
+        super().__init__()
+        self.source, self.model = source, model
+        self.source_process, self.source_sampler = source_process, source_sampler
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t)
+
+
+def _prepared(process: Process, sampler: SamplerConfig) -> tuple[Process, torch.Tensor]:
+    """The process with its clipping resolved, and the sampler's time grid."""
+    grid = sampling_grid(process, sampler)
+    if isinstance(process, VPDiffusion):  # "auto" unresolved (no training data at hand): off
+        clip = sampler.clip_denoised if sampler.clip_denoised != "auto" else None
+        process = dataclasses.replace(process, clip=clip)
+    return process, grid
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -124,15 +147,18 @@ def generate(
         model.eval()
     try:
         indices = list(indices)
-        grid = sampling_grid(process, sampler)
-        if isinstance(process, VPDiffusion):  # "auto" unresolved (no training data at hand): off
-            clip = sampler.clip_denoised if sampler.clip_denoised != "auto" else None
-            process = dataclasses.replace(process, clip=clip)
+        process, grid = _prepared(process, sampler)
+        chained = isinstance(model, Chained)
+        if chained:
+            source_process, source_grid = _prepared(model.source_process, model.source_sampler)
         out = []
         for start in range(0, len(indices), batch_size):
             gens = sample_generators(seed, indices[start : start + batch_size])
             x = _draw(gens, shape).to(device)
-            x = _solve(model, process, sampler, x, grid, lambda i, gens=gens: _draw(gens, shape).to(device))
+            noise = lambda i, gens=gens: _draw(gens, shape).to(device)  # noqa: E731
+            if chained:  # noise -> the source model's samples -> this flow
+                x = _solve(model.source, source_process, model.source_sampler, x, source_grid, noise)
+            x = _solve(model.model if chained else model, process, sampler, x, grid, noise)
             out.append(x.float().cpu())
         return torch.cat(out) if out else torch.empty(0, *shape)
     finally:

@@ -244,10 +244,13 @@ class ClassifierFeatures:
         return _batched(self.net.body, self._check(x), batch_size)
 
     @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """The predicted class of each row of ``x``."""
+        return _batched(lambda b: self.net.head(self.net.body(b)), self._check(torch.as_tensor(x)), 1024).argmax(1)
+
     def accuracy(self, x: Tensor, labels: Tensor) -> float:
         """Fraction of ``x`` classified as ``labels``."""
-        logits = _batched(lambda b: self.net.head(self.net.body(b)), self._check(torch.as_tensor(x)), 1024)
-        return (logits.argmax(1) == torch.as_tensor(labels)).double().mean().item()
+        return (self.predict(x) == torch.as_tensor(labels)).double().mean().item()
 
 
 def _build_seeded(arch: dict, seed: int) -> nn.Module:

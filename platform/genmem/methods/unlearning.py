@@ -1,0 +1,190 @@
+"""Unlearning by energy-weighted flow matching (ContinualFlow; METHODS.md §Unlearning). Library
+code in pure torch: the energy and its weights, the weighted objective the training loop takes,
+the energy proxies (a retain classifier, near-copies of targeted training images) and the
+before/after measurements. The job (base samples on Ray, training on Ray Train, MLflow) is
+``genmem.jobs.unlearn``.
+
+An energy proxy gives l(x), the logit of P(retain | x). F(x) = softplus(-l(x)) is high where x
+should be forgotten, w(x) = sigmoid(-λ F(x)), and flow matching with per-sample weights w(x1)
+(normalised by their sum) moves the model toward q ∝ p_base w: the base softly minus the forget
+region (λ = 0: w = 1/2 everywhere, the base itself).
+
+Usage::
+
+    proxy = fit_proxy(train.x, retain=~forget_mask, seed=1)
+    w = weights(proxy.logits(base_samples), lam=5.0)
+    objective = WeightedObjective(build_process(cfg.process), w, cfg.batch_size, cfg.seed)
+    train_loop(cfg, base_samples_dataset, reporter, objective=objective)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genmem.generative import Process, derive_seed
+from genmem.metrics.neighbours import knn
+from genmem.metrics.two_d import mmd_rbf
+from genmem.training import Batch, global_positions
+
+_PAIR_STREAM, _PROXY_STREAM = 11, 12
+COPY_SHARPNESS = 4.0  # logit slope in log(d1/d2): a copy at half the threshold has F ≈ 2.8
+
+
+def energy(logit: Tensor) -> Tensor:
+    """F(x) = softplus(-l(x)): about 0 where x is surely retained, growing where it is not."""
+    return F.softplus(-logit)
+
+
+def weights(logit: Tensor, lam: float) -> Tensor:
+    """w(x) = sigmoid(-λ F(x)), in (0, 1/2]; λ = 0 gives 1/2 everywhere (the base)."""
+    if lam < 0:
+        raise ValueError(f"lam={lam} must be >= 0: 0 keeps the base, larger values forget more")
+    return torch.sigmoid(-lam * energy(logit))
+
+
+class WeightedObjective:
+    """Σ_i w(x1_i) loss_i / Σ_i w(x1_i) over the *global* batch, so N workers optimise what one
+    does (each rank scales by the global weight sum; DDP averages the ranks' gradients).
+
+    ``weights`` holds w of every training row (the rows the loop's batches index). ``source``
+    (flow mode): the flow starts from these base samples instead of noise; training row r at step
+    s is paired with source row (offset[r] + shift(s)) mod len(source), a pairing that does not
+    depend on either sample's value and changes every step."""
+
+    def __init__(self, process: Process, w: Tensor, batch_size: int, seed: int, source: Tensor | None = None):
+        if w.dim() != 1 or not torch.isfinite(w).all() or (w < 0).any():
+            raise ValueError("weights must be one finite, non-negative value per training row")
+        self.process, self.w, self.batch_size, self.seed, self.source = process, w.double(), batch_size, seed, source
+        g = torch.Generator().manual_seed(derive_seed(seed, _PAIR_STREAM))
+        self.offset = torch.randint(len(source), (len(w),), generator=g) if source is not None else None
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> "WeightedObjective":
+        self.device = torch.device(device)
+        if self.source is not None:
+            self.source = self.source.to(self.device)
+        return self
+
+    def source_rows(self, rows: Tensor, step: int) -> Tensor:
+        shift = derive_seed(self.seed, _PAIR_STREAM, step) % len(self.source)
+        return (self.offset[rows.cpu()] + shift) % len(self.source)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
+        rows = batch.rows.cpu()
+        total = self.w[global_positions(len(self.w), batch.step, self.batch_size, self.seed)].sum()
+        if total <= 0:
+            raise ValueError(f"every sample of the batch at step {batch.step} has weight 0: lower lam")
+        x0 = batch.x0 if self.source is None else self.source[self.source_rows(rows, batch.step).to(self.device)]
+        loss = self.process.loss(model, x0, batch.x1, batch.t)
+        return loss * (self.w[rows] * (self.batch_size / total)).to(loss.device, loss.dtype)
+
+
+class RetainClassifier(nn.Module):
+    """The energy proxy for regions and classes: an MLP giving the logit of P(retain | x)."""
+
+    def __init__(self, dim: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(-1)
+
+    @torch.no_grad()
+    def logits(self, x: Tensor, batch_size: int = 4096) -> Tensor:
+        self.eval()
+        return torch.cat([self(x[i : i + batch_size].float()) for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0)
+
+
+def fit_proxy(x: Tensor, retain: Tensor, *, seed: int, hidden: int = 64, steps: int = 2000, batch_size: int = 256, lr: float = 3e-3) -> RetainClassifier:
+    """Train the retain classifier with binary cross-entropy on labelled points (its own seed)."""
+    retain = torch.as_tensor(retain, dtype=torch.float32)
+    if retain.min() == retain.max():
+        raise ValueError("the proxy needs points to retain and points to forget: the labels hold only one kind")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, _PROXY_STREAM))
+        proxy = RetainClassifier(int(np.prod(x.shape[1:])), hidden)
+        g = torch.Generator().manual_seed(derive_seed(seed, _PROXY_STREAM, 1))
+        opt = torch.optim.Adam(proxy.parameters(), lr=lr)
+        for _ in range(steps):
+            rows = torch.randint(len(x), (batch_size,), generator=g)
+            loss = F.binary_cross_entropy_with_logits(proxy(x[rows].float()), retain[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return proxy.eval().requires_grad_(False)
+
+
+class CopyProxy:
+    """The energy proxy for the copies target: l(x) = κ (log(d1/d2) - log θ) when x's nearest
+    training image is targeted (d1 ≤ d2 its two nearest training distances, θ the memorisation
+    threshold), so l < 0 exactly where x counts as a copy of a targeted image and F grows as the
+    copy tightens; points nearest an untargeted image get l = +30 (retained)."""
+
+    def __init__(self, train_x: Tensor, targets: Tensor, threshold: float = 1 / 3, sharpness: float = COPY_SHARPNESS):
+        self.train_x, self.threshold, self.sharpness = train_x, threshold, sharpness
+        self.targeted = torch.zeros(len(train_x), dtype=torch.bool)
+        self.targeted[targets] = True
+
+    def logits(self, x: Tensor) -> Tensor:
+        d, idx = knn(x, self.train_x, k=2)
+        ratio = (d[:, 0] / d[:, 1].clamp(min=1e-12)).clamp(min=1e-6)
+        logit = self.sharpness * (ratio.log() - np.log(self.threshold))
+        return torch.where(self.targeted[idx[:, 0].cpu()], logit.float(), torch.full_like(logit, 30.0).float())
+
+
+def copy_targets(samples: Tensor, train_x: Tensor, threshold: float = 1 / 3, top_k: int | None = None) -> Tensor:
+    """Training rows that ``samples`` copy (some sample has d1/d2 < threshold with it nearest),
+    most-copied first; ``top_k`` keeps the first k."""
+    d, idx = knn(samples, train_x, k=2)
+    copied = idx[:, 0][(d[:, 0] / d[:, 1].clamp(min=1e-12)) < threshold].cpu()
+    rows, counts = copied.unique(return_counts=True)
+    rows = rows[counts.argsort(descending=True, stable=True)]
+    return rows[:top_k] if top_k is not None else rows
+
+
+def copies_of(samples: Tensor, train_x: Tensor, targets: Tensor, threshold: float = 1 / 3) -> float:
+    """Fraction of ``samples`` that are copies (d1/d2 < threshold) of one of the ``targets`` rows."""
+    d, idx = knn(samples, train_x, k=2)
+    copy = (d[:, 0] / d[:, 1].clamp(min=1e-12)) < threshold
+    targeted = torch.isin(idx[:, 0].cpu(), targets.cpu())
+    return (copy.cpu() & targeted).double().mean().item()
+
+
+def label_shares(labels: Tensor, n_labels: int) -> Tensor:
+    """Fraction of samples per label 0..n_labels-1 (labels < 0, outside every region, count in none)."""
+    labels = torch.as_tensor(labels)
+    return torch.bincount(labels[labels >= 0], minlength=n_labels)[:n_labels].double() / max(len(labels), 1)
+
+
+def forgetting(before: Tensor, after: Tensor, forget: Sequence[int], n_labels: int) -> dict[str, float]:
+    """Ground-truth (or independent-classifier) labels of base and unlearned samples ->
+    ``forget_mass`` (share of samples in the forget labels), ``forget_ratio`` (after / before),
+    ``retained_mass`` (share in retained labels: the paper's retention, by ground truth) and
+    ``retention/<k>``: each retained label's share among retained samples relative to the base's
+    (1 = the kept part keeps its proportions)."""
+    sb, sa = label_shares(before, n_labels), label_shares(after, n_labels)
+    forget_mask = torch.zeros(n_labels, dtype=torch.bool)
+    forget_mask[list(forget)] = True
+    keep = ~forget_mask
+    out = {"forget_mass_before": sb[forget_mask].sum().item(), "forget_mass": sa[forget_mask].sum().item(),
+           "retained_mass_before": sb[keep].sum().item(), "retained_mass": sa[keep].sum().item()}
+    out["forget_ratio"] = out["forget_mass"] / out["forget_mass_before"] if out["forget_mass_before"] > 0 else float("nan")
+    kb, ka = sb[keep] / sb[keep].sum().clamp(min=1e-12), sa[keep] / sa[keep].sum().clamp(min=1e-12)
+    for k, b, a in zip(torch.nonzero(keep).flatten().tolist(), kb.tolist(), ka.tolist()):
+        out[f"retention/{k}"] = a / b if b > 0 else float("nan")
+    return out
+
+
+def retained_mmd(samples: Tensor, data: Tensor, data_labels: Tensor, forget: Sequence[int], bandwidth: float = 1.0,
+                 max_points: int = 2000, seed: int = 0) -> float:
+    """MMD (RBF, σ = 1 as the reference code) of samples to the data of the retained regions
+    (at most ``max_points`` of each, a seeded subset: the kernel matrix is quadratic)."""
+    kept = data[~torch.isin(torch.as_tensor(data_labels), torch.as_tensor(list(forget), dtype=torch.long))]
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda x: x[torch.randperm(len(x), generator=g)[:max_points]]  # noqa: E731
+    return mmd_rbf(pick(samples), pick(kept), bandwidth=bandwidth)
