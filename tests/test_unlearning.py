@@ -279,3 +279,20 @@ def test_bad_input_is_refused_before_any_ray_work(tmp_path, storage, tracking):
     with pytest.raises(ConfigError, match="no labels: use target.kind=copies"):
         _unlearn(manifold, target={"kind": "class", "forget": [0]})
     assert not ray.is_initialized()
+
+
+def test_shipped_configs_and_the_lambda_space_check_against_the_job():
+    from pathlib import Path
+
+    from genmem.config import load_config
+    from genmem.jobs import registry
+    from genmem.space import check_space, load_space
+
+    root = Path(__file__).resolve().parents[1]
+    configs = {name: load_config(root / f"configs/unlearn_{name}.yaml", cls=UnlearnConfig, overrides=["base=ckpt"])
+               for name in ("toy", "digit", "copies")}
+    assert configs["toy"].target.forget == ["mode1", "mode3", "mode5"] and configs["copies"].target.kind == "copies"
+    space = load_space(root / "tune_spaces/unlearning_lambda.yaml")
+    checked = check_space(space, registry.get("unlearn"), configs["toy"].model_dump(mode="json"))
+    assert space.trials == 10 and {c.lam for c in checked} == {0.0, 1.0, 2.0, 5.0, 10.0}
+    assert ["mode0"] in [c.target.forget for c in checked]
