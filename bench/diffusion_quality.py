@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+# The bound on FD / flow matching's FD that the default sampler must meet (tests/test_diffusion_quality.py
+# checks the MLP's in the suite; the U-Net's is checked here).
+FACTOR = {"mlp": 4.0, "unet": 2.5}
 MODELS = {
     # the quickstart's network, data and budget
     "mlp": {"data": {"source": "digits", "train_size": 32}, "model": {"kind": "mlp", "hidden": 256, "depth": 3},
@@ -76,6 +79,11 @@ def main() -> None:
     print(f"\nflow matching, heun 32 steps: FD {fd_flow:.2f}\n")
     print("| prediction | sampler | steps | clip | grid | beyond ±1.5 | FD | FD / flow |")
     print("|---|---|---|---|---|---|---|---|")
+    default = train(base, {"kind": "diffusion"}, work / "default")
+    frac, fd = measure(default, {}, args.n, extractor, real)
+    ok = frac <= 0.001 and fd <= FACTOR[args.model] * fd_flow
+    print(f"default sampler: {100 * frac:.2f}% beyond 1.5 (bound 0.1%), FD {fd:.2f} = {fd / fd_flow:.2f}x flow's "
+          f"(bound {FACTOR[args.model]}x): {'meets both' if ok else 'FAILS'}\n", flush=True)
     for prediction in ("eps", "v"):
         ckpt = train(base, {"kind": "diffusion", "prediction": prediction}, work / prediction)
         for (method, steps) in SAMPLERS:

@@ -1,9 +1,11 @@
-"""Diffusion samples as cleanly as flow matching on the shipped image settings: the quickstart's
-MLP on 32 digits and the digits U-Net, each at the quickstart's budget (60,000 images), trained
-in process with the same seed; the default sampler (v-prediction, Heun 32 steps on the EDM
-grid, the denoised estimate clipped to the data range). ``bench/diffusion_quality.py`` prints
-the whole sampler table these bounds come from (MLP: FD 3.0x flow's, U-Net: 1.6x; the old eps
-sampler: 66-88% of values beyond 1.5 and FD 100x)."""
+"""Diffusion samples as cleanly as flow matching on the quickstart's setting: its MLP on 32
+digits at its budget (60,000 images), trained in process with the same seed as flow matching,
+sampled with the default sampler (v-prediction, Heun 32 steps on the EDM grid, the denoised
+estimate clipped to the data range). The digits U-Net's twin of this check (95 s on 2 cores,
+too much for the suite's budget) is ``bench/diffusion_quality.py --model unet --n 1000``, which
+checks the same bounds (U-Net: factor 2.5) and prints the whole sampler table (measured: MLP FD
+3.0x flow's, U-Net 1.6x, both with no value beyond 1.5; the old eps sampler: 66-88% of values
+beyond 1.5 and FD 100x)."""
 
 from __future__ import annotations
 
@@ -24,8 +26,6 @@ pytestmark = pytest.mark.slow
 SETTINGS = {
     "mlp": ({"data": {"source": "digits", "train_size": 32}, "model": {"kind": "mlp", "hidden": 256, "depth": 3},
              "optim": {"lr": 0.002, "warmup_images": 5000}, "batch_size": 32, "ema_halflife_images": 5000}, 4.0),
-    "unet": ({"data": {"source": "digits"}, "model": {"kind": "unet", "channels": 32, "channel_mults": [1, 2]},
-              "optim": {"lr": 0.002, "warmup_images": 10000}, "batch_size": 128, "ema_halflife_images": 10000}, 2.5),
 }
 
 
