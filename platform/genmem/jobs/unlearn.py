@@ -48,7 +48,7 @@ from genmem.methods.unlearning import (
 from genmem.metrics.features import get_extractor
 from genmem.metrics.frechet import frechet_distance, gaussian_stats
 from genmem.metrics.memorisation import memorisation
-from genmem.storage import ensure_writable, pull, storage_root, uri_of
+from genmem.storage import check_storage, ensure_writable, pull, storage_root, storage_uri, uri_of
 from genmem.tracking import check_reachable, job_run
 from genmem.viz import before_after
 
@@ -108,17 +108,23 @@ def _labels_to_forget(cfg: UnlearnConfig, train: ArrayDataset) -> list[int]:
     return sorted(set(out))
 
 
-def preflight(cfg: UnlearnConfig) -> None:
-    """Tracking, storage, the base checkpoint and its data, and the target: before any Ray work."""
+def _checked(cfg: UnlearnConfig) -> tuple[dict[str, Any], ArrayDataset, ArrayDataset, list[int]]:
+    """Tracking, storage, the base checkpoint and its data, and the target, before any Ray work:
+    the base's meta, its training and held-out data, and the labels to forget."""
     check_reachable()
-    base_meta = read_meta(cfg.base)  # a clear error for a missing or foreign folder
-    _, train, _ = training_data(cfg.base)
-    if tuple(base_meta["shape"]) != tuple(train.shape):
-        raise ConfigError(f"base checkpoint {cfg.base} generates shape {tuple(base_meta['shape'])} but its data has shape {train.shape}")
-    if cfg.target.kind != "copies":
-        _labels_to_forget(cfg, train)
+    check_storage(storage_uri())
+    base = read_meta(cfg.base)  # a clear error for a missing or foreign folder
+    _, train, heldout = training_data(cfg.base)
+    if tuple(base["shape"]) != tuple(train.shape):
+        raise ConfigError(f"base checkpoint {cfg.base} generates shape {tuple(base['shape'])} but its data has shape {train.shape}")
+    forget = _labels_to_forget(cfg, train) if cfg.target.kind != "copies" else []
     if cfg.batch_size % cfg.scaling.num_workers:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by scaling.num_workers {cfg.scaling.num_workers}")
+    return base, train, heldout, forget
+
+
+def preflight(cfg: UnlearnConfig) -> None:
+    _checked(cfg)
 
 
 class WeightsFactory:
@@ -224,10 +230,7 @@ class _Measure:
 
 
 def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
-    preflight(cfg)
-    base = read_meta(cfg.base)
-    _, train, heldout = training_data(cfg.base)
-    forget = _labels_to_forget(cfg, train) if cfg.target.kind != "copies" else []
+    base, train, heldout, forget = _checked(cfg)
     run_name = cfg.run_name or ctx.key or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
     root = ensure_writable(storage_root() / "unlearn" / run_name)
     with job_run("unlearn", run_name, params=cfg.model_dump(mode="json"), tags={"base_checkpoint": str(cfg.base), **ctx.tags},
