@@ -15,10 +15,11 @@ from genmem.config import SamplerConfig
 from genmem.data import toy_regions
 from genmem.data.sources import toy
 from genmem.generative import Chained, FlowMatching, generate
+from genmem.metrics.memorisation import memorisation
 from genmem.methods.unlearning import (
-    CopyProxy,
     WeightedObjective,
     copies_of,
+    copy_logits,
     copy_targets,
     energy,
     fit_proxy,
@@ -149,13 +150,13 @@ def test_copy_proxy_marks_near_copies_of_targets_only():
     near0 = train[0] + 0.01 * torch.randn(1, 4, 4, generator=g)
     near5 = train[5] + 0.01 * torch.randn(1, 4, 4, generator=g)
     samples = torch.stack([near0, near5, near0, torch.randn(1, 4, 4, generator=g)])
-    targets = copy_targets(samples, train)
+    report = memorisation(samples, train)
+    targets = copy_targets(report)
     assert targets.tolist() == [0, 5]  # most copied first
-    proxy = CopyProxy(train, targets[:1])
-    logit = proxy.logits(samples)
+    logit = copy_logits(report, targets[:1])
     assert logit[0] < 0 and logit[2] < 0  # copies of the target
     assert logit[1] == 30.0 and logit[3] > 0  # a copy of an untargeted image, and a new sample
-    assert copies_of(samples, train, targets[:1]) == 0.5
+    assert copies_of(report, targets[:1]) == 0.5
 
 
 def test_chained_generation_starts_from_the_source_models_samples():

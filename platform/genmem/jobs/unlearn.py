@@ -36,9 +36,9 @@ from genmem.generative import build_process, derive_seed
 from genmem.jobs import train as train_job
 from genmem.jobs.base import Context, Flag, Job, numeric
 from genmem.methods.unlearning import (
-    CopyProxy,
     WeightedObjective,
     copies_of,
+    copy_logits,
     copy_targets,
     fit_proxy,
     forgetting,
@@ -154,11 +154,12 @@ def _samples(checkpoint: str, n: int, out: Path, seed: int, scaling: ScalingConf
 def _proxy_logits(cfg: UnlearnConfig, train: ArrayDataset, base_x: torch.Tensor, forget: list[int]):
     """The proxy's logits on the base samples, and what the copies target picked."""
     if cfg.target.kind == "copies":
-        targets = copy_targets(base_x, train.x, cfg.target.threshold, cfg.target.top_k)
+        report = memorisation(base_x, train.x, threshold=cfg.target.threshold)
+        targets = copy_targets(report, cfg.target.top_k)
         if len(targets) == 0:
             raise ConfigError(f"the base model copies none of its training images among {len(base_x)} samples "
                               f"(d1/d2 < {cfg.target.threshold:.3g}): there is nothing to unlearn")
-        return CopyProxy(train.x, targets, cfg.target.threshold).logits(base_x), targets
+        return copy_logits(report, targets), targets
     retain = ~torch.isin(train.labels, torch.tensor(forget))
     proxy = fit_proxy(train.x, retain, seed=derive_seed(cfg.seed, _PROXY), steps=cfg.proxy_steps)
     return proxy.logits(base_x), None
@@ -206,23 +207,24 @@ class _Measure:
             return torch.as_tensor(toy_regions(self.train.manifest.source, x.numpy()))
         return self.extractor.predict(x) if self.extractor is not None else None
 
-    def __call__(self, x: torch.Tensor) -> dict[str, float]:
-        out = {"memorised_fraction": memorisation(x, self.train.x, threshold=self.cfg.target.threshold).memorised_fraction}
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+        report = memorisation(x, self.train.x, threshold=self.cfg.target.threshold)
+        out = {"memorised_fraction": report.memorised_fraction}
         if self.toy:
             out["mmd"] = retained_mmd(x, self.train.x, self.train.labels, self.forget)
-            kept = ~torch.isin(self.labels(x), torch.tensor(self.forget))  # what the model generates in the kept regions
+            kept = ~torch.isin(labels, torch.tensor(self.forget))  # what the model generates in the kept regions
             out["mmd_kept"] = retained_mmd(x[kept], self.train.x, self.train.labels, self.forget) if kept.sum() > 1 else float("nan")
         if self.extractor is not None:
             out["fd_classifier"] = frechet_distance(gaussian_stats(self.extractor(x.clamp(-3, 3))), gaussian_stats(self.extractor(self.reference)))
         if self.targets is not None:
-            out["copies_of_targets"] = copies_of(x, self.train.x, self.targets, self.cfg.target.threshold)
+            out["copies_of_targets"] = copies_of(report, self.targets)
         return out
 
     def compare(self, before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
         """``<metric>_before`` and ``<metric>`` (after) for each measure, and the forgetting table."""
-        b, a = self(before), self(after)
-        out = {**{f"{k}_before": v for k, v in b.items()}, **a}
         lb, la = self.labels(before), self.labels(after)
+        b, a = self(before, lb), self(after, la)
+        out = {**{f"{k}_before": v for k, v in b.items()}, **a}
         if self.forget and lb is not None:
             n_labels = len(self.train.manifest.extra.get("label_names") or []) or int(self.train.labels.max()) + 1
             out.update(forgetting(lb, la, self.forget, n_labels))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genmem.generative import Process, derive_seed
-from genmem.metrics.neighbours import knn
+from genmem.metrics.memorisation import MemorisationReport
 from genmem.metrics.two_d import mmd_rbf
 from genmem.training import Batch, global_positions
 
@@ -119,40 +119,29 @@ def fit_proxy(x: Tensor, retain: Tensor, *, seed: int, hidden: int = 64, steps: 
     return proxy.eval().requires_grad_(False)
 
 
-class CopyProxy:
-    """The energy proxy for the copies target: l(x) = κ (log(d1/d2) - log θ) when x's nearest
-    training image is targeted (d1 ≤ d2 its two nearest training distances, θ the memorisation
+def copy_logits(report: MemorisationReport, targets: Tensor, sharpness: float = COPY_SHARPNESS) -> Tensor:
+    """The energy proxy's logits for the copies target, from the samples' memorisation report:
+    l(x) = κ (log(d1/d2) - log θ) when x's nearest training image is targeted (θ the report's
     threshold), so l < 0 exactly where x counts as a copy of a targeted image and F grows as the
     copy tightens; points nearest an untargeted image get l = +30 (retained)."""
-
-    def __init__(self, train_x: Tensor, targets: Tensor, threshold: float = 1 / 3, sharpness: float = COPY_SHARPNESS):
-        self.train_x, self.threshold, self.sharpness = train_x, threshold, sharpness
-        self.targeted = torch.zeros(len(train_x), dtype=torch.bool)
-        self.targeted[targets] = True
-
-    def logits(self, x: Tensor) -> Tensor:
-        d, idx = knn(x, self.train_x, k=2)
-        ratio = (d[:, 0] / d[:, 1].clamp(min=1e-12)).clamp(min=1e-6)
-        logit = self.sharpness * (ratio.log() - np.log(self.threshold))
-        return torch.where(self.targeted[idx[:, 0].cpu()], logit.float(), torch.full_like(logit, 30.0).float())
+    logit = sharpness * (report.ratio.cpu().clamp(min=1e-6).log() - np.log(report.threshold))
+    targeted = torch.isin(report.nearest.cpu(), targets.cpu())
+    return torch.where(targeted, logit, torch.full_like(logit, 30.0)).float()
 
 
-def copy_targets(samples: Tensor, train_x: Tensor, threshold: float = 1 / 3, top_k: int | None = None) -> Tensor:
-    """Training rows that ``samples`` copy (some sample has d1/d2 < threshold with it nearest),
-    most-copied first; ``top_k`` keeps the first k."""
-    d, idx = knn(samples, train_x, k=2)
-    copied = idx[:, 0][(d[:, 0] / d[:, 1].clamp(min=1e-12)) < threshold].cpu()
+def copy_targets(report: MemorisationReport, top_k: int | None = None) -> Tensor:
+    """Training rows that the report's samples copy (d1/d2 below its threshold, that row
+    nearest), most-copied first; ``top_k`` keeps the first k."""
+    copied = report.nearest.cpu()[report.ratio.cpu() < report.threshold]
     rows, counts = copied.unique(return_counts=True)
     rows = rows[counts.argsort(descending=True, stable=True)]
     return rows[:top_k] if top_k is not None else rows
 
 
-def copies_of(samples: Tensor, train_x: Tensor, targets: Tensor, threshold: float = 1 / 3) -> float:
-    """Fraction of ``samples`` that are copies (d1/d2 < threshold) of one of the ``targets`` rows."""
-    d, idx = knn(samples, train_x, k=2)
-    copy = (d[:, 0] / d[:, 1].clamp(min=1e-12)) < threshold
-    targeted = torch.isin(idx[:, 0].cpu(), targets.cpu())
-    return (copy.cpu() & targeted).double().mean().item()
+def copies_of(report: MemorisationReport, targets: Tensor) -> float:
+    """Fraction of the report's samples that are copies of one of the ``targets`` rows."""
+    copy = report.ratio.cpu() < report.threshold
+    return (copy & torch.isin(report.nearest.cpu(), targets.cpu())).double().mean().item()
 
 
 def label_shares(labels: Tensor, n_labels: int) -> Tensor:
