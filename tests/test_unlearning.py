@@ -185,7 +185,8 @@ from genmem.errors import CheckpointError, ConfigError  # noqa: E402
 from genmem.jobs.base import Context  # noqa: E402
 from genmem.jobs.unlearn import UnlearnConfig  # noqa: E402
 from genmem.jobs.unlearn import run as unlearn  # noqa: E402
-from genmem.metrics.two_d import mmd_rbf  # noqa: E402
+from genmem.jobs.sweep import SweepConfig  # noqa: E402
+from genmem.jobs.sweep import run as sweep  # noqa: E402
 from genmem.training import LocalReporter, train_loop  # noqa: E402
 
 TOY_BASE = {"model": {"kind": "mlp", "hidden": 128, "depth": 3}, "process": {"kind": "flow"}, "sampler": {"method": "heun", "steps": 16},
@@ -208,23 +209,32 @@ def _unlearn(base: str, **cfg) -> dict:
 
 
 @pytest.mark.slow
-def test_lambda_zero_keeps_the_base_and_lambda_five_forgets_three_modes(tmp_path, storage, tracking, ray_local):
+def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tmp_path, storage, tracking, ray_local):
+    """A real Tune sweep over λ (the shipped space's axis): λ = 0 gives back the base, λ = 5
+    forgets three of the six modes, and the parent run holds forgetting and quality against λ."""
     torch.set_num_threads(2)
     base = _base(tmp_path, {**TOY_BASE, "data": {"source": "6gaussians", "n": 6000}})
-    target = {"kind": "region", "forget": ["mode1", "mode3", "mode5"]}
-    kept0 = _unlearn(base, target=target, lam=0.0, mode="finetune", images=60_000, lr=1e-3)
-    gone = _unlearn(base, target=target, lam=5.0, mode="finetune", images=60_000, lr=1e-3)
-    before = read_shards(kept0["before"]).x
-    mmd0 = mmd_rbf(read_shards(kept0["after"]).x, before, bandwidth=1.0)
-    mmd5 = mmd_rbf(read_shards(gone["after"]).x, before, bandwidth=1.0)
-    assert mmd0 < 0.01 < mmd5, (mmd0, mmd5)
-    m = gone["metrics"]
+    space = tmp_path / "lam.yaml"
+    space.write_text("space:\n  lam: {grid: [0.0, 5.0]}\nmetric: forget_mass\nmode: min\n")
+    config = {**JOB, "base": base, "target": {"kind": "region", "forget": ["mode1", "mode3", "mode5"]}, "mode": "finetune",
+              "images": 60_000, "lr": 1e-3, "scaling": {"num_workers": 1, "cpus_per_worker": 1.9}}  # the trial's driver holds 0.1
+    result = sweep(SweepConfig(space=str(space), job="unlearn", base=config), Context())
+    assert result["trials"] == 2 and not result["failed"], result
+    final = {r["params"]["lam"]: r["final"] for r in result["results"]}
+    assert final[0.0]["mmd_to_base"] < 0.01 < final[5.0]["mmd_to_base"], final
+    m = final[5.0]
     assert m["forget_mass_before"] > 0.4 and m["forget_ratio"] <= 0.1, m
     assert m["mmd"] <= m["mmd_kept_before"] + 0.01, m  # what is kept is as good as the base's kept part
-    run = MlflowClient().get_run(gone["mlflow_run_id"])
-    assert run.data.metrics["unlearn/forget_ratio"] == pytest.approx(m["forget_ratio"])
-    assert any(a.path.startswith("before_after") for a in MlflowClient().list_artifacts(run.info.run_id))
-    assert read_shards(gone["base_samples"]).manifest.source.startswith("checkpoint:")  # base samples keep their provenance
+    assert result["best"]["params"]["lam"] == 5.0
+    client = MlflowClient()
+    assert "sweep_summary.png" in {a.path for a in client.list_artifacts(result["mlflow_run_id"])}
+    trials = client.search_runs([client.get_run(result["mlflow_run_id"]).info.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
+    by_lam = {float(r.data.params["lam"]): r for r in trials}
+    assert by_lam[5.0].data.metrics["unlearn/forget_ratio"] == pytest.approx(m["forget_ratio"])
+    assert any(a.path.startswith("before_after") for a in client.list_artifacts(by_lam[5.0].info.run_id))
+    samples = next((storage / "unlearn").glob(f"{result['sweep']}-*/base_samples"))
+    assert read_shards(samples).manifest.source.startswith("checkpoint:")  # base samples keep their provenance
 
 
 @pytest.mark.slow

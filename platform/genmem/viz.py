@@ -155,15 +155,21 @@ def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], x
 
 def before_after(before: torch.Tensor, after: torch.Tensor, reference: torch.Tensor | None = None,
                  forget: torch.Tensor | None = None, titles: tuple[str, str] = ("before", "after")) -> np.ndarray:
-    """Two panels, the same samples' model before and after a change: image grids, or for 2-D
-    points scatters over the data with the data to forget (boolean mask ``forget``) drawn in red."""
+    """Two panels, the same samples' model before and after a change (:func:`side_by_side`)."""
+    return side_by_side([before, after], list(titles), reference, forget)
+
+
+def side_by_side(samples: list[torch.Tensor], titles: list[str], reference: torch.Tensor | None = None,
+                 forget: torch.Tensor | None = None) -> np.ndarray:
+    """One panel per sample set: image grids, or for 2-D points scatters over the data
+    ``reference`` with the data to forget (boolean mask ``forget``) drawn in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=100)
-    for ax, x, title in zip(axes, (before, after), titles):
+    fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4), dpi=100, squeeze=False)
+    for ax, x, title in zip(axes[0], samples, titles):
         if x.dim() == 4 and x.shape[1] <= 3:
             ax.imshow(image_grid(x[:64]))
             ax.axis("off")
@@ -171,7 +177,7 @@ def before_after(before: torch.Tensor, after: torch.Tensor, reference: torch.Ten
             if reference is not None:
                 ref = reference.detach().cpu().flatten(1).numpy()
                 mask = np.zeros(len(ref), bool) if forget is None else forget.cpu().numpy().astype(bool)
-                ax.scatter(ref[~mask, 0], ref[~mask, 1], s=2, c="#bbbbbb", label="data kept")
+                ax.scatter(ref[~mask, 0], ref[~mask, 1], s=2, c="#bbbbbb", label="data kept" if mask.any() else "data")
                 if mask.any():
                     ax.scatter(ref[mask, 0], ref[mask, 1], s=2, c="#f4a6a6", label="data to forget")
             pts = x.detach().cpu().flatten(1).numpy()

@@ -52,7 +52,10 @@ class Job:
     what a trial holds, which metric names its Tune reports carry, and its last report;
     ``time_attr`` is the report key that measures a trial's progress (ASHA's time axis, in which
     a space gives ``max_t`` and ``grace_period``) and ``budget(cfg)`` its value at the end;
-    ``table(result)`` is what the CLI prints, ``summary(result)`` its JSON (default: the result)."""
+    ``table(result)`` is what the CLI prints, ``summary(result)`` its JSON (default: the result);
+    ``sweep_figure(space, trials)`` draws the sweep parent run's ``sweep_summary`` image from the
+    finished trials (``{"params", "reports"}`` each; :func:`genmem.jobs.sweep.grouped` helps);
+    default: the sweep metric against each swept key."""
 
     name: str
     help: str
@@ -70,6 +73,7 @@ class Job:
     budget: Callable[[Any], int] | None = None
     table: Callable[[dict[str, Any]], str] | None = None
     summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    sweep_figure: Callable[[Any, list[dict[str, Any]]], Any] | None = None
 
     @property
     def sweepable(self) -> bool:

@@ -30,7 +30,8 @@ from genmem.generative import derive_seed
 from genmem.jobs import train as train_job
 from genmem.jobs.base import Context, Job, numeric
 from genmem.jobs.evaluate import log_evaluation
-from genmem.methods.retraining import collapse_generation, curves, select_synthetic
+from genmem.jobs.sweep import grouped
+from genmem.methods.retraining import CURVES, collapse_generation, curves, select_synthetic
 from genmem.storage import (
     atomic_write_text,
     ensure_writable,
@@ -39,6 +40,7 @@ from genmem.storage import (
     uri_of,
 )
 from genmem.tracking import Tracker, job_run
+from genmem.viz import line_panels
 
 # Streams of derive_seed(loop seed, stream, generation): independent randomness per purpose.
 _TRAIN, _SAMPLE, _SELECT = 1, 2, 3
@@ -229,6 +231,21 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def sweep_figure(space, rows: list[dict[str, Any]]):
+    """Each curve against generation, one line per swept value (mean over seeds)."""
+    panels: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for metric in CURVES:
+        lines = {}
+        for label, group in grouped(space, rows).items():
+            runs = [[rep for rep in r["reports"] if "generation" in rep] for r in group]
+            depth = min(len(r) for r in runs)
+            if depth and all(metric in r[0] for r in runs):
+                lines[label] = (list(range(depth)), [sum(r[g][metric] for r in runs) / len(runs) for g in range(depth)])
+        if lines:
+            panels[f"{metric} (mean over seeds)"] = lines
+    return line_panels(panels, "generation", integer_x=True) if panels else None
+
+
 # What every report of a retraining trial carries (Tune refuses a result without the sweep metric).
 REPORTS = ("fd", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage", "memorised_fraction",
            "sample_variance", "mmd", "sliced_wasserstein", "lid_mle", "collapsed", "real_fraction", "generation")
@@ -246,4 +263,5 @@ JOB = Job(
     budget=lambda cfg: cfg.generations,
     table=format_table,
     summary=summary,
+    sweep_figure=sweep_figure,
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,12 +170,12 @@ def _summarise(tracker: Tracker, job: Job, space: Space, name: str, folder: str,
 
 
 def _summary_figure(job: Job, space: Space, rows: list[dict[str, Any]]) -> np.ndarray | None:
-    """Jobs that report a sequence (retraining's generations): each metric against the report
-    index, one line per swept value (mean over seeds). Others: the sweep metric against each key."""
+    """The job's own sweep figure where it declares one; otherwise the sweep metric against each
+    swept key."""
     if not rows:
         return None
-    if max(len(r["reports"]) for r in rows) > 1 and any("generation" in rep for r in rows for rep in r["reports"]):
-        return _generation_figure(space, rows)
+    if job.sweep_figure is not None:
+        return job.sweep_figure(space, rows)
     if not space.metric:
         return None
     panels = {}
@@ -189,25 +190,37 @@ def _summary_figure(job: Job, space: Space, rows: list[dict[str, Any]]) -> np.nd
     return line_panels(panels, "swept value")
 
 
-def _generation_figure(space: Space, rows: list[dict[str, Any]]) -> np.ndarray | None:
-    from genmem.methods.retraining import CURVES
-
-    keys = [a.key for a in space.axes]
-    label_keys = [k for k in keys if k.split(".")[-1] != "seed"] or keys
-    groups: dict[str, list[list[dict[str, float]]]] = {}
+def grouped(space: Space, rows: list[dict[str, Any]], exclude: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]]]:
+    """The finished trials grouped into one line each: by every swept key except the seeds and
+    ``exclude`` (the figure's x axis), labelled ``key=value, ...`` (a single group: ``""``)."""
+    keys = [a.key for a in space.axes if a.key.split(".")[-1] != "seed" and a.key not in exclude]
+    groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        label = ", ".join(f"{k.split('.')[-1]}={row['params'].get(k)}" for k in label_keys)
-        groups.setdefault(label, []).append([rep for rep in row["reports"] if "generation" in rep])
+        label = ", ".join(f"{k.split('.')[-1]}={row['params'].get(k)}" for k in keys)
+        groups.setdefault(label, []).append(row)
+    return groups
+
+
+def curves_against(space: Space, rows: list[dict[str, Any]], x: str, curves: dict[str, Callable[[dict[str, float]], float | None]],
+                   xlabel: str | None = None) -> np.ndarray | None:
+    """One panel per curve, its value (``curves[title](final report)``) against the final
+    report's ``x`` (e.g. the regulariser weight), one line per other swept value, mean over seeds."""
     panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
-    for metric in CURVES:
+    for title, read in curves.items():
         lines = {}
-        for label, runs in groups.items():
-            depth = min(len(r) for r in runs)
-            if depth and all(metric in r[0] for r in runs):
-                lines[label] = (list(range(depth)), [float(np.mean([r[g][metric] for r in runs])) for g in range(depth)])
+        for label, group in grouped(space, rows, exclude=(x,)).items():
+            by_x: dict[float, list[float]] = {}
+            for row in group:
+                final = row["reports"][-1] if row["reports"] else {}
+                value = read(final) if x in final else None
+                if value is not None and np.isfinite(value):
+                    by_x.setdefault(final[x], []).append(float(value))
+            if by_x:
+                xs = sorted(by_x)
+                lines[label] = (xs, [float(np.mean(by_x[v])) for v in xs])
         if lines:
-            panels[f"{metric} (mean over seeds)"] = lines
-    return line_panels(panels, "generation", integer_x=True) if panels else None
+            panels[title] = lines
+    return line_panels(panels, xlabel or x) if panels else None
 
 
 def format_results(result: dict[str, Any]) -> str:

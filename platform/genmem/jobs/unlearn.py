@@ -35,6 +35,7 @@ from genmem.evaluation import training_data
 from genmem.generative import build_process, derive_seed
 from genmem.jobs import train as train_job
 from genmem.jobs.base import Context, Flag, Job, numeric
+from genmem.jobs.sweep import curves_against
 from genmem.methods.unlearning import (
     WeightedObjective,
     copies_of,
@@ -48,6 +49,7 @@ from genmem.methods.unlearning import (
 from genmem.metrics.features import get_extractor
 from genmem.metrics.frechet import frechet_distance, gaussian_stats
 from genmem.metrics.memorisation import memorisation
+from genmem.metrics.two_d import mmd_rbf
 from genmem.storage import check_storage, ensure_writable, pull, storage_root, storage_uri, uri_of
 from genmem.tracking import check_reachable, job_run
 from genmem.viz import before_after
@@ -225,6 +227,11 @@ class _Measure:
         lb, la = self.labels(before), self.labels(after)
         b, a = self(before, lb), self(after, la)
         out = {**{f"{k}_before": v for k, v in b.items()}, **a}
+        # How far the unlearned model moved from the base (λ = 0 should not move it)
+        if self.toy:
+            out["mmd_to_base"] = mmd_rbf(after[:2000], before[:2000], bandwidth=1.0)
+        if self.extractor is not None:
+            out["fd_to_base"] = frechet_distance(gaussian_stats(self.extractor(after.clamp(-3, 3))), gaussian_stats(self.extractor(before.clamp(-3, 3))))
         if self.forget and lb is not None:
             n_labels = len(self.train.manifest.extra.get("label_names") or []) or int(self.train.labels.max()) + 1
             out.update(forgetting(lb, la, self.forget, n_labels))
@@ -272,10 +279,22 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines + [f"target {result['target']} {result['forget'] or result['targets']}, mode {result['mode']}, λ={result['lam']:g}"])
 
 
+# The sweep figure's panels: title -> how to read it from a trial's final report.
+_CURVES = {
+    "forget ratio (mass left / base's)": lambda m: m.get("forget_ratio"),
+    "retention (kept mass / base's)": lambda m: m["retained_mass"] / m["retained_mass_before"] if m.get("retained_mass_before") else None,
+    "MMD to the kept data": lambda m: m.get("mmd"),
+    "FD (classifier) on kept classes": lambda m: m.get("fd_classifier"),
+    "copies of the targets": lambda m: m.get("copies_of_targets"),
+    "memorised fraction": lambda m: m.get("memorised_fraction"),
+    "distance to the base (MMD or FD)": lambda m: m.get("mmd_to_base", m.get("fd_to_base")),
+}
+
+
 REPORTS = ("forget_mass", "forget_mass_before", "forget_ratio", "retained_mass", "retained_mass_before", "mmd", "mmd_before",
            "mmd_kept", "mmd_kept_before",
            "fd_classifier", "fd_classifier_before", "memorised_fraction", "memorised_fraction_before", "copies_of_targets",
-           "copies_of_targets_before", "lam")
+           "copies_of_targets_before", "mmd_to_base", "fd_to_base", "lam")
 
 JOB = Job(
     name="unlearn",
@@ -289,4 +308,5 @@ JOB = Job(
     metrics=REPORTS,
     final_report=lambda r: {**numeric(r["metrics"]), "lam": r["lam"]},
     table=format_table,
+    sweep_figure=lambda space, rows: curves_against(space, rows, "lam", _CURVES, "λ"),
 )
