@@ -99,10 +99,13 @@ class Batch:
     t: torch.Tensor
     rows: torch.Tensor
     step: int
+    offset: int = 0  # where this rank's slice starts in the global batch
 
 
 class Objective(Protocol):
-    """What the loop optimises: per-sample losses of shape (batch,), unreduced (DESIGN.md)."""
+    """What the loop optimises: per-sample losses of shape (batch,), unreduced (DESIGN.md).
+    An objective that measures more than its loss also defines ``read_metrics()``: the means
+    since its last call, {name: tensor on the device}, logged with the loss (every rank calls it)."""
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
@@ -270,7 +273,7 @@ def draw_batch(train_x: torch.Tensor, cfg: TrainConfig, step: int, engine: Engin
     rows = global_positions(len(train_x), step, batch, cfg.seed)[lo:hi]
     x0, t = global_noise(shape, step, batch, cfg.seed)
     device = engine.device
-    return Batch(x1=train_x[rows.to(train_x.device)], x0=x0[lo:hi].to(device), t=t[lo:hi].to(device), rows=rows, step=step)
+    return Batch(x1=train_x[rows.to(train_x.device)], x0=x0[lo:hi].to(device), t=t[lo:hi].to(device), rows=rows, step=step, offset=lo)
 
 
 def train_step(state: TrainState, batch: Batch, objective: Objective, cfg: TrainConfig, engine: Engine, beta: float) -> torch.Tensor:
@@ -444,7 +447,8 @@ def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
         window.add(train_step(state, draw_batch(x_all, cfg, state.step, engine), objective, cfg, engine, beta), batch)
         due = schedule.due(run.seen)
         if "log" in due:
-            reporter.log(state.step, run.seen, {**window.read(state.step, batch), "train/lr": state.optimizer.param_groups[0]["lr"]})
+            reporter.log(state.step, run.seen, {**window.read(state.step, batch), "train/lr": state.optimizer.param_groups[0]["lr"],
+                                                **_objective_metrics(objective, engine)})
         if "probe" in due and engine.is_main:
             reporter.log(state.step, run.seen, probe(run.sampling_model(), engine.device))
             state.model.train()
@@ -461,6 +465,13 @@ def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
         parameters=count_parameters(engine.unwrap(state.model)), seconds=seconds,
         images_per_s=(run.seen - state.start_images) / max(seconds, 1e-9),
     )
+
+
+def _objective_metrics(objective: Objective, engine: Engine) -> dict[str, float]:
+    """What an objective measures besides its loss since the last log (fine-tuning's reward and
+    path KL), averaged over the ranks: its optional ``read_metrics()`` -> {name: device tensor}."""
+    read = getattr(objective, "read_metrics", None)
+    return {name: engine.mean(value).item() for name, value in read().items()} if read is not None else {}
 
 
 def _param_spread(engine: Engine, model: nn.Module) -> float:

@@ -1,0 +1,342 @@
+"""`genmem finetune`: reward fine-tuning with a KL or f-divergence regulariser, by adjoint
+matching (METHODS.md §Regularised reward fine-tuning) on Ray. Base checkpoint in, fine-tuned
+checkpoint out:
+
+1. ``eval_n`` base samples from Ray sampling tasks (the "before" column; for an f-divergence
+   they also fix the normaliser c of p* = p_pre (f')⁻¹((r - c)/α));
+2. the base network fine-tuned on Ray Train workers by the training loop with the adjoint-matching
+   objective: each batch is a batch of trajectories of the current model's memoryless chain;
+   the loop logs mean reward, path KL and diversity with the loss;
+3. the same ``eval_n`` samples from the fine-tuned model: reward, diversity (mean pairwise
+   distance; precision/recall against the base's samples), quality against the data (FD on
+   classifier features for labelled images, MMD in 2-D), memorised fraction (does chasing the
+   reward make the model copy?), on 2-D the MMD to the exact p* (base samples reweighted), and
+   the path KL of the fine-tuned chain; one MLflow run with the metrics and before/after figures.
+
+Usage::
+
+    genmem finetune --config configs/finetune_toy.yaml --set base=CHECKPOINT alpha=0.5
+"""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from genmem.checkpoint import load_checkpoint, read_meta
+from genmem.config import ScalingConfig, Strict, TrainConfig, to_yaml
+from genmem.data import ArrayDataset, read_shards
+from genmem.distributed.sampling import sample
+from genmem.errors import ConfigError, DataError
+from genmem.evaluation import training_data
+from genmem.generative import build_process, derive_seed
+from genmem.jobs import train as train_job
+from genmem.jobs.base import Context, Flag, Job, numeric
+from genmem.jobs.sweep import curves_against
+from genmem.methods.finetune import (
+    DIVERGENCES,
+    AdjointMatching,
+    ClassLogProb,
+    FinetuneObjective,
+    Linear,
+    Memoryless,
+    Quadratic,
+    Region,
+    Surrogate,
+    check_reward,
+    divergence,
+    normaliser,
+    pairwise_distance,
+    tilt_weights,
+)
+from genmem.metrics.features import get_extractor
+from genmem.metrics.frechet import frechet_distance, gaussian_stats
+from genmem.metrics.memorisation import memorisation
+from genmem.metrics.prdc import prdc
+from genmem.metrics.two_d import mmd_rbf
+from genmem.storage import check_storage, ensure_writable, pull, storage_root, storage_uri, uri_of
+from genmem.tracking import check_reachable, job_run
+from genmem.viz import side_by_side
+
+_EVAL, _TARGET, _KL = 1, 2, 3
+
+
+class RewardConfig(Strict):
+    """The reward r(x) -> (batch,), differentiable: ``linear`` aᵀx, ``quadratic``
+    -(x - m)ᵀA(x - m)/2, ``region`` a smoothed indicator of the box [lo, hi], ``class`` the
+    log-probability of ``target`` under the dataset's classifier (the ``classifier`` feature
+    extractor's network), or ``function`` a user's ``module:function``."""
+
+    kind: Literal["linear", "quadratic", "region", "class", "function"] = "linear"
+    a: list[float] | None = None
+    A: list[list[float]] | None = None
+    m: list[float] | None = None
+    lo: list[float] | None = None
+    hi: list[float] | None = None
+    smoothness: float = Field(0.1, gt=0)
+    target: str | int | None = None
+    function: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "RewardConfig":
+        needs = {"linear": ("a",), "quadratic": ("A", "m"), "region": ("lo", "hi"), "class": ("target",), "function": ("function",)}[self.kind]
+        missing = [k for k in needs if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"reward.kind={self.kind} needs reward.{missing[0]}")
+        return self
+
+
+class FinetuneConfig(Strict):
+    name: str = Field("finetune", pattern=r"^[A-Za-z0-9_.-]+$")
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str  # the base checkpoint (a folder or URI written by genmem train)
+    reward: RewardConfig
+    divergence: str = "kl"  # kl, chi2, reverse_kl or hellinger
+    alpha: float = Field(1.0, gt=0)  # α: the regulariser's weight; large keeps the base
+    seed: int = 0
+    steps: int = Field(32, ge=2)  # memoryless chain steps
+    loss_steps: int | None = Field(8, gt=0)  # chain steps per trajectory in the loss (None: all)
+    images: int = Field(64_000, gt=0)  # training budget in trajectories
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    eval_n: int = Field(2000, gt=5)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    @model_validator(mode="after")
+    def _known_divergence(self) -> "FinetuneConfig":
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence '{self.divergence}': choose one of {', '.join(DIVERGENCES)}")
+        return self
+
+
+def build_reward(cfg: RewardConfig, train: ArrayDataset) -> nn.Module:
+    """The reward module for data like ``train`` (a class reward trains or loads the dataset's
+    classifier from the features cache)."""
+    dim = int(torch.tensor(train.shape).prod())
+
+    def vector(name: str, values: list[float]) -> torch.Tensor:
+        if len(values) != dim:
+            raise ConfigError(f"reward.{name} has {len(values)} entries but the base's samples have {dim} dimensions")
+        return torch.tensor(values)
+
+    if cfg.kind == "linear":
+        return Linear(vector("a", cfg.a))
+    if cfg.kind == "quadratic":
+        A = torch.tensor(cfg.A)
+        if A.shape != (dim, dim):
+            raise ConfigError(f"reward.A has shape {tuple(A.shape)} but the base's samples need ({dim}, {dim})")
+        return Quadratic(A, vector("m", cfg.m))
+    if cfg.kind == "region":
+        return Region(vector("lo", cfg.lo), vector("hi", cfg.hi), cfg.smoothness)
+    if cfg.kind == "class":
+        names = train.manifest.extra.get("label_names")
+        if train.labels is None:
+            raise ConfigError(f"reward.kind=class needs labelled data, but {train.manifest.source} has no labels: use another reward")
+        present = sorted(set(train.labels.tolist()))
+        k = names.index(cfg.target) if isinstance(cfg.target, str) and names and cfg.target in names else cfg.target
+        k = int(k) if isinstance(k, int) or (isinstance(k, str) and k.isdigit()) else None
+        if k is None or k not in present:
+            choices = ", ".join(names[i] if names else str(i) for i in present)
+            raise ConfigError(f"reward.target names {cfg.target!r}, which is not a class of the base's data: choose among {choices}")
+        clf = get_extractor("classifier", train=train, cache_dir=storage_root() / "features")
+        return ClassLogProb(nn.Sequential(clf.net.body, clf.net.head), k)
+    module, _, name = cfg.function.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"reward.function {cfg.function} cannot be imported ({err}): give an importable module:function") from err
+    return _Function(fn)
+
+
+class _Function(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _checked(cfg: FinetuneConfig) -> tuple[dict[str, Any], ArrayDataset, ArrayDataset, nn.Module]:
+    """Tracking, storage, the base and its data, and the reward (built and tried on training
+    points: shape and gradient), all before any Ray work."""
+    check_reachable()
+    check_storage(storage_uri())
+    base = read_meta(cfg.base)  # a clear error for a missing or foreign folder
+    if TrainConfig.from_saved(base["config"]).source_checkpoint:
+        raise ConfigError(f"base checkpoint {cfg.base} is a chained flow (an unlearning flow): fine-tune a model that starts from noise")
+    _, train, heldout = training_data(cfg.base)
+    reward = build_reward(cfg.reward, train)
+    try:
+        check_reward(reward, train.x[:4].float())
+    except ValueError as err:
+        raise ConfigError(f"reward.kind={cfg.reward.kind}: {err}") from err
+    if cfg.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by scaling.num_workers {cfg.scaling.num_workers}")
+    return base, train, heldout, reward
+
+
+def preflight(cfg: FinetuneConfig) -> None:
+    _checked(cfg)
+
+
+class ObjectiveFactory:
+    """What each Ray Train worker builds its objective from (picklable): the base checkpoint,
+    the reward's config and the normaliser c measured on the driver."""
+
+    def __init__(self, cfg: FinetuneConfig, c: float):
+        self.cfg, self.c = cfg, c
+
+    def __call__(self, train_cfg: TrainConfig, train: ArrayDataset) -> FinetuneObjective:
+        cfg = self.cfg
+        base = load_checkpoint(cfg.base).model
+        reward = build_reward(cfg.reward, train)
+        div = divergence(cfg.divergence)
+        surrogate = Surrogate(reward, div, cfg.alpha, self.c) if div.normalised else None
+        chain = Memoryless(build_process(train_cfg.process), cfg.steps)
+        return FinetuneObjective(chain, base, reward, cfg.alpha, train_cfg.batch_size, train_cfg.seed, cfg.loss_steps, surrogate)
+
+
+def _samples(checkpoint: str, n: int, out: Path, seed: int, scaling: ScalingConfig) -> torch.Tensor:
+    """``n`` samples of ``checkpoint`` at ``out`` (reused when a restarted run already wrote them)."""
+    if not (pull(out) / "manifest.json").is_file():
+        sample(checkpoint, n, out, seed=seed, tasks=scaling.num_workers, cpus_per_task=scaling.cpus_per_worker,
+               gpus_per_task=scaling.gpus_per_worker if scaling.use_gpu else 0.0)
+    x = read_shards(out).x
+    if len(x) != n:
+        raise DataError(f"{out} holds {len(x)} samples, not {n}: remove it or use another run_name")
+    return x
+
+
+def _train_config(cfg: FinetuneConfig, base: dict[str, Any], run_name: str) -> TrainConfig:
+    tree = TrainConfig.from_saved(base["config"]).model_dump(mode="json")
+    tree.update(name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed, images=cfg.images, batch_size=cfg.batch_size,
+                eval_every_images=0, checkpoint_every_images=0, grid_every_images=0, log_every_images=max(cfg.images // 20, cfg.batch_size),
+                scaling=cfg.scaling.model_dump(), init_from=cfg.base, source_checkpoint=None)
+    tree["ema_halflife_images"] = min(tree["ema_halflife_images"], cfg.images // 10)
+    tree["optim"] = {**tree["optim"], "lr": cfg.lr, "warmup_images": min(tree["optim"].get("warmup_images", 0), cfg.images // 10)}
+    return TrainConfig.model_validate(tree)
+
+
+class _Measure:
+    """Before/after measurements: reward, diversity, precision/recall against the base's own
+    samples, quality against the data, memorised fraction; in 2-D the MMD to the exact p*."""
+
+    def __init__(self, cfg: FinetuneConfig, train: ArrayDataset, heldout: ArrayDataset, reward: nn.Module, before: torch.Tensor):
+        self.cfg, self.train, self.reward, self.before = cfg, train, reward, before
+        self.two_d = train.x.dim() == 2 and train.x.shape[1] == 2
+        self.extractor = None
+        if train.x.dim() == 4 and train.labels is not None:
+            self.extractor = get_extractor("classifier", train=train, cache_dir=storage_root() / "features")
+        real = torch.cat([train.x, heldout.x]) if len(heldout) else train.x
+        self.real_features = self.features(real)
+        self.base_features = self.features(before)
+        self.target = None
+        if self.two_d:  # the exact p* on what the base generates: its samples resampled by the tilt
+            div = divergence(cfg.divergence)
+            w = tilt_weights(div, self.rewards(before), cfg.alpha)
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, _TARGET))
+            self.target = before[torch.multinomial(w.float(), len(before), replacement=True, generator=g)]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor(x.clamp(-3, 3)) if self.extractor is not None else x.flatten(1).float()
+
+    @torch.no_grad()
+    def rewards(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.reward(x[i : i + 1024].float()) for i in range(0, len(x), 1024)]).double()
+
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        feats = self.features(x)
+        out = {"reward": self.rewards(x).mean().item(), "diversity": pairwise_distance(x),
+               "memorised_fraction": memorisation(x, self.train.x).memorised_fraction}
+        pr = prdc(self.base_features, feats)
+        out.update(precision_vs_base=pr["precision"], recall_vs_base=pr["recall"])
+        if self.extractor is not None:
+            out["fd_classifier"] = frechet_distance(gaussian_stats(feats), gaussian_stats(self.real_features))
+        if self.two_d:
+            out["mmd_data"] = mmd_rbf(x[:2000], self.train.x[:2000], bandwidth=1.0)
+            out["mmd_target"] = mmd_rbf(x[:2000], self.target[:2000], bandwidth=1.0)
+        return out
+
+
+@torch.no_grad()
+def path_kl(cfg: FinetuneConfig, checkpoint: str, n: int) -> float:
+    """Mean path KL Σ ||u_k||²/2 of the fine-tuned model's memoryless chain against the base's."""
+    model, base = load_checkpoint(checkpoint).model, load_checkpoint(cfg.base)
+    chain = Memoryless(build_process(base.config.process), cfg.steps)
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, _KL))
+    shape = base.shape
+    am = AdjointMatching(chain, base.model, lambda x: x.flatten(1).sum(1), cfg.alpha)
+    traj = am.rollout(model.eval(), torch.randn((n, *shape), generator=g), lambda k: torch.randn((n, *shape), generator=g))
+    return traj.kl.mean().item()
+
+
+def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
+    base, train, heldout, reward = _checked(cfg)
+    run_name = cfg.run_name or ctx.key or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+    root = ensure_writable(storage_root() / "finetune" / run_name)
+    with job_run("finetune", run_name, params=cfg.model_dump(mode="json"), tags={"base_checkpoint": str(cfg.base), **ctx.tags},
+                 parent_run_id=ctx.parent_run_id, key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
+        tracker.text(to_yaml(cfg), "finetune.yaml")
+        print(f"[genmem finetune] reward {cfg.reward.kind}, {cfg.divergence} at α={cfg.alpha:g}: {cfg.eval_n} base samples", flush=True)
+        before = _samples(cfg.base, cfg.eval_n, root / "before", derive_seed(cfg.seed, _EVAL), cfg.scaling)
+        measure = _Measure(cfg, train, heldout, reward, before)
+        c = normaliser(divergence(cfg.divergence), measure.rewards(before), cfg.alpha)
+        tracker.metrics({"finetune/normaliser": c})
+        trained = train_job.train_model(_train_config(cfg, base, run_name), Context(parent_run_id=tracker.run_id, tags={"finetune": run_name}),
+                                        kind="finetune", objective_factory=ObjectiveFactory(cfg, c))
+        after = _samples(trained["checkpoint"], cfg.eval_n, root / "after", derive_seed(cfg.seed, _EVAL), cfg.scaling)
+        b, a = measure(before), measure(after)
+        metrics = {**{f"{k}_before": v for k, v in b.items()}, **a, "path_kl": path_kl(cfg, trained["checkpoint"], min(cfg.eval_n, 1000))}
+        tracker.metrics({f"finetune/{k}": v for k, v in numeric(metrics).items()})
+        panels = [before, after] + ([measure.target] if measure.target is not None else [])
+        titles = ["base", f"fine-tuned ({cfg.divergence}, α={cfg.alpha:g})", "exact p* (base samples reweighted)"][: len(panels)]
+        tracker.image("before_after", side_by_side(panels, titles, train.x if before.dim() == 2 else None))
+        tracker.tags({"checkpoint_uri": str(trained["checkpoint"]), "train_run_id": trained["mlflow_run_id"]})
+    return {"run_name": run_name, "mlflow_run_id": tracker.run_id, "checkpoint": trained["checkpoint"], "alpha": cfg.alpha,
+            "divergence": cfg.divergence, "normaliser": c, "before": uri_of(root / "before"), "after": uri_of(root / "after"),
+            "train_run_id": trained["mlflow_run_id"], "metrics": metrics}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    m = result["metrics"]
+    names = sorted({k.removesuffix("_before") for k in m if k.endswith("_before")})
+    lines = [f"{'':<22}{'base':>12}{'fine-tuned':>12}"] + [f"{k:<22}{m[k + '_before']:>12.4g}{m[k]:>12.4g}" for k in names]
+    lines.append(f"{'path_kl':<22}{'':>12}{m['path_kl']:>12.4g}")
+    return "\n".join(lines + [f"{result['divergence']} at α={result['alpha']:g}"])
+
+
+_CURVES = {
+    "reward": lambda m: m.get("reward"),
+    "path KL": lambda m: m.get("path_kl"),
+    "diversity (mean pairwise distance)": lambda m: m.get("diversity"),
+    "recall against the base's samples": lambda m: m.get("recall_vs_base"),
+    "FD (classifier) or MMD to the data": lambda m: m.get("fd_classifier", m.get("mmd_data")),
+    "memorised fraction": lambda m: m.get("memorised_fraction"),
+}
+
+REPORTS = ("reward", "reward_before", "path_kl", "diversity", "diversity_before", "recall_vs_base", "precision_vs_base",
+           "fd_classifier", "fd_classifier_before", "mmd_data", "mmd_target", "mmd_target_before", "memorised_fraction",
+           "memorised_fraction_before", "alpha")
+
+JOB = Job(
+    name="finetune",
+    help="reward fine-tuning with a KL or f-divergence regulariser (adjoint matching)",
+    config=FinetuneConfig,
+    run=run,
+    example="alpha=0.5",
+    flags=(Flag("--base", "base", help="the base checkpoint"), Flag("--alpha", "alpha", type=float, help="α: the regulariser's weight"),
+           Flag("--divergence", "divergence", help=f"the regulariser: {', '.join(DIVERGENCES)}")),
+    footprint=lambda cfg: train_job.footprint(TrainConfig(scaling=cfg.scaling, batch_size=cfg.batch_size)),
+    preflight=preflight,
+    metrics=REPORTS,
+    final_report=lambda r: {**numeric(r["metrics"]), "alpha": r["alpha"]},
+    table=format_table,
+    sweep_figure=lambda space, rows: curves_against(space, rows, "alpha", _CURVES, "α"),
+)

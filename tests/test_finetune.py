@@ -1,0 +1,312 @@
+"""Reward fine-tuning by adjoint matching, checked against closed forms: an analytic base (the
+exact flow from N(0, I) to a Gaussian or a Gaussian mixture, so no training error hides
+anything), a linear reward, and the exact tilted targets of METHODS.md."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from genmem.config import SamplerConfig
+from genmem.generative import FlowMatching, VPDiffusion, generate
+from genmem.methods.finetune import (
+    DIVERGENCES,
+    AdjointMatching,
+    FinetuneObjective,
+    GaussianMixtureFlow,
+    Linear,
+    Memoryless,
+    Surrogate,
+    check_reward,
+    divergence,
+    normaliser,
+    tilt_weights,
+)
+from genmem.training import Batch
+
+MU = torch.tensor([[0.0, 0.0]])
+SIGMA = torch.tensor([[[1.0, 0.5], [0.5, 1.0]]])
+A = torch.tensor([1.0, 0.0])
+
+
+def gaussian(shift: torch.Tensor | None = None) -> GaussianMixtureFlow:
+    return GaussianMixtureFlow(torch.tensor([1.0]), MU + (0 if shift is None else shift), SIGMA)
+
+
+def _noise(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=g), lambda k: torch.randn(n, 2, generator=g)
+
+
+class Residual(nn.Module):
+    """The fine-tuned model: the analytic base plus a small network whose output starts at 0."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.delta = nn.Sequential(nn.Linear(3, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 2))
+        nn.init.zeros_(self.delta[-1].weight)
+        nn.init.zeros_(self.delta[-1].bias)
+
+    def forward(self, x, t):
+        return self.base(x, t) + self.delta(torch.cat([x, t[:, None].to(x.dtype)], 1))
+
+
+def finetune(reward, alpha: float, *, steps: int = 20, iters: int = 250, seed: int = 0) -> tuple[Residual, AdjointMatching]:
+    torch.manual_seed(seed)
+    base = gaussian()
+    model, chain = Residual(base), Memoryless(FlowMatching(), steps)
+    am = AdjointMatching(chain, base, reward, alpha)
+    opt = torch.optim.Adam(model.delta.parameters(), lr=2e-3)
+    for i in range(iters):
+        noise0, noise = _noise(256, 1000 * seed + i)
+        loss = am.loss(model, noise0, noise).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, am
+
+
+def chain_samples(am: AdjointMatching, model: nn.Module, n: int = 20_000, seed: int = 99) -> torch.Tensor:
+    noise0, noise = _noise(n, seed)
+    return am.chain.sample(model, noise0, noise, final=am.base)[1]
+
+
+def test_the_analytic_base_carries_noise_to_its_gaussian_mixture():
+    weights, means, covs = torch.tensor([0.3, 0.7]), torch.tensor([[-2.0, 0.0], [2.0, 1.0]]), torch.stack([0.2 * torch.eye(2), SIGMA[0] * 0.3])
+    x = generate(GaussianMixtureFlow(weights, means, covs), FlowMatching(), SamplerConfig(method="heun", steps=16), (2,), range(5000), seed=0)
+    right = x[:, 0] > 0
+    assert right.float().mean().item() == pytest.approx(0.7, abs=0.02)
+    assert torch.allclose(x[right].mean(0), means[1], atol=0.04)
+    assert torch.allclose(torch.cov(x[right].T), covs[1], atol=0.04)
+    assert torch.allclose(torch.cov(x[~right].T), covs[0], atol=0.04)
+
+
+def test_the_memoryless_chain_ends_at_the_base_distribution():
+    am = AdjointMatching(Memoryless(FlowMatching(), 40), gaussian(), Linear(A), 1.0)
+    x = chain_samples(am, am.base)
+    assert torch.allclose(x.mean(0), MU[0], atol=0.03)
+    assert torch.allclose(torch.cov(x.T), SIGMA[0], atol=0.04)
+    vp = Memoryless(VPDiffusion(), 16)  # DDPM's ancestral steps, every one stochastic (σ > 0 at t = 1)
+    assert vp.controlled == 16 and (vp.c > 0).all()
+
+
+def test_lean_adjoint_gives_the_transitions_of_the_exactly_tilted_flow():
+    """Linear reward on a Gaussian base: the target m_base - c² ã of every step equals the step
+    of the exact flow to N(μ + Σa/α, Σ) up to discretisation (the sign convention's check: the
+    opposite sign misses by twice the shift)."""
+    alpha = 0.5
+    chain = Memoryless(FlowMatching(), 200)
+    am = AdjointMatching(chain, gaussian(), Linear(A), alpha)
+    noise0, noise = _noise(300, 0)
+    states, x1 = chain.sample(am.base, noise0, noise)
+    adj = am.lean_adjoint(states, x1)
+    tilted = gaussian((SIGMA[0] @ A / alpha)[None])
+    for k in (0, 50, 100, 150, 199):
+        base_step, exact = chain.mean(am.base, states[k], k), chain.mean(tilted, states[k], k)
+        shift = (exact - base_step).norm(dim=1).mean()
+        error = (base_step - chain.c[k].item() ** 2 * adj[k] - exact).norm(dim=1).mean()
+        assert error < 0.06 * shift, (k, error, shift)
+
+
+def test_the_optimal_control_reaches_the_exact_tilt():
+    """Steering the base chain by u = -c ã (the adjoint is the same for every path here) gives
+    samples of p* = N(μ + Σa/α, Σ) and a path KL of aᵀΣa/(2α²)."""
+    alpha, n = 1.0, 20_000
+    chain = Memoryless(FlowMatching(), 50)
+    am = AdjointMatching(chain, gaussian(), Linear(A), alpha)
+    noise0, noise = _noise(n, 3)
+    states, x1 = chain.sample(am.base, noise0, noise)
+    adj = [a[0] for a in am.lean_adjoint(states, x1)]
+    g = torch.Generator().manual_seed(4)
+    x, kl = chain.start(torch.randn(n, 2, generator=g)), 0.0
+    for k in range(chain.steps):
+        c = chain.c[k].item()
+        x = chain.mean(am.base, x, k) - c**2 * adj[k] + c * torch.randn(n, 2, generator=g)
+        kl += 0.5 * (c * adj[k]).pow(2).sum().item()
+    assert torch.allclose(x.mean(0), SIGMA[0] @ A / alpha, atol=0.03)
+    assert torch.allclose(torch.cov(x.T), SIGMA[0], atol=0.04)
+    assert kl == pytest.approx(0.5 * (A @ SIGMA[0] @ A).item() / alpha**2, rel=0.05)
+
+
+@pytest.mark.slow
+def test_adjoint_matching_fine_tunes_the_gaussian_to_the_kl_target():
+    alpha = 1.0
+    model, am = finetune(Linear(A), alpha)
+    x = chain_samples(am, model)
+    assert torch.allclose(x.mean(0), SIGMA[0] @ A / alpha, atol=0.06), x.mean(0)
+    assert torch.allclose(torch.cov(x.T), SIGMA[0], atol=0.08), torch.cov(x.T)
+    noise0, noise = _noise(4000, 7)
+    kl = am.rollout(model, noise0, noise).kl.mean().item()
+    assert kl == pytest.approx(0.5 * (A @ SIGMA[0] @ A).item() / alpha**2, abs=0.08)
+    # the fine-tuned network is a velocity model: the ODE sampler goes to the tilted law too
+    ode = generate(model, FlowMatching(), SamplerConfig(method="heun", steps=32), (2,), range(20_000), seed=1)
+    assert torch.allclose(ode.mean(0), SIGMA[0] @ A / alpha, atol=0.1), ode.mean(0)
+
+
+@pytest.mark.slow
+def test_chi2_fine_tuning_reaches_its_own_target_not_the_kl_one():
+    """χ²: p* = p_pre (1 + (r - c)/(2α))₊, truncated where the reward is low; through the
+    surrogate reward the fine-tuned samples match it (by reweighted base samples) and not the
+    KL target at the same α, whose mean is much further out."""
+    alpha = 0.5
+    base = gaussian()
+    div = divergence("chi2")
+    chain = Memoryless(FlowMatching(), 20)
+    noise0, noise = _noise(20_000, 5)
+    base_x = chain.sample(base, noise0, noise)[1]
+    reward = Linear(A)
+    c = normaliser(div, reward(base_x), alpha)
+    model, am = finetune(Surrogate(reward, div, alpha, c), alpha)
+    x = chain_samples(am, model)
+    edges = torch.linspace(-3, 5, 33)
+
+    def histogram(values, weights=None):
+        h = torch.histogram(values.double(), bins=edges.double(), weight=weights).hist
+        return h / h.sum()
+
+    fine = histogram(reward(x))
+    chi2_target = histogram(reward(base_x), tilt_weights(div, reward(base_x), alpha, c) * len(base_x))
+    kl_target = histogram(reward(base_x), tilt_weights(divergence("kl"), reward(base_x), alpha) * len(base_x))
+    d_chi2, d_kl = (fine - chi2_target).abs().sum().item(), (fine - kl_target).abs().sum().item()
+    assert d_chi2 < 0.15 and d_chi2 < 0.3 * d_kl, (d_chi2, d_kl)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_each_divergence_ratio_inverts_its_f_prime(name):
+    """g = (f')⁻¹ for each f (closed forms of f'), c normalises p* on base samples, and the
+    self-normalised tilt weights are g((r - c)/α)/n."""
+    f_prime = {"kl": lambda p: torch.log(p) + 1, "chi2": lambda p: 2 * (p - 1), "reverse_kl": lambda p: -1 / p,
+               "hellinger": lambda p: 1 - p.rsqrt()}[name]
+    div = divergence(name)
+    p = torch.linspace(0.2, 3.0, 15, dtype=torch.float64)
+    assert torch.allclose(div.ratio(f_prime(p)), p, atol=1e-9)
+    assert torch.allclose(div.log_ratio(f_prime(p)), p.log(), atol=1e-3)
+    r = torch.randn(5000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    c = normaliser(div, r, 2.0)
+    w = tilt_weights(div, r, 2.0, c)
+    assert w.sum().item() == pytest.approx(1.0) and (w >= 0).all()
+    if div.normalised:
+        assert div.ratio((r - c) / 2.0).mean().item() == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert torch.allclose(w, torch.softmax(r / 2.0, 0))
+    with pytest.raises(ValueError, match="unknown divergence 'tv': choose one of"):
+        divergence("tv")
+
+
+def test_a_reward_of_the_wrong_shape_or_without_gradient_is_refused():
+    x = torch.randn(8, 2)
+    with pytest.raises(ValueError, match=r"one value per sample, shape \(4,\), but returned \(4, 2\)"):
+        check_reward(lambda x: x, x)
+    with pytest.raises(ValueError, match="no gradient"):
+        check_reward(lambda x: (x.detach() ** 2).sum(1), x)
+    check_reward(Linear(A), x)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        AdjointMatching(Memoryless(FlowMatching(), 4), gaussian(), Linear(A), 0.0)
+
+
+def test_the_objective_is_the_same_split_across_ranks():
+    """Two ranks' halves of a global batch give the losses the whole batch gives on one rank:
+    every step's noise is drawn for the global batch from (seed, step)."""
+    base = gaussian()
+    model = Residual(base)
+    with torch.no_grad():
+        model.delta[-1].weight.normal_(0, 0.1)
+    chain = Memoryless(FlowMatching(), 8)
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+
+    def losses(lo: int, hi: int, objective: FinetuneObjective) -> torch.Tensor:
+        batch = Batch(x1=x0[lo:hi], x0=x0[lo:hi], t=torch.zeros(hi - lo), rows=torch.arange(lo, hi), step=3, offset=lo)
+        return objective(model, batch)
+
+    one = FinetuneObjective(chain, base, Linear(A), 1.0, batch_size=8, seed=0, loss_steps=4)
+    two = FinetuneObjective(chain, base, Linear(A), 1.0, batch_size=8, seed=0, loss_steps=4)
+    whole = losses(0, 8, one)
+    halves = torch.cat([losses(0, 4, two), losses(4, 8, two)])
+    assert torch.allclose(whole, halves, atol=1e-6)
+    metrics = one.read_metrics()
+    assert set(metrics) == {"finetune/reward", "finetune/path_kl", "finetune/diversity"} and metrics["finetune/path_kl"] > 0
+    assert one.read_metrics() == {}  # the window restarts after each read
+    assert math.isfinite(whole.sum().item())
+
+
+# --- the job, on a real Ray cluster and MLflow server --------------------------------------
+
+TOY_BASE = {"model": {"kind": "mlp", "hidden": 128, "depth": 3}, "process": {"kind": "flow"}, "sampler": {"method": "heun", "steps": 16},
+            "batch_size": 256, "images": 60_000, "ema_halflife_images": 10_000, "optim": {"lr": 0.002, "warmup_images": 5000},
+            "data": {"source": "6gaussians", "n": 4000}}
+JOB = {"reward": {"kind": "linear", "a": [1.0, 0.0]}, "steps": 32, "loss_steps": 8, "batch_size": 128, "lr": 1e-3, "eval_n": 1000,
+       "scaling": {"num_workers": 1, "cpus_per_worker": 2}}
+
+
+def _toy_base(tmp_path) -> str:
+    from genmem.config import TrainConfig
+    from genmem.data import load_dataset
+    from genmem.training import LocalReporter, train_loop
+
+    cfg = TrainConfig.model_validate({**TOY_BASE, "log_every_images": TOY_BASE["images"], "seed": 0})
+    train, _ = load_dataset(cfg.data)
+    return str(train_loop(cfg, train, LocalReporter(tmp_path / "base", cfg.images, quiet=True)).checkpoint)
+
+
+def _finetune_job(base: str, **cfg) -> dict:
+    from genmem.jobs.base import Context
+    from genmem.jobs.finetune import FinetuneConfig
+    from genmem.jobs.finetune import run as finetune_job
+
+    return finetune_job(FinetuneConfig.model_validate({**JOB, "base": base, **cfg}), Context())
+
+
+@pytest.mark.slow
+def test_the_job_tilts_six_gaussians_toward_the_exact_kl_target(tmp_path, storage, tracking, ray_local):
+    from mlflow import MlflowClient
+
+    torch.set_num_threads(2)
+    base = _toy_base(tmp_path)
+    result = _finetune_job(base, alpha=1.0, images=32_000)
+    m = result["metrics"]
+    assert m["reward"] > m["reward_before"] + 0.5, m  # the exact tilt moves the mean reward by Var(r)/α ≈ 2.3
+    assert m["mmd_target"] < 0.5 * m["mmd_target_before"], m  # closer to p* than the base is
+    assert 0.1 < m["path_kl"] < 5, m
+    client = MlflowClient()
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.metrics["finetune/reward"] == pytest.approx(m["reward"])
+    assert any(a.path.startswith("before_after") for a in client.list_artifacts(run.info.run_id))
+    history = client.get_metric_history(result["train_run_id"], "finetune/reward")
+    assert len(history) >= 10 and history[-1].value > history[0].value  # logged by step, rising
+
+
+def test_the_job_refuses_bad_input_before_any_ray_work(tmp_path, storage, tracking):
+    import ray
+
+    from genmem.errors import CheckpointError, ConfigError
+    from genmem.jobs.finetune import FinetuneConfig
+
+    ray.shutdown()
+    base = _toy_base_small(tmp_path)
+    with pytest.raises(ValueError, match="alpha"):
+        FinetuneConfig.model_validate({**JOB, "base": base, "alpha": 0})
+    with pytest.raises(ValueError, match="unknown divergence 'tv': choose one of kl, chi2"):
+        FinetuneConfig.model_validate({**JOB, "base": base, "divergence": "tv"})
+    with pytest.raises(ConfigError, match=r"one value per sample, shape \(4,\), but returned \(\)"):
+        _finetune_job(base, reward={"kind": "function", "function": "torch:sum"})
+    with pytest.raises(ConfigError, match="'mode9', which is not a class of the base's data: choose among mode0"):
+        _finetune_job(base, reward={"kind": "class", "target": "mode9"})
+    with pytest.raises(ConfigError, match="reward.a has 3 entries but the base's samples have 2 dimensions"):
+        _finetune_job(base, reward={"kind": "linear", "a": [1, 2, 3]})
+    with pytest.raises(CheckpointError):
+        _finetune_job(str(tmp_path / "nowhere"))
+    assert not ray.is_initialized()
+
+
+def _toy_base_small(tmp_path) -> str:
+    from genmem.config import TrainConfig
+    from genmem.data import load_dataset
+    from genmem.training import LocalReporter, train_loop
+
+    cfg = TrainConfig.model_validate({**TOY_BASE, "images": 2560, "log_every_images": 2560, "seed": 0})
+    train, _ = load_dataset(cfg.data)
+    return str(train_loop(cfg, train, LocalReporter(tmp_path / "small", cfg.images, quiet=True)).checkpoint)
