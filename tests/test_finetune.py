@@ -148,6 +148,58 @@ def test_adjoint_matching_fine_tunes_the_gaussian_to_the_kl_target():
 
 
 @pytest.mark.slow
+def test_large_alpha_keeps_the_base_and_smaller_alpha_moves_further_toward_the_reward():
+    from genmem.metrics.two_d import mmd_rbf
+
+    means = {}
+    for alpha in (10.0, 0.5):
+        model, am = finetune(Linear(A), alpha)
+        x = chain_samples(am, model, n=4000)
+        means[alpha] = x.mean(0)
+        if alpha == 10.0:
+            assert mmd_rbf(x, chain_samples(am, am.base, n=4000, seed=98), bandwidth=1.0) < 0.01
+    assert torch.allclose(means[0.5], SIGMA[0] @ A / 0.5, atol=0.15), means  # the exact tilt: (2, 1)
+    assert torch.allclose(means[10.0], SIGMA[0] @ A / 10.0, atol=0.05), means
+    assert (means[0.5] @ A) > (means[10.0] @ A) + 1.5
+
+
+@pytest.mark.slow
+def test_a_class_reward_on_digits_trades_diversity_for_reward_as_alpha_falls(tmp_path):
+    """Digits, r = log p(3 | x) under the dataset's classifier, fixed seeds: the mean reward rises
+    and the samples' diversity falls as α falls (α = 1 is the class-conditional p(x | 3))."""
+    from genmem.checkpoint import load_checkpoint
+    from genmem.config import TrainConfig
+    from genmem.data import load_dataset
+    from genmem.generative import build_process
+    from genmem.methods.finetune import ClassLogProb, pairwise_distance
+    from genmem.metrics.features import ClassifierFeatures
+    from genmem.training import LocalReporter, train_loop
+
+    torch.set_num_threads(2)
+    tree = {"data": {"source": "digits"}, "model": {"kind": "mlp", "hidden": 256, "depth": 3}, "sampler": {"method": "heun", "steps": 16},
+            "optim": {"lr": 0.002, "warmup_images": 5000}, "batch_size": 128, "images": 100_000, "ema_halflife_images": 10_000,
+            "log_every_images": 100_000, "seed": 0}
+    cfg = TrainConfig.model_validate(tree)
+    train, _ = load_dataset(cfg.data)
+    base_path = train_loop(cfg, train, LocalReporter(tmp_path / "base", cfg.images, quiet=True)).checkpoint
+    clf = ClassifierFeatures.fit(train.x, train.labels, seed=0)
+    reward = ClassLogProb(nn.Sequential(clf.net.body, clf.net.head), 3)
+    tuned = TrainConfig.model_validate({**tree, "images": 6400, "batch_size": 64, "optim": {"lr": 3e-4, "warmup_images": 0},
+                                        "ema_halflife_images": 0, "log_every_images": 6400})
+    out = {}
+    for alpha in (4.0, 1.0, 0.25):
+        base = load_checkpoint(base_path)
+        objective = FinetuneObjective(Memoryless(build_process(cfg.process), 20), base.model, reward, alpha, 64, seed=0, loss_steps=6)
+        result = train_loop(tuned, train, LocalReporter(tmp_path / f"a{alpha}", tuned.images, quiet=True), objective=objective,
+                            init=load_checkpoint(base_path, use_ema=False))
+        x = generate(load_checkpoint(result.checkpoint).model, build_process(cfg.process), cfg.sampler, (1, 8, 8), range(500), seed=1)
+        out[alpha] = (reward(x).mean().item(), pairwise_distance(x))
+    rewards, diversity = [out[a][0] for a in (4.0, 1.0, 0.25)], [out[a][1] for a in (4.0, 1.0, 0.25)]
+    assert rewards[0] < rewards[1] < rewards[2], out
+    assert diversity[0] > diversity[1] > diversity[2], out
+
+
+@pytest.mark.slow
 def test_chi2_fine_tuning_reaches_its_own_target_not_the_kl_one():
     """χ²: p* = p_pre (1 + (r - c)/(2α))₊, truncated where the reward is low; through the
     surrogate reward the fine-tuned samples match it (by reweighted base samples) and not the
