@@ -112,6 +112,43 @@ def test_lean_adjoint_gives_the_transitions_of_the_exactly_tilted_flow():
         assert error < 0.06 * shift, (k, error, shift)
 
 
+class GaussianEps(nn.Module):
+    """The exact eps-prediction of VP diffusion for data N(m, S): E[x0 | x_t] = σ_t C⁻¹ (x - α_t m),
+    C = α_t² S + σ_t² I."""
+
+    def __init__(self, m: torch.Tensor, S: torch.Tensor):
+        super().__init__()
+        self.m, self.S, self.vp = m.double(), S.double(), VPDiffusion()
+
+    def forward(self, x, t):
+        alpha, sigma = self.vp.alpha_sigma(t.double())
+        C = alpha[:, None, None] ** 2 * self.S + sigma[:, None, None] ** 2 * torch.eye(2, dtype=torch.float64)
+        r = torch.linalg.solve(C, (x.double() - alpha[:, None] * self.m).unsqueeze(-1)).squeeze(-1)
+        return (sigma[:, None] * r).to(x.dtype)
+
+
+def test_the_vp_chain_is_ddpm_and_its_lean_adjoint_tilts_it_exactly():
+    """VP diffusion's memoryless chain (DDPM, η = 1) with the exact eps network of a Gaussian:
+    it ends at the Gaussian, and the adjoint-matching targets are the steps of the exactly
+    tilted network's chain."""
+    alpha = 1.0
+    chain = Memoryless(VPDiffusion(), 100)
+    base, tilted = GaussianEps(MU[0], SIGMA[0]), GaussianEps(SIGMA[0] @ A / alpha, SIGMA[0])
+    am = AdjointMatching(chain, base, Linear(A), alpha)
+    noise0, noise = _noise(20_000, 0)
+    states, x1 = chain.sample(base, noise0, noise)
+    # DDPM plugs in the posterior mean of x1: 100 steps leave the variance ~5% short (0.96, 0.94 measured)
+    assert torch.allclose(x1.mean(0), MU[0], atol=0.03) and torch.allclose(torch.cov(x1.T), SIGMA[0], atol=0.08)
+    adj = am.lean_adjoint([s[:300] for s in states], x1[:300])
+    # relative error measured 0.001, 0.02, 0.043, 0.17 at these steps; 4x the steps divide it by ~4
+    for k, tolerance in ((0, 0.02), (30, 0.05), (60, 0.1), (90, 0.25)):
+        x = states[k][:300]
+        base_step, exact = chain.mean(base, x, k), chain.mean(tilted, x, k)
+        shift = (exact - base_step).norm(dim=1).mean()
+        error = (base_step - chain.c[k].item() ** 2 * adj[k] - exact).norm(dim=1).mean()
+        assert error < tolerance * shift, (k, error, shift)
+
+
 def test_the_optimal_control_reaches_the_exact_tilt():
     """Steering the base chain by u = -c ã (the adjoint is the same for every path here) gives
     samples of p* = N(μ + Σa/α, Σ) and a path KL of aᵀΣa/(2α²)."""
@@ -238,8 +275,13 @@ def test_each_divergence_ratio_inverts_its_f_prime(name):
     assert torch.allclose(div.ratio(f_prime(p)), p, atol=1e-9)
     assert torch.allclose(div.log_ratio(f_prime(p)), p.log(), atol=1e-3)
     r = torch.randn(5000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    c = normaliser(div, r, 2.0)
+    bound = r.max().item()  # a reward bounded above, as reverse KL and Hellinger need
+    c = normaliser(div, r, 2.0, bound)
     w = tilt_weights(div, r, 2.0, c)
+    if div.pole is not None:
+        assert ((bound - c) / 2.0) < div.pole  # p* finite everywhere the reward reaches
+        with pytest.raises(ValueError, match=f"the {name} divergence needs a reward bounded above"):
+            normaliser(div, r, 2.0, math.inf)
     assert w.sum().item() == pytest.approx(1.0) and (w >= 0).all()
     if div.normalised:
         assert div.ratio((r - c) / 2.0).mean().item() == pytest.approx(1.0, abs=1e-6)
@@ -326,7 +368,7 @@ def test_the_job_tilts_six_gaussians_toward_the_exact_kl_target(tmp_path, storag
     client = MlflowClient()
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.metrics["finetune/reward"] == pytest.approx(m["reward"])
-    assert any(a.path.startswith("before_after") for a in client.list_artifacts(run.info.run_id))
+    assert {"before_after.png", "curves.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     history = client.get_metric_history(result["train_run_id"], "finetune/reward")
     assert len(history) >= 10 and history[-1].value > history[0].value  # logged by step, rising
 
@@ -345,8 +387,12 @@ def test_the_job_refuses_bad_input_before_any_ray_work(tmp_path, storage, tracki
         FinetuneConfig.model_validate({**JOB, "base": base, "divergence": "tv"})
     with pytest.raises(ConfigError, match=r"one value per sample, shape \(4,\), but returned \(\)"):
         _finetune_job(base, reward={"kind": "function", "function": "torch:sum"})
+    with pytest.raises(ConfigError, match="no gradient with respect to x"):
+        _finetune_job(base, reward={"kind": "function", "function": "test_finetune:detached_reward"})
     with pytest.raises(ConfigError, match="'mode9', which is not a class of the base's data: choose among mode0"):
         _finetune_job(base, reward={"kind": "class", "target": "mode9"})
+    with pytest.raises(ConfigError, match="the reverse_kl divergence needs a reward bounded above"):
+        _finetune_job(base, divergence="reverse_kl")
     with pytest.raises(ConfigError, match="reward.a has 3 entries but the base's samples have 2 dimensions"):
         _finetune_job(base, reward={"kind": "linear", "a": [1, 2, 3]})
     with pytest.raises(CheckpointError):
@@ -362,3 +408,8 @@ def _toy_base_small(tmp_path) -> str:
     cfg = TrainConfig.model_validate({**TOY_BASE, "images": 2560, "log_every_images": 2560, "seed": 0})
     train, _ = load_dataset(cfg.data)
     return str(train_loop(cfg, train, LocalReporter(tmp_path / "small", cfg.images, quiet=True)).checkpoint)
+
+
+def detached_reward(x: torch.Tensor) -> torch.Tensor:
+    """A reward without a gradient (the job refuses it): importable as test_finetune:detached_reward."""
+    return x.detach().flatten(1).sum(1)

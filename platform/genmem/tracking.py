@@ -223,6 +223,13 @@ class Tracker:
         if self._c:
             self._c.log_artifact(self.run_id, str(path), artifact_path)
 
+    def history(self, key: str) -> tuple[list[int], list[float]]:
+        """A metric's (steps, values) in step order, e.g. a training run's logged curve."""
+        if not self._c:
+            return [], []
+        points = sorted(self._c.get_metric_history(self.run_id, key), key=lambda m: (m.step, m.timestamp))
+        return [m.step for m in points], [m.value for m in points]
+
     def finish(self, status: str = "FINISHED") -> None:
         if self._c:
             self._c.set_terminated(self.run_id, status=status)

@@ -49,6 +49,7 @@ from genmem.methods.finetune import (
     Quadratic,
     Region,
     Surrogate,
+    check_bounded,
     check_reward,
     divergence,
     normaliser,
@@ -61,8 +62,8 @@ from genmem.metrics.memorisation import memorisation
 from genmem.metrics.prdc import prdc
 from genmem.metrics.two_d import mmd_rbf
 from genmem.storage import check_storage, ensure_writable, pull, storage_root, storage_uri, uri_of
-from genmem.tracking import check_reachable, job_run
-from genmem.viz import side_by_side
+from genmem.tracking import Tracker, check_reachable, job_run
+from genmem.viz import line_panels, side_by_side
 
 _EVAL, _TARGET, _KL = 1, 2, 3
 
@@ -154,6 +155,16 @@ def build_reward(cfg: RewardConfig, train: ArrayDataset) -> nn.Module:
     return _Function(fn)
 
 
+def upper_bound(reward: nn.Module) -> float | None:
+    """The reward's known upper bound (None: unknown, e.g. a user's function)."""
+    return getattr(reward, "upper_bound", None)
+
+
+@torch.no_grad()
+def rewards_of(reward: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([reward(x[i : i + 1024].float()) for i in range(0, len(x), 1024)]).double()
+
+
 class _Function(nn.Module):
     def __init__(self, fn):
         super().__init__()
@@ -175,6 +186,7 @@ def _checked(cfg: FinetuneConfig) -> tuple[dict[str, Any], ArrayDataset, ArrayDa
     reward = build_reward(cfg.reward, train)
     try:
         check_reward(reward, train.x[:4].float())
+        check_bounded(divergence(cfg.divergence), upper_bound(reward))
     except ValueError as err:
         raise ConfigError(f"reward.kind={cfg.reward.kind}: {err}") from err
     if cfg.batch_size % cfg.scaling.num_workers:
@@ -228,7 +240,7 @@ class _Measure:
     """Before/after measurements: reward, diversity, precision/recall against the base's own
     samples, quality against the data, memorised fraction; in 2-D the MMD to the exact p*."""
 
-    def __init__(self, cfg: FinetuneConfig, train: ArrayDataset, heldout: ArrayDataset, reward: nn.Module, before: torch.Tensor):
+    def __init__(self, cfg: FinetuneConfig, train: ArrayDataset, heldout: ArrayDataset, reward: nn.Module, before: torch.Tensor, c: float):
         self.cfg, self.train, self.reward, self.before = cfg, train, reward, before
         self.two_d = train.x.dim() == 2 and train.x.shape[1] == 2
         self.extractor = None
@@ -240,20 +252,16 @@ class _Measure:
         self.target = None
         if self.two_d:  # the exact p* on what the base generates: its samples resampled by the tilt
             div = divergence(cfg.divergence)
-            w = tilt_weights(div, self.rewards(before), cfg.alpha)
+            w = tilt_weights(div, rewards_of(reward, before), cfg.alpha, c)
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, _TARGET))
             self.target = before[torch.multinomial(w.float(), len(before), replacement=True, generator=g)]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.extractor(x.clamp(-3, 3)) if self.extractor is not None else x.flatten(1).float()
 
-    @torch.no_grad()
-    def rewards(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.reward(x[i : i + 1024].float()) for i in range(0, len(x), 1024)]).double()
-
     def __call__(self, x: torch.Tensor) -> dict[str, float]:
         feats = self.features(x)
-        out = {"reward": self.rewards(x).mean().item(), "diversity": pairwise_distance(x),
+        out = {"reward": rewards_of(self.reward, x).mean().item(), "diversity": pairwise_distance(x),
                "memorised_fraction": memorisation(x, self.train.x).memorised_fraction}
         pr = prdc(self.base_features, feats)
         out.update(precision_vs_base=pr["precision"], recall_vs_base=pr["recall"])
@@ -286,8 +294,11 @@ def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
         tracker.text(to_yaml(cfg), "finetune.yaml")
         print(f"[genmem finetune] reward {cfg.reward.kind}, {cfg.divergence} at α={cfg.alpha:g}: {cfg.eval_n} base samples", flush=True)
         before = _samples(cfg.base, cfg.eval_n, root / "before", derive_seed(cfg.seed, _EVAL), cfg.scaling)
-        measure = _Measure(cfg, train, heldout, reward, before)
-        c = normaliser(divergence(cfg.divergence), measure.rewards(before), cfg.alpha)
+        try:
+            c = normaliser(divergence(cfg.divergence), rewards_of(reward, before), cfg.alpha, upper_bound(reward))
+        except ValueError as err:  # α too small for a divergence with a pole: known only from the base's samples
+            raise ConfigError(str(err)) from err
+        measure = _Measure(cfg, train, heldout, reward, before, c)
         tracker.metrics({"finetune/normaliser": c})
         trained = train_job.train_model(_train_config(cfg, base, run_name), Context(parent_run_id=tracker.run_id, tags={"finetune": run_name}),
                                         kind="finetune", objective_factory=ObjectiveFactory(cfg, c))
@@ -298,6 +309,9 @@ def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
         panels = [before, after] + ([measure.target] if measure.target is not None else [])
         titles = ["base", f"fine-tuned ({cfg.divergence}, α={cfg.alpha:g})", "exact p* (base samples reweighted)"][: len(panels)]
         tracker.image("before_after", side_by_side(panels, titles, train.x if before.dim() == 2 else None))
+        curves = {name: Tracker(trained["mlflow_run_id"]).history(f"finetune/{name}") for name in ("reward", "path_kl", "diversity")}
+        if all(steps for steps, _ in curves.values()):
+            tracker.image("curves", line_panels({name: {"": xy} for name, xy in curves.items()}, "training step"))
         tracker.tags({"checkpoint_uri": str(trained["checkpoint"]), "train_run_id": trained["mlflow_run_id"]})
     return {"run_name": run_name, "mlflow_run_id": tracker.run_id, "checkpoint": trained["checkpoint"], "alpha": cfg.alpha,
             "divergence": cfg.divergence, "normaliser": c, "before": uri_of(root / "before"), "after": uri_of(root / "after"),

@@ -141,12 +141,15 @@ def _log_positive(z: Tensor, eps: float = 1e-2) -> Tensor:
 @dataclass(frozen=True)
 class Divergence:
     """An f-divergence by its density ratio g = (f')⁻¹: p* = p_pre g((r - c)/α); ``log_ratio``
-    is log g (smoothed where g = 0), the surrogate reward's r̃/α."""
+    is log g (smoothed where g = 0), the surrogate reward's r̃/α. ``pole``: the y where g blows
+    up (reverse KL, Hellinger); p* then exists only for a reward bounded above, with c chosen so
+    that (sup r - c)/α stays below the pole."""
 
     name: str
     ratio: Callable[[Tensor], Tensor]
     log_ratio: Callable[[Tensor], Tensor]
     normalised: bool = True  # False for KL: any c gives the same tilt (p* ∝ p_pre exp(r/α))
+    pole: float | None = None
 
 
 DIVERGENCES = {
@@ -155,9 +158,9 @@ DIVERGENCES = {
     # f(p) = (p - 1)²: g(y) = 1 + y/2, zero where y < -2 (Tang 2024: p* = p_pre (1 + (r - c)/(2α))₊)
     "chi2": Divergence("chi2", lambda y: (1 + y / 2).clamp(min=0), lambda y: _log_positive(1 + y / 2)),
     # f(p) = -log p (reverse KL): f'(p) = -1/p, g(y) = -1/y for y < 0
-    "reverse_kl": Divergence("reverse_kl", lambda y: 1 / (-y).clamp(min=1e-6), lambda y: -_log_positive(-y, 1e-3)),
+    "reverse_kl": Divergence("reverse_kl", lambda y: 1 / (-y).clamp(min=1e-6), lambda y: -_log_positive(-y, 1e-3), pole=0.0),
     # f(p) = (sqrt p - 1)² (squared Hellinger): f'(p) = 1 - 1/sqrt p, g(y) = 1/(1 - y)² for y < 1
-    "hellinger": Divergence("hellinger", lambda y: (1 - y).clamp(min=1e-3) ** -2, lambda y: -2 * _log_positive(1 - y, 1e-3)),
+    "hellinger": Divergence("hellinger", lambda y: (1 - y).clamp(min=1e-3) ** -2, lambda y: -2 * _log_positive(1 - y, 1e-3), pole=1.0),
 }
 
 
@@ -167,17 +170,33 @@ def divergence(name: str) -> Divergence:
     return DIVERGENCES[name]
 
 
-def normaliser(div: Divergence, rewards: Tensor, alpha: float) -> float:
+def check_bounded(div: Divergence, bound: float | None) -> None:
+    """Refuse a divergence with a pole for a reward that is not bounded above (one sentence)."""
+    if div.pole is not None and (bound is None or not math.isfinite(bound)):
+        raise ValueError(f"the {div.name} divergence needs a reward bounded above (its p* = p_pre g((r - c)/α) has a pole at "
+                         f"(r - c)/α = {div.pole:g}): use kl or chi2, or a bounded reward (class, region, quadratic)")
+
+
+def normaliser(div: Divergence, rewards: Tensor, alpha: float, bound: float | None = None) -> float:
     """c with mean over base samples of g((r - c)/α) = 1 (bisection; g((r - c)/α) falls as c
-    grows). KL: 0 (the tilt is normalised by its own constant)."""
+    grows). KL: 0 (the tilt is normalised by its own constant). A divergence with a pole needs
+    the reward's upper ``bound``: c stays above bound - α·pole, so p* is finite everywhere."""
     if not div.normalised:
         return 0.0
+    check_bounded(div, bound)
     r = rewards.double()
 
     def mass(c: float) -> float:
         return div.ratio((r - c) / alpha).mean().item()
 
     lo, hi = r.min().item() - 1.0, r.max().item() + 1.0
+    if div.pole is not None:
+        floor = bound - alpha * div.pole
+        lo = floor + 1e-9 * max(1.0, abs(floor))
+        if mass(lo) < 1:
+            raise ValueError(f"α={alpha:g} is too small for the {div.name} divergence with this reward: no normaliser c above "
+                             f"{floor:.4g} gives p* mass 1 on the base's samples; raise α")
+        hi = max(hi, lo + 1.0)
     while mass(lo) < 1:
         lo -= 2 * (hi - lo)
     while mass(hi) > 1:
@@ -188,10 +207,10 @@ def normaliser(div: Divergence, rewards: Tensor, alpha: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def tilt_weights(div: Divergence, rewards: Tensor, alpha: float, c: float | None = None) -> Tensor:
+def tilt_weights(div: Divergence, rewards: Tensor, alpha: float, c: float | None = None, bound: float | None = None) -> Tensor:
     """Self-normalised weights that turn base samples into samples of p* (the exact target on
     what the base generates)."""
-    c = normaliser(div, rewards, alpha) if c is None else c
+    c = normaliser(div, rewards, alpha, bound) if c is None else c
     w = torch.exp((rewards.double() - rewards.double().max()) / alpha) if not div.normalised else div.ratio((rewards.double() - c) / alpha)
     return w / w.sum()
 
@@ -371,7 +390,9 @@ class GaussianMixtureFlow(nn.Module):
 
 
 class Linear(nn.Module):
-    """r(x) = aᵀx."""
+    """r(x) = aᵀx (unbounded: KL and χ² only)."""
+
+    upper_bound = math.inf
 
     def __init__(self, a: Tensor):
         super().__init__()
@@ -383,7 +404,9 @@ class Linear(nn.Module):
 
 class Quadratic(nn.Module):
     """r(x) = -(x - m)ᵀ A (x - m)/2 (A symmetric positive semi-definite): with a Gaussian base
-    N(μ, Σ) and KL, p* is Gaussian with precision Σ⁻¹ + A/α."""
+    N(μ, Σ) and KL, p* is Gaussian with precision Σ⁻¹ + A/α. Bounded above by 0."""
+
+    upper_bound = 0.0
 
     def __init__(self, A: Tensor, m: Tensor):
         super().__init__()
@@ -398,6 +421,8 @@ class Quadratic(nn.Module):
 class Region(nn.Module):
     """A smoothed indicator of the box lo <= x <= hi: Π_i sigmoid((x_i - lo_i)/s) sigmoid((hi_i - x_i)/s)."""
 
+    upper_bound = 1.0
+
     def __init__(self, lo: Tensor, hi: Tensor, smoothness: float = 0.1):
         super().__init__()
         self.register_buffer("lo", torch.as_tensor(lo, dtype=torch.float32))
@@ -411,7 +436,9 @@ class Region(nn.Module):
 
 
 class ClassLogProb(nn.Module):
-    """r(x) = log p(y = target | x) under a classifier returning logits."""
+    """r(x) = log p(y = target | x) under a classifier returning logits (bounded above by 0)."""
+
+    upper_bound = 0.0
 
     def __init__(self, classifier: nn.Module, target: int):
         super().__init__()
