@@ -247,6 +247,11 @@ def test_the_papers_second_flow_forgets_the_upper_moon(tmp_path, storage, tracki
     m = result["metrics"]
     assert m["forget_mass_before"] > 0.4 and m["forget_ratio"] <= 0.1, m
     assert m["mmd"] <= m["mmd_kept_before"] + 0.01, m
+    # a base that copies none of its training points (d1/d2 < 0.01: none) is refused after its
+    # samples are drawn (whether a model copies is known only from them), before any training
+    with pytest.raises(ConfigError, match="copies none of its training images among 2000 samples"):
+        _unlearn(base, target={"kind": "copies", "threshold": 0.01}, run_name="copies-nothing")
+    assert not (storage / "unlearn" / "copies-nothing" / "source_samples").exists()
 
 
 @pytest.mark.slow

@@ -124,9 +124,11 @@ def ratio_histograms(train: torch.Tensor, heldout: torch.Tensor | None, threshol
     return figure_to_array(fig)
 
 
-def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], xlabel: str, *, integer_x: bool = False) -> np.ndarray:
+def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], xlabel: str, *, integer_x: bool = False,
+                log_x: bool = False) -> np.ndarray:
     """One small line plot per panel title, one line per label: ``{title: {label: (xs, ys)}}``
-    (metrics against generation, one line per swept value)."""
+    (metrics against generation, one line per swept value); ``log_x`` for a swept weight that
+    spans decades."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,6 +141,8 @@ def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], x
         for label, (xs, ys) in lines.items():
             ax.plot(xs, ys, "o-", ms=3, label=label)
         ax.set_title(title, fontsize=9)
+        if log_x:
+            ax.set_xscale("log")
         if integer_x:
             from matplotlib.ticker import MaxNLocator
 

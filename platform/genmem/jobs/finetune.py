@@ -311,7 +311,7 @@ def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
         tracker.image("before_after", side_by_side(panels, titles, train.x if before.dim() == 2 else None))
         curves = {name: Tracker(trained["mlflow_run_id"]).history(f"finetune/{name}") for name in ("reward", "path_kl", "diversity")}
         if all(steps for steps, _ in curves.values()):
-            tracker.image("curves", line_panels({name: {"": xy} for name, xy in curves.items()}, "training step"))
+            tracker.image("curves", line_panels({name: {"": xy} for name, xy in curves.items()}, "trajectories seen"))
         tracker.tags({"checkpoint_uri": str(trained["checkpoint"]), "train_run_id": trained["mlflow_run_id"]})
     return {"run_name": run_name, "mlflow_run_id": tracker.run_id, "checkpoint": trained["checkpoint"], "alpha": cfg.alpha,
             "divergence": cfg.divergence, "normaliser": c, "before": uri_of(root / "before"), "after": uri_of(root / "after"),

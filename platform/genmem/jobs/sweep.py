@@ -220,7 +220,9 @@ def curves_against(space: Space, rows: list[dict[str, Any]], x: str, curves: dic
                 lines[label] = (xs, [float(np.mean(by_x[v])) for v in xs])
         if lines:
             panels[title] = lines
-    return line_panels(panels, xlabel or x) if panels else None
+    xs = [v for lines in panels.values() for line in lines.values() for v in line[0]]
+    decades = bool(xs) and min(xs) > 0 and max(xs) >= 30 * min(xs)  # a weight swept over decades reads on a log axis
+    return line_panels(panels, xlabel or x, log_x=decades) if panels else None
 
 
 def format_results(result: dict[str, Any]) -> str:

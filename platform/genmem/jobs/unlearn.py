@@ -247,9 +247,10 @@ def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
         tracker.text(to_yaml(cfg), "unlearn.yaml")
         print(f"[genmem unlearn] {cfg.n_base} base samples, proxy for target {cfg.target.kind}", flush=True)
         x1 = _samples(cfg.base, cfg.n_base, root / "base_samples", derive_seed(cfg.seed, _BASE), cfg.scaling)
+        # first the proxy: a base that copies nothing stops here, before any other sampling
+        logits, targets = _proxy_logits(cfg, train, x1, forget)
         source = _samples(cfg.base, cfg.n_base, root / "source_samples", derive_seed(cfg.seed, _SOURCE), cfg.scaling) if cfg.mode == "flow" else None
         before = _samples(cfg.base, cfg.eval_n, root / "before", derive_seed(cfg.seed, _EVAL), cfg.scaling)
-        logits, targets = _proxy_logits(cfg, train, x1, forget)
         w = weights(logits, cfg.lam)
         tracker.metrics({"unlearn/weight_mean": w.mean().item(), "unlearn/weight_min": w.min().item(),
                          "unlearn/targets": float(len(targets)) if targets is not None else 0.0})
