@@ -94,6 +94,20 @@ class ArrayDataset:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
+    def label_of(self, item: str | int) -> int | None:
+        """The label index that ``item`` names (a label name such as ``"3"`` or ``"outer"``, or
+        an index) when some row carries it, else None."""
+        names = self.manifest.extra.get("label_names")
+        k = names.index(item) if isinstance(item, str) and names and item in names else item
+        k = int(k) if isinstance(k, int) or (isinstance(k, str) and k.isdigit()) else None
+        return k if self.labels is not None and k is not None and bool((self.labels == k).any()) else None
+
+    def label_choices(self) -> str:
+        """The labels present, by name where the data names them (for error messages)."""
+        names = self.manifest.extra.get("label_names")
+        present = sorted(set(self.labels.tolist())) if self.labels is not None else []
+        return ", ".join(names[i] if names else str(i) for i in present)
+
     def __len__(self) -> int:
         return self.x.shape[0]
 

@@ -13,13 +13,13 @@ import ray
 import torch
 
 from genmem.checkpoint import load_checkpoint, read_meta
-from genmem.data import seal_shards, write_part
+from genmem.data import DataError, read_shards, seal_shards, write_part
 from genmem.distributed.cluster import ensure_ray
 from genmem.distributed.tasks import map_tasks
 from genmem.errors import ConfigError
 from genmem.generative import build_process, generate
 from genmem.metrics.outliers import out_of_range_fraction, range_warning
-from genmem.storage import ensure_writable, local_path, remove, uri_of
+from genmem.storage import ensure_writable, local_path, pull, remove, uri_of
 
 
 def _sample_part(checkpoint: str, start: int, stop: int, seed: int, staging: str, part: int, batch_size: int) -> tuple[int, float]:
@@ -91,3 +91,15 @@ def sample(
         "checkpoint_id": meta["checkpoint_id"],
         "sha256": manifest.sha256,
     }
+
+
+def sample_once(checkpoint: str, n: int, out: str | Path, *, seed: int, scaling) -> torch.Tensor:
+    """``n`` samples of ``checkpoint`` at ``out`` (Parquet, on Ray tasks sized by ``scaling``, a
+    ``ScalingConfig``), read back as a tensor; a restarted run that already wrote them reuses them."""
+    if not (pull(out) / "manifest.json").is_file():
+        sample(checkpoint, n, out, seed=seed, tasks=scaling.num_workers, cpus_per_task=scaling.cpus_per_worker,
+               gpus_per_task=scaling.gpus_per_worker if scaling.use_gpu else 0.0)
+    x = read_shards(out).x
+    if len(x) != n:
+        raise DataError(f"{out} holds {len(x)} samples, not {n}: remove it or use another run_name")
+    return x

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -31,9 +30,9 @@ from torch import nn
 
 from genmem.checkpoint import load_checkpoint, read_meta
 from genmem.config import ScalingConfig, Strict, TrainConfig, to_yaml
-from genmem.data import ArrayDataset, read_shards
-from genmem.distributed.sampling import sample
-from genmem.errors import ConfigError, DataError
+from genmem.data import ArrayDataset
+from genmem.distributed.sampling import sample_once
+from genmem.errors import ConfigError
 from genmem.evaluation import training_data
 from genmem.generative import build_process, derive_seed
 from genmem.jobs import train as train_job
@@ -61,7 +60,7 @@ from genmem.metrics.frechet import frechet_distance, gaussian_stats
 from genmem.metrics.memorisation import memorisation
 from genmem.metrics.prdc import prdc
 from genmem.metrics.two_d import mmd_rbf
-from genmem.storage import check_storage, ensure_writable, pull, storage_root, storage_uri, uri_of
+from genmem.storage import check_storage, ensure_writable, storage_root, storage_uri, uri_of
 from genmem.tracking import Tracker, check_reachable, job_run
 from genmem.viz import line_panels, side_by_side
 
@@ -136,15 +135,11 @@ def build_reward(cfg: RewardConfig, train: ArrayDataset) -> nn.Module:
     if cfg.kind == "region":
         return Region(vector("lo", cfg.lo), vector("hi", cfg.hi), cfg.smoothness)
     if cfg.kind == "class":
-        names = train.manifest.extra.get("label_names")
         if train.labels is None:
             raise ConfigError(f"reward.kind=class needs labelled data, but {train.manifest.source} has no labels: use another reward")
-        present = sorted(set(train.labels.tolist()))
-        k = names.index(cfg.target) if isinstance(cfg.target, str) and names and cfg.target in names else cfg.target
-        k = int(k) if isinstance(k, int) or (isinstance(k, str) and k.isdigit()) else None
-        if k is None or k not in present:
-            choices = ", ".join(names[i] if names else str(i) for i in present)
-            raise ConfigError(f"reward.target names {cfg.target!r}, which is not a class of the base's data: choose among {choices}")
+        k = train.label_of(cfg.target)
+        if k is None:
+            raise ConfigError(f"reward.target names {cfg.target!r}, which is not a class of the base's data: choose among {train.label_choices()}")
         clf = get_extractor("classifier", train=train, cache_dir=storage_root() / "features")
         return ClassLogProb(nn.Sequential(clf.net.body, clf.net.head), k)
     module, _, name = cfg.function.partition(":")
@@ -215,24 +210,10 @@ class ObjectiveFactory:
         return FinetuneObjective(chain, base, reward, cfg.alpha, train_cfg.batch_size, train_cfg.seed, cfg.loss_steps, surrogate)
 
 
-def _samples(checkpoint: str, n: int, out: Path, seed: int, scaling: ScalingConfig) -> torch.Tensor:
-    """``n`` samples of ``checkpoint`` at ``out`` (reused when a restarted run already wrote them)."""
-    if not (pull(out) / "manifest.json").is_file():
-        sample(checkpoint, n, out, seed=seed, tasks=scaling.num_workers, cpus_per_task=scaling.cpus_per_worker,
-               gpus_per_task=scaling.gpus_per_worker if scaling.use_gpu else 0.0)
-    x = read_shards(out).x
-    if len(x) != n:
-        raise DataError(f"{out} holds {len(x)} samples, not {n}: remove it or use another run_name")
-    return x
-
-
 def _train_config(cfg: FinetuneConfig, base: dict[str, Any], run_name: str) -> TrainConfig:
-    tree = TrainConfig.from_saved(base["config"]).model_dump(mode="json")
-    tree.update(name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed, images=cfg.images, batch_size=cfg.batch_size,
-                eval_every_images=0, checkpoint_every_images=0, grid_every_images=0, log_every_images=max(cfg.images // 20, cfg.batch_size),
-                scaling=cfg.scaling.model_dump(), init_from=cfg.base, source_checkpoint=None)
-    tree["ema_halflife_images"] = min(tree["ema_halflife_images"], cfg.images // 10)
-    tree["optim"] = {**tree["optim"], "lr": cfg.lr, "warmup_images": min(tree["optim"].get("warmup_images", 0), cfg.images // 10)}
+    tree = train_job.derived_tree(base["config"], name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed,
+                                  images=cfg.images, batch_size=cfg.batch_size, lr=cfg.lr, scaling=cfg.scaling)
+    tree["init_from"] = cfg.base
     return TrainConfig.model_validate(tree)
 
 
@@ -293,7 +274,7 @@ def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
                  parent_run_id=ctx.parent_run_id, key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
         tracker.text(to_yaml(cfg), "finetune.yaml")
         print(f"[genmem finetune] reward {cfg.reward.kind}, {cfg.divergence} at α={cfg.alpha:g}: {cfg.eval_n} base samples", flush=True)
-        before = _samples(cfg.base, cfg.eval_n, root / "before", derive_seed(cfg.seed, _EVAL), cfg.scaling)
+        before = sample_once(cfg.base, cfg.eval_n, root / "before", seed=derive_seed(cfg.seed, _EVAL), scaling=cfg.scaling)
         try:
             c = normaliser(divergence(cfg.divergence), rewards_of(reward, before), cfg.alpha, upper_bound(reward))
         except ValueError as err:  # α too small for a divergence with a pole: known only from the base's samples
@@ -302,7 +283,7 @@ def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
         tracker.metrics({"finetune/normaliser": c})
         trained = train_job.train_model(_train_config(cfg, base, run_name), Context(parent_run_id=tracker.run_id, tags={"finetune": run_name}),
                                         kind="finetune", objective_factory=ObjectiveFactory(cfg, c))
-        after = _samples(trained["checkpoint"], cfg.eval_n, root / "after", derive_seed(cfg.seed, _EVAL), cfg.scaling)
+        after = sample_once(trained["checkpoint"], cfg.eval_n, root / "after", seed=derive_seed(cfg.seed, _EVAL), scaling=cfg.scaling)
         b, a = measure(before), measure(after)
         metrics = {**{f"{k}_before": v for k, v in b.items()}, **a, "path_kl": path_kl(cfg, trained["checkpoint"], min(cfg.eval_n, 1000))}
         tracker.metrics({f"finetune/{k}": v for k, v in numeric(metrics).items()})

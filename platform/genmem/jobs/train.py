@@ -19,7 +19,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from genmem.checkpoint import load_checkpoint, read_meta
-from genmem.config import TrainConfig, to_yaml
+from genmem.config import ScalingConfig, TrainConfig, to_yaml
 from genmem.data import ArrayDataset, load_dataset
 from genmem.distributed.cluster import Footprint, ensure_ray
 from genmem.distributed.engine import AccelerateEngine
@@ -137,6 +137,21 @@ def preflight(cfg: TrainConfig) -> None:
                 "fine-tune a model trained on data of this shape"
             )
         load_checkpoint(cfg.init_from, expect=cfg.model)  # refuses another architecture, naming the key
+
+
+def derived_tree(saved: dict[str, Any], *, name: str, run_name: str, seed: int, images: int, batch_size: int, lr: float,
+                 scaling: ScalingConfig) -> dict[str, Any]:
+    """The config tree of a short run derived from a checkpoint's saved config (unlearning,
+    fine-tuning): its model, process, sampler and data with this run's budget, learning rate and
+    workers; no probes, periodic grids or checkpoints; the EMA half-life and the warm-up at most a
+    tenth of the budget, so the EMA follows within it."""
+    tree = TrainConfig.from_saved(saved).model_dump(mode="json")
+    tree.update(name=name, run_name=run_name, seed=seed, images=images, batch_size=batch_size, eval_every_images=0,
+                checkpoint_every_images=0, grid_every_images=0, log_every_images=max(images // 20, batch_size),
+                scaling=scaling.model_dump(), init_from=None, source_checkpoint=None)
+    tree["ema_halflife_images"] = min(tree["ema_halflife_images"], images // 10)
+    tree["optim"] = {**tree["optim"], "lr": lr, "warmup_images": min(tree["optim"].get("warmup_images", 0), images // 10)}
+    return tree
 
 
 def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "train", hooks: Sequence[Hook] = (),

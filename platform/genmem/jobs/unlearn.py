@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,8 +27,8 @@ from pydantic import Field
 
 from genmem.checkpoint import read_meta
 from genmem.config import ModelConfig, ScalingConfig, Strict, TrainConfig, to_yaml
-from genmem.data import TOYS, ArrayDataset, read_shards, toy_regions
-from genmem.distributed.sampling import sample
+from genmem.data import TOYS, ArrayDataset, toy_regions
+from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError, DataError
 from genmem.evaluation import training_data
 from genmem.generative import build_process, derive_seed
@@ -50,7 +49,7 @@ from genmem.metrics.features import get_extractor
 from genmem.metrics.frechet import frechet_distance, gaussian_stats
 from genmem.metrics.memorisation import memorisation
 from genmem.metrics.two_d import mmd_rbf
-from genmem.storage import check_storage, ensure_writable, pull, storage_root, storage_uri, uri_of
+from genmem.storage import check_storage, ensure_writable, storage_root, storage_uri, uri_of
 from genmem.tracking import check_reachable, job_run
 from genmem.viz import before_after
 
@@ -96,16 +95,13 @@ def _labels_to_forget(cfg: UnlearnConfig, train: ArrayDataset) -> list[int]:
         raise ConfigError(f"target.kind={kind} needs labelled data, but {train.manifest.source} has no labels: use target.kind=copies")
     if not cfg.target.forget:
         raise ConfigError(f"target.forget is empty: list the {kind}s to forget, e.g. target.forget=[{(names or ['0'])[0]}]")
-    present = sorted(set(train.labels.tolist()))
     out = []
     for item in cfg.target.forget:
-        k = names.index(item) if isinstance(item, str) and names and item in names else item
-        k = int(k) if isinstance(k, int) or (isinstance(k, str) and k.isdigit()) else None
-        if k is None or k not in present:
-            choices = ", ".join(names[i] if names else str(i) for i in present)
-            raise ConfigError(f"target.forget names {item!r}, which is not a {kind} of the base's data: choose among {choices}")
+        k = train.label_of(item)
+        if k is None:
+            raise ConfigError(f"target.forget names {item!r}, which is not a {kind} of the base's data: choose among {train.label_choices()}")
         out.append(k)
-    if len(set(out)) == len(present):
+    if len(set(out)) == len(set(train.labels.tolist())):
         raise ConfigError(f"target.forget lists every {kind} of the data: nothing would be left to keep")
     return sorted(set(out))
 
@@ -142,17 +138,6 @@ class WeightsFactory:
         return WeightedObjective(build_process(cfg.process), self.w, cfg.batch_size, cfg.seed, source=self.source)
 
 
-def _samples(checkpoint: str, n: int, out: Path, seed: int, scaling: ScalingConfig) -> torch.Tensor:
-    """``n`` samples of ``checkpoint`` at ``out`` (reused when a restarted run already wrote them)."""
-    if not (pull(out) / "manifest.json").is_file():
-        sample(checkpoint, n, out, seed=seed, tasks=scaling.num_workers, cpus_per_task=scaling.cpus_per_worker,
-               gpus_per_task=scaling.gpus_per_worker if scaling.use_gpu else 0.0)
-    x = read_shards(out).x
-    if len(x) != n:
-        raise DataError(f"{out} holds {len(x)} samples, not {n}: remove it or use another run_name")
-    return x
-
-
 def _proxy_logits(cfg: UnlearnConfig, train: ArrayDataset, base_x: torch.Tensor, forget: list[int]):
     """The proxy's logits on the base samples, and what the copies target picked."""
     if cfg.target.kind == "copies":
@@ -168,13 +153,8 @@ def _proxy_logits(cfg: UnlearnConfig, train: ArrayDataset, base_x: torch.Tensor,
 
 
 def _train_config(cfg: UnlearnConfig, base: dict[str, Any], base_samples: str, run_name: str) -> TrainConfig:
-    tree = TrainConfig.from_saved(base["config"]).model_dump(mode="json")
-    tree.update(name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed, images=cfg.images, batch_size=cfg.batch_size,
-                eval_every_images=0, checkpoint_every_images=0, grid_every_images=0, log_every_images=max(cfg.images // 20, cfg.batch_size),
-                scaling=cfg.scaling.model_dump(), init_from=None, source_checkpoint=None)
-    # The EMA must follow within the (short) budget: a half-life of at most a tenth of it.
-    tree["ema_halflife_images"] = min(tree["ema_halflife_images"], cfg.images // 10)
-    tree["optim"] = {**tree["optim"], "lr": cfg.lr, "warmup_images": min(tree["optim"].get("warmup_images", 0), cfg.images // 10)}
+    tree = train_job.derived_tree(base["config"], name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed,
+                                  images=cfg.images, batch_size=cfg.batch_size, lr=cfg.lr, scaling=cfg.scaling)
     tree["data"] = {**tree["data"], "synthetic": [base_samples], "real": False}  # trained on base samples, measured on the real data
     if cfg.mode == "finetune":
         tree["init_from"] = cfg.base
@@ -246,11 +226,11 @@ def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
                  parent_run_id=ctx.parent_run_id, key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
         tracker.text(to_yaml(cfg), "unlearn.yaml")
         print(f"[genmem unlearn] {cfg.n_base} base samples, proxy for target {cfg.target.kind}", flush=True)
-        x1 = _samples(cfg.base, cfg.n_base, root / "base_samples", derive_seed(cfg.seed, _BASE), cfg.scaling)
+        x1 = sample_once(cfg.base, cfg.n_base, root / "base_samples", seed=derive_seed(cfg.seed, _BASE), scaling=cfg.scaling)
         # first the proxy: a base that copies nothing stops here, before any other sampling
         logits, targets = _proxy_logits(cfg, train, x1, forget)
-        source = _samples(cfg.base, cfg.n_base, root / "source_samples", derive_seed(cfg.seed, _SOURCE), cfg.scaling) if cfg.mode == "flow" else None
-        before = _samples(cfg.base, cfg.eval_n, root / "before", derive_seed(cfg.seed, _EVAL), cfg.scaling)
+        source = sample_once(cfg.base, cfg.n_base, root / "source_samples", seed=derive_seed(cfg.seed, _SOURCE), scaling=cfg.scaling) if cfg.mode == "flow" else None
+        before = sample_once(cfg.base, cfg.eval_n, root / "before", seed=derive_seed(cfg.seed, _EVAL), scaling=cfg.scaling)
         w = weights(logits, cfg.lam)
         tracker.metrics({"unlearn/weight_mean": w.mean().item(), "unlearn/weight_min": w.min().item(),
                          "unlearn/targets": float(len(targets)) if targets is not None else 0.0})
@@ -258,7 +238,7 @@ def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
         factory = WeightsFactory(w, float(x1.double().sum()), source)
         trained = train_job.train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"unlearn": run_name}),
                                         kind="unlearn", objective_factory=factory)
-        after = _samples(trained["checkpoint"], cfg.eval_n, root / "after", derive_seed(cfg.seed, _EVAL), cfg.scaling)
+        after = sample_once(trained["checkpoint"], cfg.eval_n, root / "after", seed=derive_seed(cfg.seed, _EVAL), scaling=cfg.scaling)
         measure = _Measure(cfg, train, heldout, forget, targets)
         metrics = measure.compare(before, after)
         tracker.metrics({f"unlearn/{k}": v for k, v in numeric(metrics).items()})
