@@ -230,6 +230,10 @@ class _Measure:
         real = torch.cat([train.x, heldout.x]) if len(heldout) else train.x
         self.real_features = self.features(real)
         self.base_features = self.features(before)
+        self.class_features = None  # a class reward: the real images of that class (its p* is near p(x | class))
+        if self.extractor is not None and cfg.reward.kind == "class":
+            labels = torch.cat([train.labels, heldout.labels]) if len(heldout) else train.labels
+            self.class_features = self.features(real[labels == train.label_of(cfg.reward.target)])
         self.target = None
         if self.two_d:  # the exact p* on what the base generates: its samples resampled by the tilt
             div = divergence(cfg.divergence)
@@ -248,6 +252,8 @@ class _Measure:
         out.update(precision_vs_base=pr["precision"], recall_vs_base=pr["recall"])
         if self.extractor is not None:
             out["fd_classifier"] = frechet_distance(gaussian_stats(feats), gaussian_stats(self.real_features))
+        if self.class_features is not None and len(self.class_features) > 1:
+            out["fd_classifier_class"] = frechet_distance(gaussian_stats(feats), gaussian_stats(self.class_features))
         if self.two_d:
             out["mmd_data"] = mmd_rbf(x[:2000], self.train.x[:2000], bandwidth=1.0)
             out["mmd_target"] = mmd_rbf(x[:2000], self.target[:2000], bandwidth=1.0)
@@ -317,7 +323,7 @@ _CURVES = {
 }
 
 REPORTS = ("reward", "reward_before", "path_kl", "diversity", "diversity_before", "recall_vs_base", "precision_vs_base",
-           "fd_classifier", "fd_classifier_before", "mmd_data", "mmd_target", "mmd_target_before", "memorised_fraction",
+           "fd_classifier", "fd_classifier_before", "fd_classifier_class", "fd_classifier_class_before", "mmd_data", "mmd_target", "mmd_target_before", "memorised_fraction",
            "memorised_fraction_before", "alpha")
 
 JOB = Job(
