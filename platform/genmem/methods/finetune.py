@@ -12,12 +12,12 @@ is an optimal control of the path. Flow matching: σ(t) = sqrt(2(1-t)/t), b = 2v
 Euler-Maruyama on t_k = (k+1)/(K+1): the first step's factor 1 - h/t_0 is 0, so it starts from
 fresh noise just after t = 0 where b diverges (measured on a Gaussian: terminal variance 1.03 at
 K = 20 and 1.00 at K = 40, where the ancestral form of the same chain gives 0.82 and 0.89). VP
-diffusion: DDPM's ancestral transitions (η = 1), whose last step is deterministic. A transition
-is N(m_k(x), c_k² I); as h -> 0 the per-step control below is sqrt(h) u with the continuous
+diffusion: DDPM's ancestral transitions (η = 1). Every transition is stochastic:
+N(m_k(x), c_k² I), c_k > 0; as h -> 0 the per-step control below is sqrt(h) u with the continuous
 u = (2/σ)(v_ft - v_base).
 
 **Adjoint matching.** Trajectories of the current model's chain without a graph; the lean
-adjoint of the *base* chain backwards from ã_{K-1} = -∇_x r(f(x_{K-1}))/α (f the last step), one
+adjoint of the *base* chain backwards from ã_K = -∇_x r(x_K)/α, one
 vector-Jacobian product of the base transition mean per step: ã_k = (∂m_base,k/∂x_k)ᵀ ã_{k+1}
 (discretely, dã/dt = -(∂_x b_base)ᵀ ã); the loss on stop-gradient states
 ||u_k + c_k ã_{k+1}||², u_k = (m_ft,k - m_base,k)/c_k, with c_k the transition's standard deviation.
@@ -30,7 +30,7 @@ Usage::
 
     chain = Memoryless(FlowMatching(), steps=32)
     objective = AdjointMatching(chain, base, reward=Linear(a), alpha=1.0)
-    loss = objective.loss(model, x0, noise)          # (batch,); minimise with any optimiser
+    loss = objective.loss(model, noise0, noise)      # (batch,); minimise with any optimiser
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def path_coefficients(process: Process, t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Memoryless:
-    """The memoryless chain of ``process`` in ``steps`` transitions N(m_k(x), c_k² I); a last
-    step with c = 0 (VP diffusion's) is deterministic and taken by ``final`` in :meth:`sample`.
+    """The memoryless chain of ``process`` in ``steps`` transitions N(m_k(x), c_k² I), every one
+    stochastic (c_k > 0: VP's path keeps σ > 0 at its last time, flow's EM step has c² = 2h²/(1-h)).
 
     >>> chain = Memoryless(FlowMatching(), steps=32)
     >>> states, x1 = chain.sample(model, torch.randn(n, 2), noise=lambda k: torch.randn(n, 2))
@@ -89,9 +89,8 @@ class Memoryless:
             self.c = (var_ab * s_b**2 / s_a**2).sqrt()
         else:
             raise TypeError(f"no memoryless chain for process {type(process).__name__}: expected FlowMatching or VPDiffusion")
-        if (self.c[:-1] <= 0).any():
-            raise ValueError(f"the chain of {type(process).__name__} has a deterministic step before the last: use fewer steps")
-        self.controlled = steps if self.c[-1] > 0 else steps - 1  # the steps a control acts on
+        if (self.c <= 0).any():  # a control needs noise to act through (and would divide by c)
+            raise ValueError(f"the chain of {type(process).__name__} has a deterministic step at {steps} steps: use fewer steps")
 
     def start(self, noise: Tensor) -> Tensor:
         """The chain's first state from standard normal ``noise`` (the path's marginal at t_0,
@@ -113,17 +112,13 @@ class Memoryless:
         return coef(self.a) * self.process.denoise(model, x, t)[0] + coef(self.b) * x
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, noise0: Tensor, noise: Callable[[int], Tensor], final: nn.Module | None = None) -> tuple[list[Tensor], Tensor]:
+    def sample(self, model: nn.Module, noise0: Tensor, noise: Callable[[int], Tensor]) -> tuple[list[Tensor], Tensor]:
         """States x_0..x_{K-1} (x_0 from standard normal ``noise0``) and the sample x_K;
-        ``noise(k)`` draws step k's standard normal; ``final`` takes a deterministic last step
-        (default: ``model``)."""
+        ``noise(k)`` draws step k's standard normal."""
         x = self.start(noise0)
         states = [x]
         for k in range(self.steps):
-            if k < self.controlled:
-                x = self.mean(model, x, k) + float(self.c[k]) * noise(k)
-            else:
-                x = self.mean(final if final is not None else model, x, k)
+            x = self.mean(model, x, k) + float(self.c[k]) * noise(k)
             states.append(x)
         return states[:-1], x
 
@@ -242,7 +237,7 @@ class Trajectories:
 class AdjointMatching:
     """The adjoint-matching loss of a fine-tuned model against a frozen ``base`` on ``chain``,
     for the terminal reward ``reward`` at regulariser weight ``alpha`` (KL; wrap the reward in
-    :class:`Surrogate` for an f-divergence). ``loss_steps``: how many of the chain's controlled
+    :class:`Surrogate` for an f-divergence). ``loss_steps``: how many of the chain's
     steps enter each batch's loss (a random subset, as in the paper; None: all).
 
     >>> am = AdjointMatching(Memoryless(FlowMatching(), 32), base, Linear(a), alpha=1.0)
@@ -258,9 +253,9 @@ class AdjointMatching:
     def rollout(self, model: nn.Module, noise0: Tensor, noise: Callable[[int], Tensor], *, kl: bool = True) -> Trajectories:
         """The current model's trajectories (no graph), their rewards and (``kl``) path KL."""
         with torch.no_grad():
-            states, x1 = self.chain.sample(model, noise0, noise, final=self.base)
+            states, x1 = self.chain.sample(model, noise0, noise)
             path_kl = torch.zeros(len(x1), dtype=torch.float64, device=x1.device)
-            for k in range(self.chain.controlled if kl else 0):
+            for k in range(self.chain.steps if kl else 0):
                 path_kl += 0.5 * self.control(model, states[k], k).flatten(1).double().pow(2).sum(1)
             reward = self.reward(x1)
         return Trajectories(states, x1, reward.detach(), path_kl if kl else torch.full_like(path_kl, math.nan))
@@ -294,7 +289,7 @@ class AdjointMatching:
         controls (n/|steps| Σ ||u_k||²/2, unbiased; no extra network call). The chosen steps'
         states go through ``model`` in one call, so a DDP model sees one forward per backward."""
         adj = self.lean_adjoint(traj.states, traj.x1)
-        n = self.chain.controlled
+        n = self.chain.steps
         steps = list(range(n))
         if self.loss_steps is not None and self.loss_steps < n:
             steps = sorted(torch.randperm(n, generator=generator)[: self.loss_steps].tolist())
