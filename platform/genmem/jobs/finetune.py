@@ -6,7 +6,9 @@ checkpoint out:
    they also fix the normaliser c of p* = p_pre (f')⁻¹((r - c)/α));
 2. the base network fine-tuned on Ray Train workers by the training loop with the adjoint-matching
    objective: each batch is a batch of trajectories of the current model's memoryless chain;
-   the loop logs mean reward, path KL and diversity with the loss;
+   the loop logs mean reward, path KL and diversity with the loss, and every
+   ``eval_every_images`` a probe of ``probe_n`` ODE samples logs what step 3 measures
+   (``eval/*``: reward, quality, memorised fraction, on 2-D the MMD to p*);
 3. the same ``eval_n`` samples from the fine-tuned model: reward, diversity (mean pairwise
    distance; precision/recall against the base's samples), quality against the data (FD on
    classifier features for labelled images, MMD in 2-D), memorised fraction (does chasing the
@@ -34,7 +36,7 @@ from genmem.data import ArrayDataset
 from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError
 from genmem.evaluation import training_data
-from genmem.generative import build_process, derive_seed
+from genmem.generative import build_process, derive_seed, generate
 from genmem.jobs import train as train_job
 from genmem.jobs.base import Context, Flag, Job, numeric
 from genmem.jobs.sweep import curves_against
@@ -64,7 +66,7 @@ from genmem.storage import check_storage, ensure_writable, storage_root, storage
 from genmem.tracking import Tracker, check_reachable, job_run
 from genmem.viz import line_panels, side_by_side
 
-_EVAL, _TARGET, _KL = 1, 2, 3
+_EVAL, _TARGET, _KL, _PROBE = 1, 2, 3, 4
 
 
 class RewardConfig(Strict):
@@ -106,6 +108,8 @@ class FinetuneConfig(Strict):
     batch_size: int = Field(128, gt=0)
     lr: float = Field(3e-4, gt=0)
     eval_n: int = Field(2000, gt=5)
+    eval_every_images: int = Field(16_000, ge=0)  # trajectories between probes of quality and copying; 0 = off
+    probe_n: int = Field(500, gt=5)  # samples per probe
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
 
     @model_validator(mode="after")
@@ -210,10 +214,29 @@ class ObjectiveFactory:
         return FinetuneObjective(chain, base, reward, cfg.alpha, train_cfg.batch_size, train_cfg.seed, cfg.loss_steps, surrogate)
 
 
+class ProbeFactory:
+    """What rank 0 builds its probe from (picklable): the measurements of step 3 on ``probe_n``
+    fresh ODE samples of the network being fine-tuned (a fixed seed: successive probes differ
+    only by the weights), logged as ``eval/*`` against trajectories seen."""
+
+    def __init__(self, cfg: FinetuneConfig, c: float, before: torch.Tensor):
+        self.cfg, self.c, self.before = cfg, c, before
+
+    def __call__(self, train_cfg: TrainConfig, train: ArrayDataset, heldout: ArrayDataset):
+        measure = _Measure(self.cfg, train, heldout, build_reward(self.cfg.reward, train), self.before, self.c)
+        process, seed = build_process(train_cfg.process), derive_seed(self.cfg.seed, _PROBE)
+
+        def probe(model: nn.Module, device: torch.device) -> dict[str, float]:
+            x = generate(model, process, train_cfg.sampler, tuple(train.shape), range(self.cfg.probe_n), seed=seed, device=device)
+            return {f"eval/{k}": v for k, v in measure(x.cpu()).items()}
+
+        return probe
+
+
 def _train_config(cfg: FinetuneConfig, base: dict[str, Any], run_name: str) -> TrainConfig:
     tree = train_job.derived_tree(base["config"], name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed,
                                   images=cfg.images, batch_size=cfg.batch_size, lr=cfg.lr, scaling=cfg.scaling)
-    tree["init_from"] = cfg.base
+    tree.update(init_from=cfg.base, eval_every_images=cfg.eval_every_images, eval_n=cfg.probe_n)
     return TrainConfig.model_validate(tree)
 
 
@@ -288,7 +311,8 @@ def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
         measure = _Measure(cfg, train, heldout, reward, before, c)
         tracker.metrics({"finetune/normaliser": c})
         trained = train_job.train_model(_train_config(cfg, base, run_name), Context(parent_run_id=tracker.run_id, tags={"finetune": run_name}),
-                                        kind="finetune", objective_factory=ObjectiveFactory(cfg, c))
+                                        kind="finetune", objective_factory=ObjectiveFactory(cfg, c),
+                                        probe_factory=ProbeFactory(cfg, c, before))
         after = sample_once(trained["checkpoint"], cfg.eval_n, root / "after", seed=derive_seed(cfg.seed, _EVAL), scaling=cfg.scaling)
         b, a = measure(before), measure(after)
         metrics = {**{f"{k}_before": v for k, v in b.items()}, **a, "path_kl": path_kl(cfg, trained["checkpoint"], min(cfg.eval_n, 1000))}
@@ -296,9 +320,11 @@ def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
         panels = [before, after] + ([measure.target] if measure.target is not None else [])
         titles = ["base", f"fine-tuned ({cfg.divergence}, α={cfg.alpha:g})", "exact p* (base samples reweighted)"][: len(panels)]
         tracker.image("before_after", side_by_side(panels, titles, train.x if before.dim() == 2 else None))
-        curves = {name: Tracker(trained["mlflow_run_id"]).history(f"finetune/{name}") for name in ("reward", "path_kl", "diversity")}
-        if all(steps for steps, _ in curves.values()):
-            tracker.image("curves", line_panels({name: {"": xy} for name, xy in curves.items()}, "trajectories seen"))
+        trained_run = Tracker(trained["mlflow_run_id"])
+        curves = {title: trained_run.history(key) for title, key in _TRAINING_CURVES.items()}
+        curves = {title: {"": xy} for title, xy in curves.items() if xy[0]}
+        if curves:
+            tracker.image("curves", line_panels(curves, "trajectories seen"))
         tracker.tags({"checkpoint_uri": str(trained["checkpoint"]), "train_run_id": trained["mlflow_run_id"]})
     return {"run_name": run_name, "mlflow_run_id": tracker.run_id, "checkpoint": trained["checkpoint"], "alpha": cfg.alpha,
             "divergence": cfg.divergence, "normaliser": c, "before": uri_of(root / "before"), "after": uri_of(root / "after"),
@@ -312,6 +338,19 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{'path_kl':<22}{'':>12}{m['path_kl']:>12.4g}")
     return "\n".join(lines + [f"{result['divergence']} at α={result['alpha']:g}"])
 
+
+_TRAINING_CURVES = {  # panel title: the training run's metric (eval/*: the probes)
+    "reward (training chain)": "finetune/reward",
+    "path KL (training chain)": "finetune/path_kl",
+    "diversity (training chain)": "finetune/diversity",
+    "reward (probe)": "eval/reward",
+    "memorised fraction (probe)": "eval/memorised_fraction",
+    "FD to the data (classifier, probe)": "eval/fd_classifier",
+    "FD to the target class (probe)": "eval/fd_classifier_class",
+    "MMD to the data (probe)": "eval/mmd_data",
+    "MMD to the exact p* (probe)": "eval/mmd_target",
+    "recall against the base (probe)": "eval/recall_vs_base",
+}
 
 _CURVES = {
     "reward": lambda m: m.get("reward"),

@@ -4,7 +4,9 @@ workers, bf16 on GPU), tracked in MLflow from rank 0.
 Three levels (Ray Train V2): :func:`train_fn_per_worker` runs the library's loop on every
 worker; :func:`train_model` is the driver (it opens the MLflow run, then fits the workers); a
 Tune trial calls ``run`` like the CLI does. Other jobs train through :func:`train_model` too,
-with their own objective (``objective_factory(cfg, train) -> Objective``, picklable)."""
+with their own objective (``objective_factory(cfg, train) -> Objective``, picklable) and probe
+(``probe_factory(cfg, train, heldout) -> probe(model, device)``, picklable; default: the
+memorisation probe), run on rank 0 every ``cfg.eval_every_images``."""
 
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ from genmem.training import Objective, resolve_sampler, train_loop
 # A hook runs on every rank after each checkpoint round: hook(rank, images_seen, final).
 Hook = Callable[[int, int, bool], None]
 ObjectiveFactory = Callable[[TrainConfig, ArrayDataset], Objective]
+Probe = Callable[[Any, Any], dict[str, float]]
+ProbeFactory = Callable[[TrainConfig, ArrayDataset, ArrayDataset], Probe]
 
 
 class TrainJobResult(TypedDict):
@@ -117,7 +121,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = resolve_sampler(cfg, train)  # the probe samples as the checkpoint will record
     total = -(-cfg.images // cfg.batch_size) * cfg.batch_size
     reporter = RayReporter(tracker, engine.rank, loop_config["hooks"], total_images=total, report_logs=loop_config["tune_reports"])
-    probe = memorisation_probe(cfg, train, heldout) if cfg.eval_every_images and engine.is_main else None
+    probe = (loop_config["probe"] or memorisation_probe)(cfg, train, heldout) if cfg.eval_every_images and engine.is_main else None
     factory = loop_config["objective"]
     objective = factory(cfg, train) if factory is not None else None
     train_loop(cfg, train, reporter, objective=objective, engine=engine, resume=resume, init=init, probe=probe)
@@ -155,7 +159,7 @@ def derived_tree(saved: dict[str, Any], *, name: str, run_name: str, seed: int, 
 
 
 def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "train", hooks: Sequence[Hook] = (),
-                objective_factory: ObjectiveFactory | None = None) -> TrainJobResult:
+                objective_factory: ObjectiveFactory | None = None, probe_factory: ProbeFactory | None = None) -> TrainJobResult:
     """Train on Ray workers under an MLflow run of experiment ``genmem/<kind>``.
 
     The Ray run name is ``cfg.run_name``, else the context's key, else a fresh unique name; a
@@ -175,7 +179,7 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
         loop_config = {"config": cfg.model_dump(mode="json"), "run_id": tracker.run_id, "tracking_uri": tracking_uri(),
                        "storage": storage_env(), "run_dir": join(ray_storage(), run_name), "hooks": list(hooks),
                        "tune_reports": ctx.under_tune,
-                       "objective": objective_factory}
+                       "objective": objective_factory, "probe": probe_factory}
         fitted = fit_workers(train_fn_per_worker, loop_config, cfg.scaling, run_name, report_to_tune=ctx.under_tune)
         tracker.tags({"checkpoint_uri": str(fitted.checkpoint), "ray_storage": str(fitted.run_dir)})
     meta = read_meta(fitted.checkpoint)
