@@ -10,13 +10,14 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from .dataset import ArrayDataset
 
 
 def digits() -> ArrayDataset:
     """The 1797 sklearn digits as (1, 8, 8) images, pixel values 0..16 scaled to [-1, 1], labels 0..9."""
+    from sklearn.datasets import load_digits  # here: sklearn costs every Ray worker 0.5 s to import
+
     bunch = load_digits()
     x = (bunch.images[:, None] / 8.0 - 1.0).astype(np.float32)
     extra = {"label_names": [str(d) for d in range(10)]}

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from genmem.generative.process import PathSample, Process, per_sample_mse
 
@@ -34,6 +33,8 @@ class FlowMatching(Process):
         if not self.ot_coupling:
             return x0
         cost = torch.cdist(x1.flatten(1).double(), x0.flatten(1).double()).pow(2).cpu().numpy()
+        from scipy.optimize import linear_sum_assignment  # here: scipy costs every Ray worker 0.2 s to import
+
         _, cols = linear_sum_assignment(cost)
         return x0[torch.as_tensor(np.asarray(cols), device=x0.device)]
 
