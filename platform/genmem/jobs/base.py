@@ -55,7 +55,8 @@ class Job:
     ``table(result)`` is what the CLI prints, ``summary(result)`` its JSON (default: the result);
     ``sweep_figure(space, trials)`` draws the sweep parent run's ``sweep_summary`` image from the
     finished trials (``{"params", "reports"}`` each; :func:`genmem.jobs.sweep.grouped` helps);
-    default: the sweep metric against each swept key."""
+    default: the sweep metric against each swept key; ``sweep_metrics(space, trials)``: numbers
+    about the whole sweep logged into that run and returned as the sweep's ``summary``."""
 
     name: str
     help: str
@@ -74,6 +75,7 @@ class Job:
     table: Callable[[dict[str, Any]], str] | None = None
     summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     sweep_figure: Callable[[Any, list[dict[str, Any]]], Any] | None = None
+    sweep_metrics: Callable[[Any, list[dict[str, Any]]], dict[str, float]] | None = None
 
     @property
     def sweepable(self) -> bool:

@@ -15,6 +15,7 @@ restores an interrupted sweep with ``Tuner.restore``; a trial that finished writ
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 from collections.abc import Callable
@@ -163,6 +164,9 @@ def _summarise(tracker: Tracker, job: Job, space: Space, name: str, folder: str,
                            "failed": errors, "stopped": stopped,
                            "results": [{"trial_id": r["trial_id"], "params": r["params"], "final": r["reports"][-1] if r["reports"] else {}}
                                        for r in rows]}
+    if job.sweep_metrics is not None and rows:
+        out["summary"] = job.sweep_metrics(space, rows)
+        tracker.metrics({f"sweep/{k}": v for k, v in out["summary"].items() if math.isfinite(v)})
     scored = [r for r in out["results"] if space.metric and space.metric in r["final"]]
     if space.mode and scored:
         out["best"] = (min if space.mode == "min" else max)(scored, key=lambda r: r["final"][space.metric])

@@ -9,6 +9,7 @@ genuine samples about equally close.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -123,3 +124,23 @@ def _ratio(x: Tensor, ref: Tensor, opts: dict) -> tuple[Tensor, Tensor, Tensor, 
     # d1 = 0 is a copy whatever d2 is; this also avoids 0/0 when ref holds duplicates of x.
     ratio = torch.where(d1 == 0, torch.zeros_like(d1), d1 / d2)
     return d1, d2, ratio, i[:, 0]
+
+
+def effective_memorisation(sizes: list[float], fractions: list[float], threshold: float = 0.9) -> float | None:
+    """Effective model memorisation (Gu et al. 2023): the largest training-set size at which the
+    memorised fraction still reaches ``threshold``, interpolated linearly in log size between the
+    last grid point at or above it and the next; the largest size when every size reaches it
+    (the grid ends too early to say more); None when none does."""
+    if len(sizes) != len(fractions) or not sizes:
+        raise ValueError(f"need one memorised fraction per size, got {len(sizes)} sizes and {len(fractions)} fractions")
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    n = [float(sizes[i]) for i in order]
+    f = [float(fractions[i]) for i in order]
+    above = [i for i, v in enumerate(f) if v >= threshold]
+    if not above:
+        return None
+    i = above[-1]
+    if i == len(n) - 1:
+        return n[-1]
+    w = (f[i] - threshold) / (f[i] - f[i + 1])
+    return float(math.exp(math.log(n[i]) + w * (math.log(n[i + 1]) - math.log(n[i]))))
