@@ -187,3 +187,19 @@ def test_a_size_sweep_writes_the_phase_plot_and_the_effective_memorisation(tmp_p
     assert len(children) == 3
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert {"score_spectrum.png", "most_memorised.json"} <= artifacts, artifacts
+
+
+def test_shipped_size_configs_and_space_check_against_the_job():
+    from pathlib import Path
+
+    from genmem.config import load_config
+    from genmem.jobs import registry
+    from genmem.jobs.memorisation import MemorisationConfig
+    from genmem.space import check_space, load_space
+
+    root = Path(__file__).resolve().parents[1]
+    space = load_space(root / "tune_spaces/training_set_size.yaml")
+    assert space.trials == 12
+    for name in ("size_manifold", "size_digits", "size_mnist"):
+        cfg = load_config(root / f"configs/{name}.yaml", cls=MemorisationConfig)
+        assert check_space(space, registry.get("memorisation"), cfg.model_dump(mode="json")), name

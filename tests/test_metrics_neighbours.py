@@ -194,3 +194,56 @@ def test_lid_errors():
         lid_mle(torch.randn(10, 3))
     with pytest.raises(ValueError, match=r"discard_fraction 1.0 is outside \(0, 1\)"):
         lid_twonn(torch.randn(50, 3), discard_fraction=1.0)
+
+
+def test_merging_shard_top_k_is_the_global_top_k_with_ties_by_index(points):
+    from genmem.metrics.neighbours import merge_topk
+
+    q, r = points
+    r = r.clone()
+    r[900] = r[17]  # a third copy, in another shard
+    ref_d, ref_i = brute(q, r)
+    for bounds in ([0, 400, 1000], [0, 17, 18, 501, 999, 1000]):  # uneven shards, one of a single row
+        parts = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            d, i = knn(q, r[lo:hi], min(5, hi - lo))
+            parts.append((d, i + lo))
+        d, i = merge_topk(parts, 5)
+        assert torch.equal(i, ref_i[:, :5]) and torch.allclose(d, ref_d[:, :5], rtol=0, atol=1e-12)
+        assert i[3, :3].tolist() == [17, 500, 900] and d[3, :3].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="k = 9 neighbours asked for but the shards hold 5 candidates"):
+        merge_topk([(ref_d[:, :2], ref_i[:, :2]), (ref_d[:, 2:5], ref_i[:, 2:5])], 9)
+
+
+def test_sharded_search_on_ray_tasks_equals_the_single_process_search(points, digits, tmp_path, ray_local):
+    """Row ranges of a tensor and the part files of a shard folder, each a Ray task; and the
+    memorisation report through it."""
+    from genmem.data.shards import write_shards
+    from genmem.distributed.neighbours import sharded_knn
+
+    q, r = points
+    ref_d, ref_i = knn(q, r, 3)
+    d, i = sharded_knn(q, r, 3, rows_per_task=333, cpus_per_task=0.5)
+    assert torch.equal(i, ref_i) and torch.equal(d, ref_d)
+    write_shards(tmp_path / "ref", r.view(len(r), 3, 5), source="test", split="train", rows_per_shard=300)
+    assert len(list((tmp_path / "ref").glob("*.parquet"))) == 4
+    d, i = sharded_knn(q, str(tmp_path / "ref"), 3, cpus_per_task=0.5)
+    assert torch.equal(i, ref_i) and torch.equal(d, ref_d)
+    train, heldout = digits
+    mix = torch.cat([train[:100], heldout[:200]])
+    local = memorisation(mix, train, heldout)
+    sharded = memorisation(mix, train, heldout, search=lambda a, b, k: sharded_knn(a, b, k, rows_per_task=500, cpus_per_task=0.5))
+    assert sharded.memorised_fraction == local.memorised_fraction and torch.equal(sharded.ratio, local.ratio)
+    assert sharded.heldout_memorised_fraction == local.heldout_memorised_fraction
+    with pytest.raises(ValueError, match="k = 2000 neighbours asked for but the reference has N = 1000 rows"):
+        sharded_knn(q, r, 2000)
+
+
+def test_the_evaluation_shards_its_search_above_a_size_or_when_asked():
+    from genmem.config import MetricsConfig
+    from genmem.distributed.neighbours import neighbour_search
+
+    assert neighbour_search(MetricsConfig(), 60_000) is None  # default: in this process up to 100,000 rows
+    assert neighbour_search(MetricsConfig(shard_rows=500), 1000).keywords["rows_per_task"] == 500
+    assert neighbour_search(MetricsConfig(neighbours="sharded"), 10) is not None
+    assert neighbour_search(MetricsConfig(neighbours="local", shard_rows=5), 1000) is None

@@ -207,6 +207,11 @@ class MetricsConfig(Strict):
     reference_max: int = Field(10_000, gt=1)  # training rows used for precision/recall (seeded subset)
     chunk_size: int = Field(4096, gt=0)
     backend: Literal["torch", "faiss"] = "torch"
+    # The exact nearest-neighbour search of the memorisation test: in this process (local), or
+    # over shards of the training set on Ray tasks (sharded; same result); auto: sharded above
+    # shard_rows training rows.
+    neighbours: Literal["auto", "local", "sharded"] = "auto"
+    shard_rows: int = Field(100_000, gt=1)  # training rows per Ray task of the sharded search
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -100,9 +100,12 @@ def evaluate_samples(
     *,
     cache_dir: Path | None = None,
     device: str | torch.device | None = None,
+    search=None,
 ) -> Evaluation:
     """Memorisation, Fréchet distances per feature extractor, KID, precision/recall/density/
-    coverage, intrinsic dimension and (for 2-D data) MMD and sliced Wasserstein."""
+    coverage, intrinsic dimension and (for 2-D data) MMD and sliced Wasserstein. ``search``: the
+    memorisation test's exact neighbour search where not this process's (jobs pass
+    :func:`genmem.distributed.neighbours.neighbour_search`)."""
     check_samples(generated, train, cfg)
     gen, tr = generated.x.float(), train.x.float()
     ho = heldout.x.float() if len(heldout) >= 2 else None
@@ -112,7 +115,8 @@ def evaluate_samples(
     metrics["eval/train_variance"] = float(tr.flatten(1).double().var(0).mean())
     metrics["eval/out_of_range_fraction"] = out_of_range_fraction(gen, float(tr.min()), float(tr.max()))
 
-    mem = memorisation(gen, tr, ho, threshold=cfg.threshold, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device)
+    mem = memorisation(gen, tr, ho, threshold=cfg.threshold, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device,
+                       search=search)
     metrics.update({f"eval/{k}": float(v) for k, v in mem.summary().items() if v is not None})
     ref_rows = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.reference_max]
     metrics.update(_feature_metrics(gen, train, heldout, ref_rows, cfg, cache_dir=cache_dir, device=device))

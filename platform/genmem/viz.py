@@ -245,3 +245,30 @@ def spectrum_plot(spectra: dict[str, torch.Tensor], noise: float) -> np.ndarray:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return figure_to_array(fig)
+
+
+def densities(samples: list[torch.Tensor], titles: list[str], weights: list[torch.Tensor | None] | None = None, bins: int = 40) -> np.ndarray:
+    """2-D histograms of point sets on one shared grid and colour scale, one panel each; a set
+    with ``weights`` is drawn as the weighted density (an exact target as reweighted samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    weights = weights or [None] * len(samples)
+    pts = torch.cat([s.double() for s in samples])
+    lo, hi = torch.quantile(pts, 0.002, dim=0).tolist(), torch.quantile(pts, 0.998, dim=0).tolist()
+    edges = [np.linspace(lo[i], hi[i], bins + 1) for i in range(2)]
+    hists = []
+    for s, w in zip(samples, weights):
+        h, _, _ = np.histogram2d(s[:, 0].double().numpy(), s[:, 1].double().numpy(), bins=edges,
+                                 weights=None if w is None else w.double().numpy(), density=True)
+        hists.append(h)
+    vmax = max(float(h.max()) for h in hists) or 1.0
+    fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4), dpi=100, squeeze=False)
+    for ax, h, title in zip(axes[0], hists, titles):
+        ax.imshow(h.T, origin="lower", extent=(lo[0], hi[0], lo[1], hi[1]), cmap="magma", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return figure_to_array(fig)

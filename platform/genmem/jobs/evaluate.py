@@ -13,6 +13,7 @@ from pydantic import Field
 from genmem.config import MetricsConfig, to_yaml
 from genmem.data import read_shards
 from genmem.distributed.sampling import sample
+from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import Evaluation, evaluate_samples, feature_names, training_data
 from genmem.jobs.base import Context, Flag, Job
 from genmem.metrics.outliers import range_warning
@@ -43,7 +44,8 @@ def run(cfg: EvaluateConfig, ctx: Context) -> dict[str, Any]:
             out = ensure_writable(storage_root() / "samples") / f"{meta['checkpoint_id']}-seed{cfg.seed}-n{cfg.n}-{uuid.uuid4().hex[:6]}"
             samples_path = sample(cfg.checkpoint, cfg.n, out, seed=cfg.seed, tasks=cfg.tasks)["samples"]
         tracker.tags({"samples": str(samples_path)})
-        result = evaluate_samples(read_shards(samples_path), train, heldout, cfg, cache_dir=storage_root() / "features")
+        result = evaluate_samples(read_shards(samples_path), train, heldout, cfg, cache_dir=storage_root() / "features",
+                                  search=neighbour_search(cfg, len(train)))
         log_evaluation(tracker, result, cfg, step=meta.get("images_seen", 0))
         warning = range_warning(result.metrics["eval/out_of_range_fraction"], float(train.x.min()), float(train.x.max()))
         if warning:

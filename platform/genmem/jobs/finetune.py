@@ -13,7 +13,8 @@ checkpoint out:
    distance; precision/recall against the base's samples), quality against the data (FD on
    classifier features for labelled images, MMD in 2-D), memorised fraction (does chasing the
    reward make the model copy?), on 2-D the MMD to the exact p* (base samples reweighted), and
-   the path KL of the fine-tuned chain; one MLflow run with the metrics and before/after figures.
+   the path KL of the fine-tuned chain; one MLflow run with the metrics and before/after figures
+   (on 2-D also the sampled density beside the exact p*).
 
 Usage::
 
@@ -64,7 +65,7 @@ from genmem.metrics.prdc import prdc
 from genmem.metrics.two_d import mmd_rbf
 from genmem.storage import check_storage, ensure_writable, storage_root, storage_uri, uri_of
 from genmem.tracking import Tracker, check_reachable, job_run
-from genmem.viz import line_panels, side_by_side
+from genmem.viz import densities, line_panels, side_by_side
 
 _EVAL, _TARGET, _KL, _PROBE = 1, 2, 3, 4
 
@@ -257,12 +258,12 @@ class _Measure:
         if self.extractor is not None and cfg.reward.kind == "class":
             labels = torch.cat([train.labels, heldout.labels]) if len(heldout) else train.labels
             self.class_features = self.features(real[labels == train.label_of(cfg.reward.target)])
-        self.target = None
+        self.target, self.weights = None, None
         if self.two_d:  # the exact p* on what the base generates: its samples resampled by the tilt
             div = divergence(cfg.divergence)
-            w = tilt_weights(div, rewards_of(reward, before), cfg.alpha, c)
+            self.weights = tilt_weights(div, rewards_of(reward, before), cfg.alpha, c)
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, _TARGET))
-            self.target = before[torch.multinomial(w.float(), len(before), replacement=True, generator=g)]
+            self.target = before[torch.multinomial(self.weights.float(), len(before), replacement=True, generator=g)]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.extractor(x.clamp(-3, 3)) if self.extractor is not None else x.flatten(1).float()
@@ -320,6 +321,9 @@ def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
         panels = [before, after] + ([measure.target] if measure.target is not None else [])
         titles = ["base", f"fine-tuned ({cfg.divergence}, α={cfg.alpha:g})", "exact p* (base samples reweighted)"][: len(panels)]
         tracker.image("before_after", side_by_side(panels, titles, train.x if before.dim() == 2 else None))
+        if measure.two_d:  # the sampled density beside the exact p* (the base's samples weighted by the tilt)
+            tracker.image("density", densities([before, after, before], ["base", titles[1], "exact p* (base samples weighted)"],
+                                               [None, None, measure.weights]))
         trained_run = Tracker(trained["mlflow_run_id"])
         curves = {title: trained_run.history(key) for title, key in _TRAINING_CURVES.items()}
         curves = {title: {"": xy} for title, xy in curves.items() if xy[0]}

@@ -38,6 +38,7 @@ from genmem.data import ArrayDataset, load_dataset
 from genmem.data.shards import read_shards
 from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError
+from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import evaluate_samples, primary_fd
 from genmem.generative import build_process, derive_seed
 from genmem.jobs import train as train_job
@@ -168,7 +169,8 @@ def run(cfg: MemorisationConfig, ctx: Context) -> dict[str, Any]:
         print(f"[genmem memorisation] {size} training points, {train_cfg.images} images of training", flush=True)
         trained = train_job.train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"memorisation": run_name}), kind="memorisation")
         sample_once(trained["checkpoint"], cfg.study.n, root / "samples", seed=derive_seed(cfg.seed, _SAMPLE), scaling=cfg.scaling)
-        result = evaluate_samples(read_shards(root / "samples"), train, heldout, cfg.study.metrics, cache_dir=storage_root() / "features")
+        result = evaluate_samples(read_shards(root / "samples"), train, heldout, cfg.study.metrics, cache_dir=storage_root() / "features",
+                                  search=neighbour_search(cfg.study.metrics, len(train)))
         log_evaluation(tracker, result, cfg.study.metrics)
         print(f"[genmem memorisation] learned dimension at {cfg.study.dimension.points} training and held-out points", flush=True)
         dims, reports = dimension_study(cfg, trained["checkpoint"], train, heldout)

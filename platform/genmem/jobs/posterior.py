@@ -20,6 +20,7 @@ from genmem.data import ArrayDataset, read_shards, seal_shards, write_part
 from genmem.distributed.cluster import Footprint, ensure_ray
 from genmem.distributed.sampling import sample, split_ranges
 from genmem.distributed.tasks import map_tasks
+from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import evaluate_samples, primary_fd, training_data
 from genmem.generative import build_process, derive_seed, generate
 from genmem.jobs.base import Context, Flag, Job, numeric
@@ -103,7 +104,8 @@ class _Arms:
         self.metrics_cfg = MetricsConfig(seed=cfg.seed, features=cfg.features)
 
     def evaluate(self, folder: Path | str) -> dict[str, float]:
-        ev = evaluate_samples(read_shards(folder), self.train, self.heldout, self.metrics_cfg, cache_dir=storage_root() / "features")
+        ev = evaluate_samples(read_shards(folder), self.train, self.heldout, self.metrics_cfg, cache_dir=storage_root() / "features",
+                              search=neighbour_search(self.metrics_cfg, len(self.train)))
         return ev.metrics
 
     def theta_star(self) -> dict[str, Any]:

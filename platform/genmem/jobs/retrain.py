@@ -25,6 +25,7 @@ from genmem.config import FEATURES, MetricsConfig, Strict, TrainConfig, to_yaml
 from genmem.data import load_real, read_shards, synthetic_count
 from genmem.distributed.sampling import sample
 from genmem.errors import ConfigError
+from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import evaluate_samples, primary_fd, training_data
 from genmem.generative import derive_seed
 from genmem.jobs import train as train_job
@@ -167,7 +168,7 @@ class _Loop:
         meta, train_ref, heldout_ref = training_data(checkpoint)  # the real rows, hash-checked
         metrics_cfg = MetricsConfig(seed=cfg.seed, features=cfg.eval.features, threshold=cfg.eval.threshold)
         result = evaluate_samples(read_shards(samples).take(torch.arange(cfg.eval.n)), train_ref, heldout_ref, metrics_cfg,
-                                  cache_dir=storage_root() / "features")
+                                  cache_dir=storage_root() / "features", search=neighbour_search(metrics_cfg, len(train_ref)))
         log_evaluation(Tracker(run_id), result, metrics_cfg, step=meta["images_seen"])
         fd_key = primary_fd(result.metrics)
         metrics = {name.removeprefix("eval/"): v for name, v in result.metrics.items()}

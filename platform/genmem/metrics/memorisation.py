@@ -10,6 +10,7 @@ genuine samples about equally close.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,7 @@ def memorisation(
     chunk_size: int = 4096,
     backend: str = "torch",
     device: torch.device | str | None = None,
+    search: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]] | None = None,
 ) -> MemorisationReport:
     """Nearest-neighbour memorisation of ``generated`` against ``train`` (and optionally ``heldout``).
 
@@ -82,6 +84,10 @@ def memorisation(
 
         rep = memorisation(samples, train.x, heldout.x)
         rep.memorised_fraction, rep.summary()["d1_gap_q50"], rep.worst(16)
+
+    ``search(queries, reference, k) -> (distances, indices)`` replaces the single-process exact
+    search, e.g. :func:`genmem.distributed.neighbours.sharded_knn` over a training set split
+    across Ray tasks (same contract, same result).
     """
     if generated.shape[1:] != train.shape[1:]:
         raise ValueError(
@@ -100,7 +106,7 @@ def memorisation(
         raise ValueError(f"the held-out set has {len(heldout)} point(s) but the d1/d2 ratio needs at least 2: pass more or heldout=None")
     if not 0 < threshold < 1:
         raise ValueError(f"threshold {threshold} is outside (0, 1): use e.g. 1/3 (Yoon et al. 2023)")
-    opts = {"chunk_size": chunk_size, "backend": backend, "device": device}
+    opts = {"chunk_size": chunk_size, "backend": backend, "device": device, "search": search}
     d1, d2, ratio, nearest = _ratio(generated, train, opts)
     report = MemorisationReport(
         threshold=threshold,
@@ -119,7 +125,8 @@ def memorisation(
 
 
 def _ratio(x: Tensor, ref: Tensor, opts: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    d, i = knn(x, ref, 2, **opts)
+    search = opts["search"]
+    d, i = search(x, ref, 2) if search is not None else knn(x, ref, 2, **{k: v for k, v in opts.items() if k != "search"})
     d1, d2 = d[:, 0], d[:, 1]
     # d1 = 0 is a copy whatever d2 is; this also avoids 0/0 when ref holds duplicates of x.
     ratio = torch.where(d1 == 0, torch.zeros_like(d1), d1 / d2)

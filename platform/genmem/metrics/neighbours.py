@@ -130,3 +130,17 @@ def _exact_topk(q: Tensor, r: Tensor, cand: Tensor, k: int) -> tuple[Tensor, Ten
         dist[s : s + step] = torch.linalg.vector_norm(diff, dim=-1)
     dist, order = dist.sort(dim=1, stable=True)
     return dist[:, :k].contiguous(), cand.gather(1, order[:, :k])
+
+
+def merge_topk(parts: list[tuple[Tensor, Tensor]], k: int) -> tuple[Tensor, Tensor]:
+    """The exact global top-``k`` from each reference shard's exact top-k (``(distances,
+    global indices)``, as :func:`knn` returns them with the shard's row offset added): the k
+    smallest distances over all shards, ties broken by the smaller index as :func:`knn` does."""
+    d = torch.cat([p[0] for p in parts], dim=1)
+    i = torch.cat([p[1].to(d.device) for p in parts], dim=1)
+    if not 1 <= k <= d.shape[1]:
+        raise ValueError(f"k = {k} neighbours asked for but the shards hold {d.shape[1]} candidates per query: use 1 <= k <= {d.shape[1]}")
+    i, by_index = i.sort(dim=1)  # index order first, so the stable sort by distance breaks ties by index
+    d = d.gather(1, by_index)
+    d, order = d.sort(dim=1, stable=True)
+    return d[:, :k].contiguous(), i.gather(1, order[:, :k])
