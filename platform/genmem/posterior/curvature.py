@@ -39,8 +39,9 @@ def diagonal_curvature(
     if kind not in CURVATURES:
         raise ValueError(f"curvature {kind!r} is not one of {', '.join(CURVATURES)}")
     theta = obj.theta_star if theta is None else theta
+    reduce = getattr(obj, "reduce", lambda x: x)  # a sharded objective sums over its ranks
     if kind == "ef":
-        return _empirical_fisher(obj, theta)
+        return reduce(_empirical_fisher(obj, theta))
     d = math.prod(obj.x1.shape[1:])
     scale = 2.0 / d / obj.draws  # output Hessian of ||f − y||²/D, and the 1/draws weight
 
@@ -54,7 +55,7 @@ def diagonal_curvature(
         for lo in range(0, len(obj.x1), per_chunk):
             sl = slice(lo, lo + per_chunk)
             diag += jac(theta, obj.x0[sl], obj.x1[sl], obj.t[sl]).pow(2).sum(dim=(0, 1))
-        return scale * diag
+        return scale * reduce(diag)
 
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be at least 1, not {mc_samples}")
@@ -63,7 +64,7 @@ def diagonal_curvature(
         for x0, x1, t in obj.chunks():
             r = torch.randint(0, 2, (len(x1), d), generator=generator).to(theta.dtype) * 2 - 1
             diag += projected(theta, x0, x1, t, r).pow(2).sum(dim=0)
-    return scale * diag / mc_samples
+    return scale * reduce(diag) / mc_samples
 
 
 def _empirical_fisher(obj: PosteriorObjective, theta: torch.Tensor) -> torch.Tensor:

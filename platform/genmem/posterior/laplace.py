@@ -64,13 +64,15 @@ class LaplacePosterior:
         centre: bool = True,
         dtype: torch.dtype = torch.float64,
         chunk_size: int = 256,
+        shard: tuple[int, int] | None = None,
+        reduce=None,
     ):
         if prior_precision <= 0:
             raise ValueError(f"prior_precision must be positive, not {prior_precision}")
         self.model, self.curvature_kind, self.seed = model, curvature, seed
         self.objective = PosteriorObjective(
             model, process, train_x, subset=subset, prior_precision=prior_precision,
-            draws=draws, seed=seed, centre=centre, dtype=dtype, chunk_size=chunk_size,
+            draws=draws, seed=seed, centre=centre, dtype=dtype, chunk_size=chunk_size, shard=shard, reduce=reduce,
         )
         self.curvature: torch.Tensor | None = None
         self._loss_star: tuple[float, float] | None = None  # (α, L(θ*)) cache

@@ -9,6 +9,11 @@ objective's dtype. Centring, L_c(θ) = L(θ) − g0·(θ − θ*) with g0 = ∇L
 >>> obj = PosteriorObjective(model, FlowMatching(), train_x, subset=["out.*"], draws=8)
 >>> value, g = obj.value_and_grad(obj.theta_star)
 >>> hv = obj.hvp(obj.theta_star, torch.randn_like(g))
+
+Sharded (a Ray Train worker group, one rank per shard): ``shard=(rank, world)`` keeps training
+points rank, rank + world, ... with the draws the whole set would give them, and ``reduce`` (an
+all-reduce sum) adds every data sum over the ranks, so each rank holds the whole objective's
+values and a solver run on every rank takes the same steps.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,9 +77,14 @@ class PosteriorObjective:
         centre: bool = True,
         dtype: torch.dtype = torch.float64,
         chunk_size: int = 256,
+        shard: tuple[int, int] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if draws < 1 or chunk_size < 1:
             raise ValueError(f"draws ({draws}) and chunk_size ({chunk_size}) must be positive")
+        if shard is not None and not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard (rank, world) = {shard} needs 0 <= rank < world")
+        self.reduce = reduce or (lambda x: x)
         self.process, self.draws, self.dtype, self.chunk_size = process, draws, dtype, chunk_size
         self.net = copy.deepcopy(model).to(dtype).eval()
         self.names = select_parameters(self.net, subset if subset is not None else default_subset(self.net))
@@ -89,8 +99,11 @@ class PosteriorObjective:
         # sample k = i * draws + j; every sample carries weight 1/draws in the sum.
         x1 = train_x.to(dtype)
         gen = torch.Generator().manual_seed(seed)
-        self.x0 = torch.randn((len(x1), draws, *x1.shape[1:]), generator=gen, dtype=dtype).flatten(0, 1)
-        self.t = torch.rand((len(x1), draws), generator=gen, dtype=dtype).flatten()
+        x0 = torch.randn((len(x1), draws, *x1.shape[1:]), generator=gen, dtype=dtype)
+        t = torch.rand((len(x1), draws), generator=gen, dtype=dtype)
+        if shard is not None:  # this rank's points, with the draws the whole set gives them
+            x0, t, x1 = x0[shard[0] :: shard[1]], t[shard[0] :: shard[1]], x1[shard[0] :: shard[1]]
+        self.x0, self.t = x0.flatten(0, 1), t.flatten()
         self.x1 = x1.repeat_interleave(draws, dim=0)
         self.n_points = len(x1)
 
@@ -136,7 +149,7 @@ class PosteriorObjective:
         return self.per_sample_loss(theta, x0, x1, t).sum() / self.draws
 
     def _data_grad(self, theta: torch.Tensor) -> torch.Tensor:
-        return sum(grad(self._chunk_loss)(theta, *c) for c in self.chunks())
+        return self.reduce(sum((grad(self._chunk_loss)(theta, *c) for c in self.chunks()), torch.zeros_like(theta)))
 
     # -- the objective --------------------------------------------------------------------
     def g0(self) -> torch.Tensor:
@@ -147,7 +160,7 @@ class PosteriorObjective:
     def value(self, theta: torch.Tensor, *, centred: bool | None = None) -> float:
         """L(θ), or L_c(θ) = L(θ) − g0·(θ − θ*) when centred (default: the objective's ``centre``)."""
         centred = self.centre if centred is None else centred
-        data = sum(self._chunk_loss(theta, *c) for c in self.chunks())
+        data = self.reduce(sum((self._chunk_loss(theta, *c) for c in self.chunks()), theta.new_zeros(())))
         out = data + 0.5 * self.prior_precision * theta.dot(theta)
         if centred:
             out = out - self.g0().dot(theta - self.theta_star)
@@ -167,6 +180,7 @@ class PosteriorObjective:
         for c in self.chunks():
             gc, hc = jvp(lambda th: grad(self._chunk_loss)(th, *c), (theta,), (v,))
             g, hv = g + gc, hv + hc
+        g, hv = self.reduce(torch.cat([g, hv])).split(len(theta))  # one all-reduce for both
         g = g + self.prior_precision * theta
         return (g - self.g0() if self.centre else g), hv + self.prior_precision * v
 
