@@ -92,13 +92,26 @@ _RAY_STARTED = []
 def ray_local():
     """The session's local Ray cluster (2 CPUs), started on first use and shut down at the end.
     A test that needs another cluster shuts this one down; the next user starts it again."""
+    yield start_session_ray()
+
+
+def start_session_ray():
+    """Start the session's cluster unless one is up (module fixtures call this too, so every
+    test finds the same kind of cluster and none has to restart it)."""
     import ray
 
     if not ray.is_initialized():
         # With the dashboard, as a real cluster has: Ray Train cleans up a stopped trial's workers through its state API.
         ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
         _RAY_STARTED.append(True)
-    yield ray
+    return ray
+
+
+@pytest.fixture
+def ray_address(ray_local):
+    """The session cluster's address, for a `genmem` command run as a subprocess to attach to
+    (as `ray job submit` makes a command attach to its cluster) instead of starting its own."""
+    return ray_local.get_runtime_context().gcs_address
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -4,6 +4,7 @@ left half-written."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,9 +26,10 @@ def _error(capsys, argv) -> str:
 
 
 @pytest.mark.slow  # a local Ray cluster, started by the command
-def test_train_then_sample_with_json(storage, tmp_path):
+def test_train_then_sample_with_json(storage, tmp_path, ray_address):
+    env = {**os.environ, "RAY_ADDRESS": ray_address}  # both commands attach to the session's cluster
     out = subprocess.run([sys.executable, "-m", "genmem.cli", "train", *TINY, "--set", "log_every_images=250", "--json"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # Progress shows once per log point; Ray Train's internal chatter stays out by default.
     progress = [line for line in (out.stdout + out.stderr).splitlines() if "[genmem train]" in line]
@@ -39,7 +41,7 @@ def test_train_then_sample_with_json(storage, tmp_path):
     samples = tmp_path / "samples"
     out = subprocess.run(
         [sys.executable, "-m", "genmem.cli", "sample", "--checkpoint", result["checkpoint"], "--n", "37", "--out", str(samples), "--seed", "4", "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     )
     info = json.loads(out.stdout.strip().splitlines()[-1])
     ds = read_shards(samples)

@@ -203,3 +203,21 @@ def test_shipped_size_configs_and_space_check_against_the_job():
     for name in ("size_manifold", "size_digits", "size_mnist"):
         cfg = load_config(root / f"configs/{name}.yaml", cls=MemorisationConfig)
         assert check_space(space, registry.get("memorisation"), cfg.model_dump(mode="json")), name
+
+
+def test_a_training_set_of_four_points_is_measured_without_density_and_coverage():
+    """The smallest sizes of a study: precision/recall/density/coverage need 6 training points,
+    the memorisation test 3; below 6 the evaluation reports what it can instead of failing."""
+    import numpy as np
+
+    from genmem.config import MetricsConfig
+    from genmem.data import ArrayDataset
+    from genmem.evaluation import evaluate_samples
+
+    rng = np.random.default_rng(0)
+    train = ArrayDataset.from_tensors(rng.standard_normal((4, 16)).astype(np.float32), None, source="t")
+    heldout = ArrayDataset.from_tensors(rng.standard_normal((50, 16)).astype(np.float32), None, source="t")
+    copies = np.repeat(train.x.numpy(), 25, axis=0) + 1e-3 * rng.standard_normal((100, 16)).astype(np.float32)
+    metrics = evaluate_samples(ArrayDataset.from_tensors(copies, None, source="t"), train, heldout, MetricsConfig()).metrics
+    assert metrics["eval/memorised_fraction"] == 1.0 and metrics["eval/heldout_memorised_fraction"] == 0.0
+    assert "eval/fd_pixels" in metrics and "eval/coverage" not in metrics

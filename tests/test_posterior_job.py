@@ -3,6 +3,8 @@ up-front refusals."""
 
 from __future__ import annotations
 
+from conftest import start_session_ray
+
 import json
 import shutil
 
@@ -28,12 +30,9 @@ def run_posterior(cfg: PosteriorConfig) -> dict:
 def toy_checkpoint(mlflow_server):
     import os
 
-    import ray
-
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_session_ray()
     try:
         cfg = TrainConfig.model_validate(dict(
             name="post-toy", data=dict(source="moons", n=200, train_size=16), model=dict(hidden=32, depth=2),

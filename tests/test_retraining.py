@@ -4,6 +4,8 @@ on a real MLflow server."""
 
 from __future__ import annotations
 
+from conftest import start_session_ray
+
 import json
 import math
 from pathlib import Path
@@ -102,13 +104,10 @@ def loop_sweep(tmp_path_factory, mlflow_server):
     as one Tune sweep on the session's 2-CPU cluster (the two trials run side by side)."""
     import os
 
-    import ray
-
     root = tmp_path_factory.mktemp("loop")
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "GENMEM_STORAGE")}
     os.environ.update({"MLFLOW_TRACKING_URI": mlflow_server, "GENMEM_STORAGE": str(root / "store")})
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_session_ray()
     space = root / "lambda.yaml"
     space.write_text("space:\n  synthetic_ratio: {grid: [0.25, fully_synthetic]}\nmetric: fd\nmode: min\n")
     base = load_config(ROOT / "configs/toy2d_retrain.yaml", ["generations=3", "train.scaling.cpus_per_worker=0.9"], cls=RetrainConfig)

@@ -175,20 +175,7 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(tmp_path,
     assert {"sweep_summary.png", "trials.json"} <= {a.path for a in client.list_artifacts(result["mlflow_run_id"])}
 
 
-@pytest.fixture
-def ray_with_dashboard():
-    """A local cluster of its own with the dashboard, as a real one has: Ray Train frees a stopped
-    trial's workers only through the state API (a cluster another module left up may lack it)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def test_asha_stops_a_bad_learning_rate_early_and_mlflow_marks_it(tmp_path, storage, tracking, ray_with_dashboard):
+def test_asha_stops_a_bad_learning_rate_early_and_mlflow_marks_it(tmp_path, storage, tracking, ray_local):
     """Three training trials, one with a learning rate far too small to learn in the budget: ASHA,
     counting images seen (a report every log interval), stops it at its first rung."""
     space = _space(tmp_path, "space:\n  optim.lr: {grid: [0.003, 0.004, 1.0e-7]}\nmetric: train/loss\nmode: min\n"

@@ -152,7 +152,7 @@ def _feature_metrics(gen: torch.Tensor, train: ArrayDataset, heldout: ArrayDatas
         real = extractor(tr[ref_rows])
         kid_mean, kid_std = kid(real, fake, subset_size=min(1000, len(real), len(fake)), seed=cfg.seed)
         metrics[f"eval/kid_{name}"], metrics[f"eval/kid_{name}_std"] = kid_mean, kid_std
-        if name == primary:
+        if name == primary and len(real) > 5:  # density/coverage's k = 5: a smaller training set (a size study) goes without
             scores = prdc(real, fake, chunk_size=cfg.chunk_size, device=device)
             metrics.update({f"eval/{k}": float(v) for k, v in scores.items()})
     return metrics
