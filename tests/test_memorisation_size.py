@@ -221,3 +221,19 @@ def test_a_training_set_of_four_points_is_measured_without_density_and_coverage(
     metrics = evaluate_samples(ArrayDataset.from_tensors(copies, None, source="t"), train, heldout, MetricsConfig()).metrics
     assert metrics["eval/memorised_fraction"] == 1.0 and metrics["eval/heldout_memorised_fraction"] == 0.0
     assert "eval/fd_pixels" in metrics and "eval/coverage" not in metrics
+
+
+def test_every_size_is_measured_in_the_features_of_the_whole_split(storage):
+    """FD on classifier features at 16 points uses the classifier of the whole training split:
+    the held-out FD of the same samples is then the same whatever the training subset."""
+    from genmem.config import DataConfig, MetricsConfig
+    from genmem.data import ArrayDataset, load_dataset
+    from genmem.evaluation import evaluate_samples
+
+    full, heldout = load_dataset(DataConfig(source="digits"))
+    small, _ = load_dataset(DataConfig(source="digits", train_size=16))
+    samples = ArrayDataset.from_tensors(heldout.x[:200].numpy(), None, source="t")
+    cfg = MetricsConfig(features=["classifier"])
+    whole = evaluate_samples(samples, full, heldout, cfg, cache_dir=storage / "features").metrics
+    sub = evaluate_samples(samples, small, heldout, cfg, cache_dir=storage / "features", feature_data=full).metrics
+    assert sub["eval/fd_classifier_heldout"] == pytest.approx(whole["eval/fd_classifier_heldout"], rel=1e-9)

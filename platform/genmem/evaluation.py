@@ -101,11 +101,14 @@ def evaluate_samples(
     cache_dir: Path | None = None,
     device: str | torch.device | None = None,
     search=None,
+    feature_data: ArrayDataset | None = None,
 ) -> Evaluation:
     """Memorisation, Fréchet distances per feature extractor, KID, precision/recall/density/
     coverage, intrinsic dimension and (for 2-D data) MMD and sliced Wasserstein. ``search``: the
     memorisation test's exact neighbour search where not this process's (jobs pass
-    :func:`genmem.distributed.neighbours.neighbour_search`)."""
+    :func:`genmem.distributed.neighbours.neighbour_search`). ``feature_data``: the labelled data
+    a fitted feature extractor (``classifier``) learns from, when not ``train``: a size study
+    measures every size in the features of the whole split, not of its own few points."""
     check_samples(generated, train, cfg)
     gen, tr = generated.x.float(), train.x.float()
     ho = heldout.x.float() if len(heldout) >= 2 else None
@@ -119,7 +122,8 @@ def evaluate_samples(
                        search=search)
     metrics.update({f"eval/{k}": float(v) for k, v in mem.summary().items() if v is not None})
     ref_rows = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.reference_max]
-    metrics.update(_feature_metrics(gen, train, heldout, ref_rows, cfg, cache_dir=cache_dir, device=device))
+    metrics.update(_feature_metrics(gen, train, heldout, ref_rows, cfg, cache_dir=cache_dir, device=device,
+                                    feature_data=feature_data or train))
     k = min(cfg.lid_k, len(gen) - 1)
     metrics["eval/lid_mle"] = float(lid_mle(gen.flatten(1), k=k).mean())
     metrics["eval/lid_twonn"] = float(lid_twonn(gen.flatten(1)))
@@ -132,6 +136,7 @@ def evaluate_samples(
 
 
 def _feature_metrics(gen: torch.Tensor, train: ArrayDataset, heldout: ArrayDataset, ref_rows: torch.Tensor, cfg: MetricsConfig, *,
+                     feature_data: ArrayDataset,
                      cache_dir: Path | None, device) -> dict[str, float]:
     """Per feature extractor: FD to the training (and held-out) set, KID; precision, recall,
     density and coverage in the primary extractor's space."""
@@ -141,7 +146,7 @@ def _feature_metrics(gen: torch.Tensor, train: ArrayDataset, heldout: ArrayDatas
     primary = "classifier" if "classifier" in names else names[0]  # precision/recall live here
     metrics: dict[str, float] = {}
     for name in names:
-        extractor = get_extractor(name, train=train, cache_dir=cache_dir, path=cfg.inception_path)
+        extractor = get_extractor(name, train=feature_data, cache_dir=cache_dir, path=cfg.inception_path)
         fake = extractor(gen)
         train_stats = reference_stats(extractor, tr, cache_dir=cache_dir, key=f"{train.manifest.sha256[:16]}-train")
         fake_stats = gaussian_stats(fake)

@@ -214,6 +214,9 @@ def phase_plot(panels: dict[str, dict[str, tuple[list[float], list[float]]]], xl
             if emm is not None and np.isfinite(emm):
                 ax.axvline(emm, color="tab:red", ls="--", lw=1.2, label=f"EMM ≈ {emm:.0f}")
         ax.set_xscale("log")
+        ys = [y for _, (_, values) in lines.items() for y in values if np.isfinite(y)]
+        if ys and min(ys) > 0 and max(ys) >= 30 * min(ys):  # e.g. FD falling over decades
+            ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)

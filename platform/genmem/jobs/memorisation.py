@@ -121,6 +121,13 @@ def _checked(cfg: MemorisationConfig) -> tuple[ArrayDataset, ArrayDataset]:
     return train, heldout
 
 
+def _whole_split(cfg: MemorisationConfig) -> ArrayDataset:
+    """The whole training split: what the classifier features are fitted on at every size, so
+    FD is measured in one feature space across the sweep (a classifier fitted on a 16-point
+    subset would make FD at 16 points incomparable with FD at 512)."""
+    return load_dataset(cfg.data.model_copy(update={"train_size": None}))[0]
+
+
 def preflight(cfg: MemorisationConfig) -> None:
     _checked(cfg)
 
@@ -170,7 +177,7 @@ def run(cfg: MemorisationConfig, ctx: Context) -> dict[str, Any]:
         trained = train_job.train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"memorisation": run_name}), kind="memorisation")
         sample_once(trained["checkpoint"], cfg.study.n, root / "samples", seed=derive_seed(cfg.seed, _SAMPLE), scaling=cfg.scaling)
         result = evaluate_samples(read_shards(root / "samples"), train, heldout, cfg.study.metrics, cache_dir=storage_root() / "features",
-                                  search=neighbour_search(cfg.study.metrics, len(train)))
+                                  search=neighbour_search(cfg.study.metrics, len(train)), feature_data=_whole_split(cfg))
         log_evaluation(tracker, result, cfg.study.metrics)
         print(f"[genmem memorisation] learned dimension at {cfg.study.dimension.points} training and held-out points", flush=True)
         dims, reports = dimension_study(cfg, trained["checkpoint"], train, heldout)
