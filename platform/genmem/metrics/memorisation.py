@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -106,8 +107,8 @@ def memorisation(
         raise ValueError(f"the held-out set has {len(heldout)} point(s) but the d1/d2 ratio needs at least 2: pass more or heldout=None")
     if not 0 < threshold < 1:
         raise ValueError(f"threshold {threshold} is outside (0, 1): use e.g. 1/3 (Yoon et al. 2023)")
-    opts = {"chunk_size": chunk_size, "backend": backend, "device": device, "search": search}
-    d1, d2, ratio, nearest = _ratio(generated, train, opts)
+    search = search or partial(knn, chunk_size=chunk_size, backend=backend, device=device)
+    d1, d2, ratio, nearest = _ratio(generated, train, search)
     report = MemorisationReport(
         threshold=threshold,
         n=len(generated),
@@ -118,15 +119,14 @@ def memorisation(
         nearest=nearest,
     )
     if heldout is not None:
-        h1, _, hr, _ = _ratio(generated, heldout, opts)
+        h1, _, hr, _ = _ratio(generated, heldout, search)
         report.heldout_d1, report.heldout_ratio = h1, hr
         report.heldout_memorised_fraction = (hr < threshold).double().mean().item()
     return report
 
 
-def _ratio(x: Tensor, ref: Tensor, opts: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    search = opts["search"]
-    d, i = search(x, ref, 2) if search is not None else knn(x, ref, 2, **{k: v for k, v in opts.items() if k != "search"})
+def _ratio(x: Tensor, ref: Tensor, search: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    d, i = search(x, ref, 2)
     d1, d2 = d[:, 0], d[:, 1]
     # d1 = 0 is a copy whatever d2 is; this also avoids 0/0 when ref holds duplicates of x.
     ratio = torch.where(d1 == 0, torch.zeros_like(d1), d1 / d2)
