@@ -45,8 +45,22 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, d)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.head(0, *self.trunk(0, x, t))
+
+    # A split of forward at block k (0 ≤ k ≤ depth): forward(x, t) = head(k, *trunk(k, x, t)). The
+    # posterior's trunk cache computes trunk once when only head parameters are free.
+    def split_points(self) -> list[tuple[int, list[str]]]:
+        """Each split k with the parameter-name prefixes its head holds."""
+        return [(k, [f"blocks.{i}." for i in range(k, len(self.blocks))] + ["out_norm.", "out."]) for k in range(len(self.blocks) + 1)]
+
+    def trunk(self, k: int, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         temb = self.time(t)
         h = self.inp(x.flatten(1))
-        for block in self.blocks:
+        for block in self.blocks[:k]:
             h = block(h, temb)
-        return self.out(nn.functional.silu(self.out_norm(h))).view_as(x)
+        return h, temb
+
+    def head(self, k: int, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks[k:]:
+            h = block(h, temb)
+        return self.out(nn.functional.silu(self.out_norm(h))).view(len(h), *self.shape)

@@ -81,6 +81,15 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, c_in, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.head(0, *self.trunk(0, x, t))
+
+    # A split of forward before up-path layer k (0 ≤ k ≤ len(up)): forward(x, t) = head(k, *trunk(k, x, t)).
+    # The trunk returns (h, temb, skips), where skips are only those the head's blocks concatenate.
+    def split_points(self) -> list[tuple[int, list[str]]]:
+        """Each split k with the parameter-name prefixes its head holds."""
+        return [(k, [f"up.{i}." for i in range(k, len(self.up))] + ["out."]) for k in range(len(self.up) + 1)]
+
+    def trunk(self, k: int, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         temb = self.time(t)
         h = self.inp(x)
         hs = [h]
@@ -89,9 +98,13 @@ class UNet(nn.Module):
             hs.append(h)
         for layer in self.mid:
             h = layer(h, temb)
-        for layer in self.up:
-            if isinstance(layer, _ResBlock):
-                h = layer(torch.cat([h, hs.pop()], dim=1), temb)
-            else:
-                h = layer(h)
+        for layer in self.up[:k]:
+            h = layer(torch.cat([h, hs.pop()], dim=1), temb) if isinstance(layer, _ResBlock) else layer(h)
+        needed = sum(isinstance(layer, _ResBlock) for layer in self.up[k:])
+        return (h, temb, *hs[len(hs) - needed :])
+
+    def head(self, k: int, h: torch.Tensor, temb: torch.Tensor, *skips: torch.Tensor) -> torch.Tensor:
+        skips = list(skips)
+        for layer in self.up[k:]:
+            h = layer(torch.cat([h, skips.pop()], dim=1), temb) if isinstance(layer, _ResBlock) else layer(h)
         return self.out(h)

@@ -42,40 +42,39 @@ def diagonal_curvature(
     reduce = getattr(obj, "reduce", lambda x: x)  # a sharded objective sums over its ranks
     if kind == "ef":
         return reduce(_empirical_fisher(obj, theta))
-    d = math.prod(obj.x1.shape[1:])
+    d = math.prod(obj.targets.shape[1:])
     scale = 2.0 / d / obj.draws  # output Hessian of ||f − y||²/D, and the 1/draws weight
 
-    def f(th, x0, x1, t):  # one sample's network output, flattened: (D,)
-        return obj.outputs(th, x0[None], x1[None], t[None])[0].reshape(-1)
+    def f(th, inputs):  # one sample's network output, flattened: (D,)
+        return obj.outputs(th, tuple(a[None] for a in inputs))[0].reshape(-1)
 
     diag = torch.zeros_like(theta)
     if kind == "ggn":
         per_chunk = max(1, min(obj.chunk_size, jacobian_budget // (d * theta.numel())))
-        jac = vmap(jacrev(f), in_dims=(None, 0, 0, 0))
-        for lo in range(0, len(obj.x1), per_chunk):
-            sl = slice(lo, lo + per_chunk)
-            diag += jac(theta, obj.x0[sl], obj.x1[sl], obj.t[sl]).pow(2).sum(dim=(0, 1))
+        jac = vmap(jacrev(f), in_dims=(None, 0))
+        for lo in range(0, len(obj.targets), per_chunk):
+            diag += jac(theta, tuple(a[lo : lo + per_chunk] for a in obj.inputs)).pow(2).sum(dim=(0, 1))
         return scale * reduce(diag)
 
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be at least 1, not {mc_samples}")
-    projected = vmap(grad(lambda th, x0, x1, t, r: f(th, x0, x1, t).dot(r)), in_dims=(None, 0, 0, 0, 0))
+    projected = vmap(grad(lambda th, inputs, r: f(th, inputs).dot(r)), in_dims=(None, 0, 0))
     for _ in range(mc_samples):
-        for x0, x1, t in obj.chunks():
-            r = torch.randint(0, 2, (len(x1), d), generator=generator).to(theta.dtype) * 2 - 1
-            diag += projected(theta, x0, x1, t, r).pow(2).sum(dim=0)
+        for inputs, target in obj.chunks():
+            r = torch.randint(0, 2, (len(target), d), generator=generator).to(theta.dtype) * 2 - 1
+            diag += projected(theta, inputs, r).pow(2).sum(dim=0)
     return scale * reduce(diag) / mc_samples
 
 
 def _empirical_fisher(obj: PosteriorObjective, theta: torch.Tensor) -> torch.Tensor:
-    shape = obj.x1.shape[1:]
-    x0 = obj.x0.view(obj.n_points, obj.draws, *shape)
-    x1 = obj.x1.view(obj.n_points, obj.draws, *shape)
-    t = obj.t.view(obj.n_points, obj.draws)
-    point_grad = vmap(grad(lambda th, a, b, c: obj.per_sample_loss(th, a, b, c).sum() / obj.draws), in_dims=(None, 0, 0, 0))
+    def per_point(a: torch.Tensor) -> torch.Tensor:  # (points·draws, ...) → (points, draws, ...)
+        return a.view(obj.n_points, obj.draws, *a.shape[1:])
+
+    inputs, targets = tuple(per_point(a) for a in obj.inputs), per_point(obj.targets)
+    point_grad = vmap(grad(lambda th, a, b: obj.per_sample_loss(th, a, b).sum() / obj.draws), in_dims=(None, 0, 0))
     per_chunk = max(1, obj.chunk_size // obj.draws)
     diag = torch.zeros_like(theta)
     for lo in range(0, obj.n_points, per_chunk):
         sl = slice(lo, lo + per_chunk)
-        diag += point_grad(theta, x0[sl], x1[sl], t[sl]).pow(2).sum(dim=0)
+        diag += point_grad(theta, tuple(a[sl] for a in inputs), targets[sl]).pow(2).sum(dim=0)
     return diag

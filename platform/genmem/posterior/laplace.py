@@ -66,6 +66,7 @@ class LaplacePosterior:
         chunk_size: int = 256,
         shard: tuple[int, int] | None = None,
         reduce=None,
+        trunk_cache: bool = True,
     ):
         if prior_precision <= 0:
             raise ValueError(f"prior_precision must be positive, not {prior_precision}")
@@ -73,6 +74,7 @@ class LaplacePosterior:
         self.objective = PosteriorObjective(
             model, process, train_x, subset=subset, prior_precision=prior_precision,
             draws=draws, seed=seed, centre=centre, dtype=dtype, chunk_size=chunk_size, shard=shard, reduce=reduce,
+            trunk_cache=trunk_cache,
         )
         self.curvature: torch.Tensor | None = None
         self._loss_star: tuple[float, float] | None = None  # (α, L(θ*)) cache

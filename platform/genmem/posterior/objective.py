@@ -14,6 +14,12 @@ Sharded (a Ray Train worker group, one rank per shard): ``shard=(rank, world)`` 
 points rank, rank + world, ... with the draws the whole set would give them, and ``reduce`` (an
 all-reduce sum) adds every data sum over the ranks, so each rank holds the whole objective's
 values and a solver run on every rank takes the same steps.
+
+Trunk cache (``trunk_cache=True``, the default): with the draws fixed and only the subset free,
+everything upstream of the first free block is a constant. For a network with ``split_points``,
+``trunk`` and ``head`` (the MLP and U-Net), the objective computes the trunk once per training
+point and draw and runs every loss, gradient, HVP and curvature through the head alone. Other
+networks, or a subset reaching into the first layers, run the whole network (``split is None``).
 """
 
 from __future__ import annotations
@@ -50,11 +56,34 @@ def select_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
     A pattern that matches nothing raises :class:`ConfigError` listing the names that exist.
     """
     names = [n for n, _ in model.named_parameters()]
+    if not patterns:
+        raise ConfigError(f"the posterior subset is empty, which leaves no weight of {type(model).__name__} free: "
+                          "name parameters such as 'out.*', or leave subset unset for the last blocks")
     for pat in patterns:
         if not any(n == pat or fnmatch.fnmatchcase(n, pat) for n in names):
             shown = ", ".join(names[:30]) + (f", ... ({len(names) - 30} more)" if len(names) > 30 else "")
             raise ConfigError(f"subset pattern {pat!r} matches no parameter of {type(model).__name__}; the parameters are: {shown}")
     return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def trunk_split(model: nn.Module, free: list[str]) -> int | None:
+    """The latest split of ``model`` whose head holds every free parameter; None when the model
+    has no ``split_points`` or no split leaves all of ``free`` in its head."""
+    if not all(hasattr(model, a) for a in ("split_points", "trunk", "head")):
+        return None
+    fits = [k for k, prefixes in model.split_points() if all(n.startswith(tuple(prefixes)) for n in free)]
+    return max(fits) if fits else None
+
+
+class _Head(nn.Module):
+    """``net.head(k, ...)`` as a module, so ``functional_call`` can swap its (``net.``-prefixed) parameters."""
+
+    def __init__(self, net: nn.Module, k: int):
+        super().__init__()
+        self.net, self.k = net, k
+
+    def forward(self, *state: torch.Tensor) -> torch.Tensor:
+        return self.net.head(self.k, *state)
 
 
 class PosteriorObjective:
@@ -79,6 +108,7 @@ class PosteriorObjective:
         chunk_size: int = 256,
         shard: tuple[int, int] | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        trunk_cache: bool = True,
     ):
         if draws < 1 or chunk_size < 1:
             raise ValueError(f"draws ({draws}) and chunk_size ({chunk_size}) must be positive")
@@ -103,9 +133,20 @@ class PosteriorObjective:
         t = torch.rand((len(x1), draws), generator=gen, dtype=dtype)
         if shard is not None:  # this rank's points, with the draws the whole set gives them
             x0, t, x1 = x0[shard[0] :: shard[1]], t[shard[0] :: shard[1]], x1[shard[0] :: shard[1]]
-        self.x0, self.t = x0.flatten(0, 1), t.flatten()
-        self.x1 = x1.repeat_interleave(draws, dim=0)
         self.n_points = len(x1)
+        t = t.flatten()
+        ps = process.path(x0.flatten(0, 1), x1.repeat_interleave(draws, dim=0), t)
+        self.targets = ps.target  # constants: the draws fix x_t and the regression target
+        self.split = trunk_split(self.net, self.names) if trunk_cache else None
+        if self.split is None:
+            self.inputs: tuple[torch.Tensor, ...] = (ps.x_t, t)
+            self._module, self._prefix = self.net, ""
+        else:
+            with torch.no_grad():
+                parts = [self.net.trunk(self.split, ps.x_t[lo : lo + chunk_size], t[lo : lo + chunk_size])
+                         for lo in range(0, len(t), chunk_size)]
+            self.inputs = tuple(torch.cat(p) for p in zip(*parts))
+            self._module, self._prefix = _Head(self.net, self.split), "net."
 
         self.n_grad = self.n_hvp = 0
         self.prior_precision = float(prior_precision)
@@ -124,29 +165,27 @@ class PosteriorObjective:
             out[n] = piece.view(shape)
         return out
 
-    def outputs(self, theta: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor):
-        """(f(θ), target) on a batch (noise, data, time, as ``process.path``): the network output
-        at x_t and the process's regression target."""
-        ps = self.process.path(x0, x1, t)
-        return functional_call(self.net, self.params(theta), (ps.x_t, t)), ps.target
+    def outputs(self, theta: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The network output f(θ) on a slice of ``self.inputs`` ((x_t, t), or the cached trunk state)."""
+        params = {self._prefix + n: p for n, p in self.params(theta).items()}
+        return functional_call(self._module, params, inputs)
 
-    def per_sample_loss(self, theta, x0, x1, t) -> torch.Tensor:
+    def per_sample_loss(self, theta: torch.Tensor, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
         """ℓ = ||f − target||²/D per sample, shape (batch,), in the objective's dtype.
 
         Equals ``process.loss`` without its float32 cast (kept out so float64 HVPs are exact) and
         without minibatch-OT re-pairing (the fixed draws are the coupling).
         """
-        f, target = self.outputs(theta, x0, x1, t)
-        return (f - target).pow(2).flatten(1).mean(dim=1)
+        return (self.outputs(theta, inputs) - target).pow(2).flatten(1).mean(dim=1)
 
-    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(x0, x1, t) slices of at most ``chunk_size`` samples, in the order of ``per_sample_loss``."""
-        for lo in range(0, len(self.x1), self.chunk_size):
+    def chunks(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        """(inputs, target) slices of at most ``chunk_size`` samples, in the order of ``per_sample_loss``."""
+        for lo in range(0, len(self.targets), self.chunk_size):
             hi = lo + self.chunk_size
-            yield self.x0[lo:hi], self.x1[lo:hi], self.t[lo:hi]
+            yield tuple(a[lo:hi] for a in self.inputs), self.targets[lo:hi]
 
-    def _chunk_loss(self, theta, x0, x1, t) -> torch.Tensor:
-        return self.per_sample_loss(theta, x0, x1, t).sum() / self.draws
+    def _chunk_loss(self, theta, inputs, target) -> torch.Tensor:
+        return self.per_sample_loss(theta, inputs, target).sum() / self.draws
 
     def _data_grad(self, theta: torch.Tensor) -> torch.Tensor:
         return self.reduce(sum((grad(self._chunk_loss)(theta, *c) for c in self.chunks()), torch.zeros_like(theta)))
