@@ -1,4 +1,5 @@
-"""Exact 2-NN (the memorisation metric's workload): genmem knn vs faiss-cpu vs scikit-learn brute force.
+"""Exact 2-NN (the memorisation metric's workload): genmem knn vs faiss-cpu vs scikit-learn brute force,
+and genmem's sharded search (one Ray task per training shard, exact merge) at 1 and 2 shards.
 
 M generated vs N training rows of random float32 data, d = 64 and d = 3072. Prints seconds and
 speed ratios measured in this run (ratio > 1: the reference is slower). Targets: genmem torch
@@ -6,6 +7,7 @@ speed ratios measured in this run (ratio > 1: the reference is slower). Targets:
 
     .venv/bin/python bench/nearest_neighbours.py            # M = 10k, N = 50k
     .venv/bin/python bench/nearest_neighbours.py --small    # M = 2k, N = 10k
+    .venv/bin/python bench/nearest_neighbours.py --shards 1 2   # also the sharded search (local Ray, 2 CPUs)
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ def main() -> None:
     p.add_argument("--dims", type=int, nargs="+", default=[64, 3072])
     p.add_argument("--chunk-size", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs per method")
+    p.add_argument("--shards", type=int, nargs="*", default=[], help="also time the sharded search at these shard counts")
     args = p.parse_args()
+    if args.shards:
+        import ray
+
+        ray.init(num_cpus=max(2, max(args.shards)), include_dashboard=False, log_to_driver=False)
     m, n = (2_000, 10_000) if args.small else (10_000, 50_000)
     print(f"exact 2-NN, M = {m} vs N = {n}, best of {args.repeats}, torch threads = {torch.get_num_threads()}, faiss threads = {faiss.omp_get_max_threads()}")
     for d in args.dims:
@@ -66,6 +73,13 @@ def main() -> None:
         print(f"  genmem torch vs sklearn: {t_sk / t_torch:5.2f}x faster")
         print(f"  copies at d1 == 0: {(dt[: m // 10, 0] == 0).double().mean().item():.3f};"
               f" index rows agreeing torch/faiss {agree[0]:.4f}, torch/sklearn {agree[1]:.4f}, torch/genmem-faiss {agree[2]:.4f}")
+        for shards in args.shards:
+            from genmem.distributed.neighbours import sharded_knn
+
+            t_sh, (ds, i_s) = timed(lambda: sharded_knn(q, r, 2, shards=shards, chunk_size=args.chunk_size), n_rep)
+            same = torch.equal(i_s, it) and torch.equal(ds, dt)
+            print(f"  genmem sharded, {shards} shard(s) {t_sh:6.2f} s   speed vs genmem torch {t_torch / t_sh:5.2f}x;"
+                  f" identical d and indices: {same}")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,10 @@ def test_sharded_search_on_ray_tasks_equals_the_single_process_search(points, di
 
     q, r = points
     ref_d, ref_i = knn(q, r, 3)
+    assert ref_d[3, :2].tolist() == [0.0, 0.0] and ref_i[3, :2].tolist() == [17, 500]  # an exact copy, in two shards at 2 and 3
+    for shards in (1, 2, 3):
+        d, i = sharded_knn(q, r, 3, shards=shards, cpus_per_task=0.5)
+        assert torch.equal(i, ref_i) and torch.equal(d, ref_d), shards
     d, i = sharded_knn(q, r, 3, rows_per_task=333, cpus_per_task=0.5)
     assert torch.equal(i, ref_i) and torch.equal(d, ref_d)
     write_shards(tmp_path / "ref", r.view(len(r), 3, 5), source="test", split="train", rows_per_shard=300)
@@ -237,6 +241,8 @@ def test_sharded_search_on_ray_tasks_equals_the_single_process_search(points, di
     assert sharded.heldout_memorised_fraction == local.heldout_memorised_fraction
     with pytest.raises(ValueError, match="k = 2000 neighbours asked for but the reference has N = 1000 rows"):
         sharded_knn(q, r, 2000)
+    with pytest.raises(ValueError, match=r"shards = 1001 asked for but the reference has 1000 rows: use 1 <= shards <= 1000"):
+        sharded_knn(q, r, 2, shards=1001)
 
 
 def test_the_evaluation_shards_its_search_above_a_size_or_when_asked():

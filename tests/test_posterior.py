@@ -192,6 +192,20 @@ def test_riemannian_samples_stay_on_the_low_loss_region(trained):
     assert torch.allclose(e[0].theta - la.theta_star, la.initial_velocity(e[0].seed, 0.1), atol=1e-12)
 
 
+def test_the_linearised_arm_bends_on_the_gauss_newton_model_without_a_data_pass(trained):
+    net, fm, x = trained
+    la = LaplacePosterior(net, fm, x, curvature="ggn", draws=8).fit()
+    prec, star = la.posterior_precision, la.theta_star
+    e = [la.sample_one(s, method="euclidean", scale=0.1) for s in range(3)]
+    lin = [la.sample_one(s, method="linearised", scale=0.1) for s in range(3)]
+    assert all(s.n_grad == s.n_hvp == 0 for s in lin)
+    for a, b in zip(lin, e):
+        # the geodesic of the quadratic model keeps its speed in G but ends lower on the model than θ* + v
+        assert 0.5 * (prec * (a.theta - star) ** 2).sum() < 0.7 * 0.5 * (prec * (b.theta - star) ** 2).sum()
+    # and lower on the true loss too
+    assert sum(s.loss_increase for s in lin) < 0.7 * sum(s.loss_increase for s in e)
+
+
 def test_prior_precision_maximises_the_laplace_evidence(trained):
     net, fm, x = trained
     la = LaplacePosterior(net, fm, x, curvature="ef", draws=4).fit()

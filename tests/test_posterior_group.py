@@ -47,14 +47,15 @@ def test_two_workers_give_the_posterior_of_one_process(tmp_path, storage, ray_lo
     cfg = TrainConfig.model_validate({"data": {"source": "moons", "n": 400, "train_size": 24}, "model": {"hidden": 32, "depth": 2},
                                       "batch_size": 24, "images": 24 * 300, "ema_halflife_images": 0, "log_every_images": 24 * 300})
     checkpoint = str(train_loop(cfg, load_dataset(cfg.data)[0], LocalReporter(tmp_path / "base", cfg.images, quiet=True)).checkpoint)
-    options = {"seeds": [5], "laplace": {"draws": 4, "curvature": "ggn"}, "sample": {"method": "riemannian", "scale": 0.05}}
+    request = {"seed": 5, "method": "riemannian", "scale": 0.05}
+    options = {"samples": [request], "laplace": {"draws": 4, "curvature": "ggn"}}
     two = posterior_on_workers(checkpoint, scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.9), **options)
     # one process, as genmem did before worker groups (and as one worker does)
     loaded = load_checkpoint(checkpoint)
     la = LaplacePosterior(loaded.model, FlowMatching(), load_dataset(cfg.data)[0].x, **options["laplace"]).fit()
     probe = torch.randn(la.theta_star.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     g, hv = la.objective.grad_and_hvp(la.theta_star + 1e-3 * probe, probe)
-    one = la.sample_one(5, **options["sample"])
+    one = la.sample_one(**request)
     assert two["workers"] == 2 and two["points"] == 24
     for key, ref in (("curvature", la.curvature), ("grad", g), ("hvp", hv)):
         assert _rel(two[key], ref) < 1e-10, key

@@ -44,8 +44,11 @@ def toy_checkpoint(mlflow_server):
         os.environ["MLFLOW_TRACKING_URI"] = saved or ""
 
 
-def test_posterior_job_logs_three_arms(toy_checkpoint, tracking, ray_local):
-    cfg = PosteriorConfig(checkpoint=toy_checkpoint, scales=[0.5], samples=2, n=40, features=["pixels"])
+def test_posterior_job_on_a_worker_group_of_two_logs_three_arms(toy_checkpoint, tracking, ray_local):
+    """Two Ray Train workers per weight sample (one training shard each) solve every sample; the
+    one-worker path (a Ray task per sample) runs in the sweep and solver tests below."""
+    cfg = PosteriorConfig(checkpoint=toy_checkpoint, scales=[0.5], samples=2, n=40, features=["pixels"],
+                          scaling={"num_workers": 2, "cpus_per_worker": 0.9})
     result = run_posterior(cfg)
     arms = {(r["arm"], r["scale"]) for r in result["arms"]}
     assert arms == {("theta_star", 0.0), ("euclidean", 0.5), ("riemannian", 0.5)}
@@ -57,6 +60,7 @@ def test_posterior_job_logs_three_arms(toy_checkpoint, tracking, ray_local):
     assert "riemannian" in table and "theta_star" in table
     client = MlflowClient(tracking)
     run = client.get_run(result["mlflow_run_id"])
+    assert run.data.metrics["posterior/workers"] == 2
     for key in ("posterior/theta_star/memorised_fraction", "posterior/euclidean_0.5/fd_pixels",
                 "posterior/riemannian_0.5/loss_increase", "posterior/riemannian_0.5/grad_evals"):
         assert key in run.data.metrics, key
@@ -70,6 +74,8 @@ def test_bad_posterior_requests_are_refused_up_front(toy_checkpoint, tracking, t
         validate(PosteriorConfig, {"checkpoint": toy_checkpoint, "n": 8, "samples": 1})
     with pytest.raises(ConfigError, match=r"'no_such_layer\.\*' matches no parameter of MLP; the parameters are: .*inp\.weight.*blocks\.0"):
         run_posterior(PosteriorConfig(checkpoint=toy_checkpoint, subset=["no_such_layer.*"], n=30, samples=1))
+    with pytest.raises(ConfigError, match="scaling.num_workers=17 is more than the 16 training points of .*: use at most 16 workers"):
+        run_posterior(PosteriorConfig(checkpoint=toy_checkpoint, n=30, samples=1, scaling={"num_workers": 17}))
     stripped = tmp_path / "no-manifest"
     shutil.copytree(toy_checkpoint, stripped)
     meta = json.loads((stripped / "meta.json").read_text())

@@ -44,16 +44,21 @@ def _parts(folder: str | Path) -> list[tuple[str, int, int]]:
 
 
 def sharded_knn(queries: Tensor, reference: str | Path | Tensor, k: int, *, rows_per_task: int = 100_000,
-                cpus_per_task: float = 1.0, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+                shards: int | None = None, cpus_per_task: float = 1.0, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest reference rows of each query (exact L2 in float64, ties by index), as
     :func:`genmem.metrics.neighbours.knn` returns them, searched by Ray tasks over shards of
     ``reference``: a shard folder (one task per part file) or a tensor (``rows_per_task`` rows
-    per task). The queries go to the object store once."""
+    per task, or ``shards`` near-equal row ranges). The queries go to the object store once."""
     import ray
 
     from genmem.distributed.cluster import ensure_ray
 
     if isinstance(reference, Tensor):
+        if shards is not None:
+            if not 1 <= shards <= len(reference):
+                raise ValueError(f"shards = {shards} asked for but the reference has {len(reference)} rows: "
+                                 f"use 1 <= shards <= {len(reference)}")
+            rows_per_task = -(-len(reference) // shards)
         if rows_per_task < 1:
             raise ValueError(f"rows_per_task must be positive, got {rows_per_task}")
         shards = [(reference[s : s + rows_per_task], s, len(reference[s : s + rows_per_task])) for s in range(0, len(reference), rows_per_task)]

@@ -9,7 +9,8 @@ each weight sample's θ; ``meta.json``: each sample's cost and loss) that Ray pe
 
 Usage::
 
-    out = posterior_on_workers(checkpoint, seeds=[1, 2], scaling=ScalingConfig(num_workers=2), method="riemannian")
+    out = posterior_on_workers(checkpoint, samples=[{"seed": 1, "method": "riemannian", "scale": 0.01}],
+                               scaling=ScalingConfig(num_workers=2))
     out["thetas"][0], out["samples"][0]["n_grad"]
 """
 
@@ -43,8 +44,8 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from genmem.checkpoint import load_checkpoint
-    from genmem.data import load_dataset
     from genmem.distributed.train import report_round
+    from genmem.evaluation import training_data
     from genmem.generative import build_process
     from genmem.posterior import LaplacePosterior
 
@@ -52,45 +53,48 @@ def _worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     loaded = load_checkpoint(config["checkpoint"])
-    train, _ = load_dataset(loaded.config.data)
-    x = train.x if config["train_size"] is None else train.x[: config["train_size"]]
+    _, train, _ = training_data(config["checkpoint"])
     sharded = world > 1
-    la = LaplacePosterior(loaded.model, build_process(loaded.config.process), x, shard=(rank, world) if sharded else None,
+    la = LaplacePosterior(loaded.model, build_process(loaded.config.process), train.x, shard=(rank, world) if sharded else None,
                           reduce=all_reduce_sum if sharded else None, **config["laplace"]).fit()
+    if config["optimize_prior"]:
+        la.optimize_prior_precision()  # every evidence term is reduced, so every rank picks the same α
     probe = torch.randn(la.theta_star.numel(), generator=torch.Generator().manual_seed(0), dtype=la.theta_star.dtype)
     g, hv = la.objective.grad_and_hvp(la.theta_star + 1e-3 * probe, probe)  # a check of the reduced sums
     tensors = {"curvature": la.curvature, "theta_star": la.theta_star, "grad": g, "hvp": hv}
     samples = []
-    for seed in config["seeds"]:
-        s = la.sample_one(seed, **config["sample"])
-        tensors[f"theta_{seed}"] = s.theta
-        samples.append({"seed": seed, "n_grad": s.n_grad, "n_hvp": s.n_hvp, "loss": s.loss, "loss_increase": s.loss_increase,
+    for i, request in enumerate(config["samples"]):
+        s = la.sample_one(**request, **config["solver"])
+        tensors[f"theta_{i}"] = s.theta
+        samples.append({**request, "n_grad": s.n_grad, "n_hvp": s.n_hvp, "loss": s.loss, "loss_increase": s.loss_increase,
                         "seconds": s.seconds})
     folder = None
     if rank == 0:
         folder = Path(tempfile.mkdtemp(prefix="genmem-posterior-"))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "posterior.safetensors"))
-        (folder / "meta.json").write_text(json.dumps({"samples": samples, "workers": world, "points": len(x)}))
+        meta = {"samples": samples, "workers": world, "points": len(train.x), "prior_precision": la.prior_precision,
+                "subset": la.subset}
+        (folder / "meta.json").write_text(json.dumps(meta))
     report_round({"workers": world}, folder)
 
 
-def posterior_on_workers(checkpoint: str, *, seeds: list[int], scaling: ScalingConfig, train_size: int | None = None,
-                         laplace: dict[str, Any] | None = None, sample: dict[str, Any] | None = None,
-                         run_name: str | None = None) -> dict[str, Any]:
-    """Fit the Laplace posterior of ``checkpoint`` (over its training data, the first
-    ``train_size`` points if set) on ``scaling.num_workers`` Ray Train workers and draw the weight
-    sample of each seed; ``laplace`` and ``sample`` are keyword arguments of
-    :class:`genmem.posterior.LaplacePosterior` and its ``sample_one``. Returns the curvature,
-    θ*, the thetas in seed order, the reduced gradient and HVP at a probe point, and per-sample
-    cost."""
+def posterior_on_workers(checkpoint: str, *, samples: list[dict[str, Any]], scaling: ScalingConfig,
+                         laplace: dict[str, Any] | None = None, solver: dict[str, Any] | None = None,
+                         optimize_prior: bool = False, run_name: str | None = None) -> dict[str, Any]:
+    """Fit the Laplace posterior of ``checkpoint`` over its training data on ``scaling.num_workers``
+    Ray Train workers and draw each requested weight sample in turn. ``samples`` are keyword
+    arguments of :meth:`genmem.posterior.LaplacePosterior.sample_one` (``seed``, ``method``,
+    ``scale``); ``laplace`` those of the posterior's constructor; ``solver`` the geodesic options
+    every sample shares. Returns the curvature, θ*, the thetas in request order, the reduced
+    gradient and HVP at a probe point, the prior precision and per-sample cost."""
     from genmem.distributed.train import fit_workers
     from genmem.storage import pull, storage_env
 
-    config = {"checkpoint": str(checkpoint), "seeds": list(seeds), "train_size": train_size, "laplace": laplace or {},
-              "sample": sample or {}, "storage": storage_env()}
+    config = {"checkpoint": str(checkpoint), "samples": list(samples), "laplace": laplace or {}, "solver": solver or {},
+              "optimize_prior": optimize_prior, "storage": storage_env()}
     fitted = fit_workers(_worker, config, scaling, run_name or f"posterior-group-{uuid.uuid4().hex[:8]}")
     folder = pull(fitted.checkpoint)
     tensors = load_file(str(folder / "posterior.safetensors"))
     meta = json.loads((folder / "meta.json").read_text())
     return {"curvature": tensors["curvature"], "theta_star": tensors["theta_star"], "grad": tensors["grad"], "hvp": tensors["hvp"],
-            "thetas": [tensors[f"theta_{s}"] for s in seeds], **meta}
+            "thetas": [tensors[f"theta_{i}"] for i in range(len(samples))], **meta}

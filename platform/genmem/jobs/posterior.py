@@ -1,6 +1,12 @@
-"""`genmem posterior`: a Laplace posterior fitted once on the driver, its S weight samples per
-(method, scale) solved as independent Ray tasks, each generating its share of images; every arm
-(θ*, Euclidean, Riemannian at each scale) pooled and evaluated like any model."""
+"""`genmem posterior`: a Laplace posterior over a checkpoint's weights, S weight samples per
+(method, scale), each generating its share of images; every arm (θ*, Euclidean, Riemannian at
+each scale) pooled and evaluated like any model.
+
+With ``scaling.num_workers`` = 1 the driver fits the posterior and each weight sample is its own
+Ray task over the whole training set. With N > 1 a Ray Train worker group of N fits it and solves
+every weight sample in turn, each rank holding a shard of the training set (all sums
+all-reduced, so every rank takes the same solver steps); Ray tasks then generate each sample's
+images from its weights."""
 
 from __future__ import annotations
 
@@ -15,16 +21,18 @@ import torch
 from pydantic import Field, model_validator
 
 from genmem.checkpoint import Checkpoint, load_checkpoint
-from genmem.config import FEATURES, MetricsConfig, Strict, to_yaml
+from genmem.config import FEATURES, MetricsConfig, ScalingConfig, Strict, to_yaml
 from genmem.data import ArrayDataset, read_shards, seal_shards, write_part
 from genmem.distributed.cluster import Footprint, ensure_ray
 from genmem.distributed.sampling import sample, split_ranges
 from genmem.distributed.tasks import map_tasks
 from genmem.distributed.neighbours import neighbour_search
+from genmem.distributed.train import worker_bundle
+from genmem.errors import ConfigError
 from genmem.evaluation import evaluate_samples, primary_fd, training_data
 from genmem.generative import build_process, derive_seed, generate
 from genmem.jobs.base import Context, Flag, Job, numeric
-from genmem.posterior import LaplacePosterior
+from genmem.posterior import LaplacePosterior, default_subset, select_parameters, with_weights
 from genmem.storage import ensure_writable, remove, storage_root, uri_of
 from genmem.tracking import check_reachable, job_run
 from genmem.viz import figure_to_array
@@ -36,7 +44,8 @@ class PosteriorConfig(Strict):
     """`genmem posterior`: Laplace weight samples of a checkpoint, evaluated arm by arm."""
 
     checkpoint: str
-    methods: list[Literal["euclidean", "riemannian"]] = Field(default_factory=lambda: ["euclidean", "riemannian"])
+    # riemannian: geodesics of the loss; linearised: of its Gauss–Newton model (no data pass per step)
+    methods: list[Literal["euclidean", "riemannian", "linearised"]] = Field(default_factory=lambda: ["euclidean", "riemannian"])
     scales: list[float] = Field(default_factory=lambda: [1e-2], min_length=1)  # temperatures tau of the covariance
     samples: int = Field(4, gt=0)  # weight samples S per (method, scale); each a Ray task
     n: int = Field(1000, gt=0)  # images per arm, split evenly over its weight samples
@@ -46,11 +55,15 @@ class PosteriorConfig(Strict):
     optimize_prior: bool = False  # choose alpha by the Laplace marginal likelihood instead
     curvature: Literal["ef", "ggn", "ggn_mc"] = "ef"
     draws: int = Field(8, gt=0)  # fixed (x0, t) draws per training point (common random numbers)
-    solver: Literal["dopri5", "rk4"] = "dopri5"
+    solver: Literal["dopri5", "bosh3", "rk4"] = "dopri5"
     steps: int = Field(20, gt=0)  # rk4
     rtol: float = Field(1e-4, gt=0)
     atol: float = Field(1e-6, gt=0)
     max_evals: int = Field(5000, gt=0)
+    trunk_cache: bool = True  # run the subset's loss through the network's head on a cached trunk state
+    # Workers per weight sample: 1 solves each sample as a Ray task over the whole training set;
+    # N > 1 runs the fit and every solve on a Ray Train group of N, one training shard per rank.
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     features: list[FEATURES] = Field(default_factory=lambda: ["auto"])
 
     @model_validator(mode="after")
@@ -65,28 +78,40 @@ class PosteriorConfig(Strict):
         return self
 
 
+def _laplace_options(cfg: PosteriorConfig) -> dict[str, Any]:
+    return {"subset": cfg.subset, "prior_precision": cfg.prior_precision, "curvature": cfg.curvature, "draws": cfg.draws,
+            "seed": cfg.seed, "trunk_cache": cfg.trunk_cache}
+
+
+def _solver_options(cfg: PosteriorConfig) -> dict[str, Any]:
+    return {"solver": cfg.solver, "steps": cfg.steps, "rtol": cfg.rtol, "atol": cfg.atol, "max_evals": cfg.max_evals}
+
+
 def _posterior(cfg: PosteriorConfig, ckpt: Checkpoint, train_x: torch.Tensor) -> LaplacePosterior:
-    process = build_process(ckpt.config.process)
-    return LaplacePosterior(ckpt.model, process, train_x, subset=cfg.subset, prior_precision=cfg.prior_precision,
-                            curvature=cfg.curvature, draws=cfg.draws, seed=cfg.seed)
+    return LaplacePosterior(ckpt.model, build_process(ckpt.config.process), train_x, **_laplace_options(cfg))
 
 
-def _weight_sample_task(cfg_json: dict, state: dict, train_x: torch.Tensor, method: str, scale: float, seed: int,
-                        start: int, stop: int, staging: str, part: int) -> dict[str, Any]:
-    """One weight sample (one geodesic solve for Riemannian) and its share of images."""
+def _weight_sample_task(cfg_json: dict, state: dict | None, train_x: torch.Tensor | None, method: str, scale: float, seed: int,
+                        start: int, stop: int, staging: str, part: int, solved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One weight sample (one geodesic solve for Riemannian) and its share of images; with
+    ``solved`` (its θ and cost, from a worker group) only the images."""
     cfg = PosteriorConfig.model_validate(cfg_json)
     ckpt = load_checkpoint(cfg.checkpoint)
-    la = _posterior(cfg, ckpt, train_x)
-    la.load_state_dict(state)
-    ws = la.sample_one(seed, method=method, scale=scale, solver=cfg.solver, steps=cfg.steps,
-                       rtol=cfg.rtol, atol=cfg.atol, max_evals=cfg.max_evals)
-    net = la.apply(ws).float()
+    if solved is None:
+        la = _posterior(cfg, ckpt, train_x)
+        la.load_state_dict(state)
+        ws = la.sample_one(seed, method=method, scale=scale, **_solver_options(cfg))
+        net = la.apply(ws).float()
+        cost = {"n_grad": ws.n_grad, "n_hvp": ws.n_hvp, "loss_increase": ws.loss_increase, "seconds": ws.seconds}
+    else:
+        net = with_weights(ckpt.model, solved["subset"], solved["theta"]).float()
+        cost = {k: solved[k] for k in ("n_grad", "n_hvp", "loss_increase", "seconds")}
     x = generate(net, build_process(ckpt.config.process), ckpt.config.sampler, ckpt.shape, range(start, stop), cfg.seed)
     n = stop - start
     model_id = f"{ckpt.id}/{method}/{scale:g}/{seed}"
     write_part(staging, part, x, {"model_id": np.full(n, model_id), "seed": np.full(n, cfg.seed, dtype=np.int64),
                                   "weight_seed": np.full(n, seed, dtype=np.int64), "index": np.arange(start, stop)})
-    return {"seed": seed, "n_grad": ws.n_grad, "n_hvp": ws.n_hvp, "loss_increase": ws.loss_increase, "seconds": ws.seconds}
+    return {"seed": seed, **cost}
 
 
 _KEYS = ("memorised_fraction", "heldout_memorised_fraction", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage")
@@ -115,12 +140,14 @@ class _Arms:
         return {"arm": "theta_star", "scale": 0.0, **_arm_metrics(metrics), "loss_increase": 0.0, "grad_evals": 0.0,
                 "seconds_per_sample": 0.0}
 
-    def weight_arm(self, method: str, scale: float, state_ref, train_ref) -> dict[str, Any]:
+    def weight_arm(self, method: str, scale: float, state_ref, train_ref, solved: dict | None = None) -> dict[str, Any]:
+        """``solved``: (method, scale, seed) → θ and cost from a worker group; else each task solves its own."""
         cfg = self.cfg
         staging = self.root / f".{method}-{scale:g}.staging"
         ranges = split_ranges(cfg.n, cfg.samples)
-        calls = [(cfg.model_dump(mode="json"), state_ref, train_ref, method, scale, derive_seed(cfg.seed, _WEIGHT_SEEDS, k), a, b,
-                  uri_of(staging), k) for k, (a, b) in enumerate(ranges)]
+        seeds = weight_seeds(cfg)
+        calls = [(cfg.model_dump(mode="json"), state_ref, train_ref, method, scale, seeds[k], a, b, uri_of(staging), k,
+                  None if solved is None else solved[(method, scale, seeds[k])]) for k, (a, b) in enumerate(ranges)]
         folder = self.root / f"{method}-{scale:g}"
         try:
             stats = map_tasks(_weight_sample_task, calls, num_cpus=1, desc=f"{method} τ={scale:g}", unit="weight sample")
@@ -134,10 +161,37 @@ class _Arms:
                 "seconds_per_sample": float(np.mean([s["seconds"] for s in stats]))}
 
 
+def weight_seeds(cfg: PosteriorConfig) -> list[int]:
+    """The seed of the k-th weight sample of every arm (the same initial velocities across methods)."""
+    return [derive_seed(cfg.seed, _WEIGHT_SEEDS, k) for k in range(cfg.samples)]
+
+
+def _solve_on_workers(cfg: PosteriorConfig, tracker) -> tuple[float, dict]:
+    """Fit and every weight sample on one worker group; (α, (method, scale, seed) → θ and cost)."""
+    from genmem.distributed.posterior import posterior_on_workers
+
+    requests = [{"seed": seed, "method": m, "scale": s} for m in cfg.methods for s in cfg.scales for seed in weight_seeds(cfg)]
+    out = posterior_on_workers(cfg.checkpoint, samples=requests, scaling=cfg.scaling, laplace=_laplace_options(cfg),
+                               solver=_solver_options(cfg), optimize_prior=cfg.optimize_prior,
+                               run_name=f"posterior-{uuid.uuid4().hex[:8]}")
+    tracker.metrics({"posterior/workers": out["workers"]})
+    solved = {(r["method"], r["scale"], r["seed"]): {**r, "theta": theta, "subset": out["subset"]}
+              for r, theta in zip(out["samples"], out["thetas"])}
+    return out["prior_precision"], solved
+
+
 def run(cfg: PosteriorConfig, ctx: Context) -> dict[str, Any]:
     check_reachable()
     meta, train, heldout = training_data(cfg.checkpoint)  # refuses a checkpoint without manifest
-    la = _posterior(cfg, load_checkpoint(cfg.checkpoint), train.x)  # refuses an unknown subset pattern, naming what exists
+    grouped = cfg.scaling.num_workers > 1
+    if grouped:
+        if cfg.scaling.num_workers > len(train):
+            raise ConfigError(f"scaling.num_workers={cfg.scaling.num_workers} is more than the {len(train)} training points of "
+                              f"{cfg.checkpoint}: use at most {len(train)} workers")
+        model = load_checkpoint(cfg.checkpoint).model
+        select_parameters(model, cfg.subset if cfg.subset is not None else default_subset(model))  # names what exists
+    else:
+        la = _posterior(cfg, load_checkpoint(cfg.checkpoint), train.x)  # refuses an unknown subset pattern, naming what exists
     ensure_ray()
     root = ensure_writable(storage_root() / "posterior" / f"{meta['checkpoint_id']}-{uuid.uuid4().hex[:6]}")
     tags = {"checkpoint_id": meta["checkpoint_id"], "samples_root": uri_of(root), **ctx.tags}
@@ -146,20 +200,25 @@ def run(cfg: PosteriorConfig, ctx: Context) -> dict[str, Any]:
     with job_run("posterior", f"posterior-{meta['checkpoint_id']}", params=cfg.model_dump(mode="json"), tags=tags,
                  parent_run_id=ctx.parent_run_id, key=ctx.key) as tracker:
         tracker.text(to_yaml(cfg), "posterior.yaml")
-        la.fit()
-        if cfg.optimize_prior:
-            la.optimize_prior_precision()
-        tracker.metrics({"posterior/prior_precision": la.prior_precision})
+        if grouped:
+            prior_precision, solved = _solve_on_workers(cfg, tracker)
+            state_ref = train_ref = None
+        else:
+            la.fit()
+            if cfg.optimize_prior:
+                la.optimize_prior_precision()
+            prior_precision, solved = la.prior_precision, None
+            state_ref, train_ref = ray.put(la.state_dict()), ray.put(train.x)
+        tracker.metrics({"posterior/prior_precision": prior_precision})
         arms = _Arms(cfg, root, train, heldout, meta["checkpoint_id"])
         rows = [arms.theta_star()]
-        state_ref, train_ref = ray.put(la.state_dict()), ray.put(train.x)
         for method in cfg.methods:
             for scale in cfg.scales:
-                rows.append(arms.weight_arm(method, scale, state_ref, train_ref))
+                rows.append(arms.weight_arm(method, scale, state_ref, train_ref, solved))
                 tracker.metrics({f"posterior/{_arm_name(rows[-1])}/{k}": v for k, v in numeric(rows[-1]).items() if k != "scale"})
         tracker.metrics({f"posterior/theta_star/{k}": v for k, v in numeric(rows[0]).items() if k != "scale"})
         tracker.image("memorised_vs_fd", _scale_figure(rows, arms.fd_key))
-    return {"mlflow_run_id": tracker.run_id, "prior_precision": la.prior_precision, "fd_key": arms.fd_key, "arms": rows}
+    return {"mlflow_run_id": tracker.run_id, "prior_precision": prior_precision, "fd_key": arms.fd_key, "arms": rows}
 
 
 def _arm_name(row: dict[str, Any]) -> str:
@@ -173,7 +232,7 @@ def _scale_figure(rows: list[dict[str, Any]], fd_key: str) -> np.ndarray:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    for method, colour in (("euclidean", "#1f77b4"), ("riemannian", "#d62728")):
+    for method, colour in (("euclidean", "#1f77b4"), ("riemannian", "#d62728"), ("linearised", "#2ca02c")):
         pts = sorted((r["scale"], r[fd_key], r["memorised_fraction"]) for r in rows if r["arm"] == method)
         if pts:
             ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", c=colour, label=method)
@@ -210,7 +269,7 @@ def final_report(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-_REPORTED = re.compile(r"^(theta_star|euclidean|riemannian)(_[0-9.e+-]+)?/[a-z_]+$")
+_REPORTED = re.compile(r"^(theta_star|euclidean|riemannian|linearised)(_[0-9.e+-]+)?/[a-z_]+$")
 
 JOB = Job(
     name="posterior",
@@ -220,14 +279,18 @@ JOB = Job(
     example="curvature=ggn",
     flags=(
         Flag("--checkpoint", "checkpoint"),
-        Flag("--method", "methods", nargs="+", choices=["euclidean", "riemannian"]),
+        Flag("--method", "methods", nargs="+", choices=["euclidean", "riemannian", "linearised"]),
         Flag("--samples", "samples", type=int, help="weight samples per (method, scale), one Ray task each"),
         Flag("--scale", "scales", type=float, nargs="+", help="posterior temperatures tau"),
         Flag("--n", "n", type=int, help="images per arm"),
         Flag("--seed", "seed", type=int),
+        Flag("--workers", "scaling.num_workers", type=int, help="Ray Train workers per weight sample, one training shard each"),
     ),
-    # The driver fits the curvature itself; one weight-sample task runs beside it at a time.
-    footprint=lambda cfg: Footprint({"CPU": 1.0}, {"CPU": 1.0}, 1),
+    # One worker: the driver fits the curvature itself, one weight-sample task runs beside it at
+    # a time. N workers: the driver waits on its group of N.
+    footprint=lambda cfg: (Footprint({"CPU": 1.0}, {"CPU": 1.0}, 1) if cfg.scaling.num_workers == 1
+                           else Footprint({"CPU": 0.1}, worker_bundle(cfg.scaling), cfg.scaling.num_workers, cfg.scaling.placement_strategy,
+                                          cfg.scaling.check_resources)),
     metrics=_REPORTED,
     final_report=final_report,
     table=format_table,

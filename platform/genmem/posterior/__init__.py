@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from genmem.posterior.curvature import CURVATURES, diagonal_curvature
 from genmem.posterior.geodesic import GeodesicError, GeodesicResult, exponential_map
-from genmem.posterior.laplace import LaplacePosterior, WeightSample
+from genmem.posterior.laplace import LaplacePosterior, WeightSample, with_weights
 from genmem.posterior.objective import PosteriorObjective, default_subset, select_parameters
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "diagonal_curvature",
     "exponential_map",
     "select_parameters",
+    "with_weights",
 ]

@@ -22,7 +22,7 @@ from torchdiffeq import odeint
 
 from genmem.errors import SolverError
 
-SOLVERS = ("dopri5", "rk4")
+SOLVERS = ("dopri5", "bosh3", "rk4")  # adaptive 5(4) and 3(2) Runge–Kutta (torchdiffeq), fixed-step RK4
 
 
 class GeodesicError(SolverError):
@@ -57,7 +57,7 @@ def exponential_map(
     """Exp_θ0(v): the geodesic's endpoint at s = 1, and its states at ``grid``.
 
     ``grid`` defaults to linspace(0, 1, steps + 1) for RK4 (one RK4 step per interval) and
-    [0, 1] for dopri5. Raises ``GeodesicError`` naming the s (and step) reached on failure.
+    [0, 1] for the adaptive solvers. Raises ``GeodesicError`` naming the s (and step) reached on failure.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
@@ -93,7 +93,7 @@ def exponential_map(
         path = _rk4_path(rhs, y0, grid, fail)
     else:
         try:
-            path = odeint(rhs, y0, grid, method="dopri5", rtol=rtol, atol=atol)
+            path = odeint(rhs, y0, grid, method=solver, rtol=rtol, atol=atol)
         except (_Stop, AssertionError) as err:  # torchdiffeq asserts on dt underflow / non-finite y
             raise fail(str(err).split(":")[0], f"s = {reached[0]:.3g}") from None
         if not torch.isfinite(path).all():

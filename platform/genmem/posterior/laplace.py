@@ -25,7 +25,24 @@ from genmem.posterior.curvature import diagonal_curvature
 from genmem.posterior.geodesic import exponential_map
 from genmem.posterior.objective import PosteriorObjective
 
-METHODS = ("euclidean", "riemannian")
+METHODS = ("euclidean", "riemannian", "linearised")
+
+
+class QuadraticModel:
+    """The loss replaced by its Gauss–Newton model around θ*, with the posterior's diagonal
+    curvature: L_c(θ) ≈ L(θ*) + ½ (θ − θ*)ᵀ diag(H + α) (θ − θ*) (centred, so θ* is stationary).
+    Gradient and HVP are elementwise products, so a geodesic right-hand side needs no pass over
+    the data (the linearised-manifold arm, after Bergamin et al.; with the diagonal GGN genmem fits
+    rather than their full linearised network)."""
+
+    def __init__(self, theta_star: torch.Tensor, precision: torch.Tensor):
+        self.theta_star, self.precision = theta_star, precision
+
+    def grad(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.precision * (theta - self.theta_star)
+
+    def hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.precision * v
 
 
 @dataclass
@@ -40,6 +57,19 @@ class WeightSample:
     loss: float  # un-centred L(θ) at the sample
     loss_increase: float  # L(θ) − L(θ*)
     seconds: float
+
+
+def with_weights(model: nn.Module, names: list[str], theta: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with the parameters ``names`` (in order) set from the flat ``theta``."""
+    net = copy.deepcopy(model)
+    params = dict(net.named_parameters())
+    numels = [params[n].numel() for n in names]
+    if sum(numels) != theta.numel():
+        raise ValueError(f"theta has {theta.numel()} weights but the subset {names[:3]}... holds {sum(numels)}")
+    with torch.no_grad():
+        for name, piece in zip(names, torch.split(theta, numels)):
+            params[name].copy_(piece.view_as(params[name]))
+    return net
 
 
 class LaplacePosterior:
@@ -146,7 +176,8 @@ class LaplacePosterior:
         if method == "euclidean":
             theta = self.theta_star + v
         else:
-            theta = exponential_map(obj, self.theta_star, v, solver=solver, steps=steps, rtol=rtol, atol=atol, max_evals=max_evals).theta
+            surface = obj if method == "riemannian" else QuadraticModel(self.theta_star, self.posterior_precision)
+            theta = exponential_map(surface, self.theta_star, v, solver=solver, steps=steps, rtol=rtol, atol=atol, max_evals=max_evals).theta
         loss = obj.value(theta, centred=False)
         return WeightSample(
             theta=theta, seed=seed, method=method, n_grad=obj.n_grad - n_grad, n_hvp=obj.n_hvp - n_hvp,
@@ -166,12 +197,7 @@ class LaplacePosterior:
 
     def apply(self, sample: WeightSample) -> nn.Module:
         """A copy of the model with the subset set to the sample's weights; other parameters untouched."""
-        net = copy.deepcopy(self.model)
-        params = dict(net.named_parameters())
-        with torch.no_grad():
-            for name, piece in zip(self.subset, torch.split(sample.theta, self.objective.numels)):
-                params[name].copy_(piece.view_as(params[name]))
-        return net
+        return with_weights(self.model, self.subset, sample.theta)
 
     def state_dict(self) -> dict:
         return {
