@@ -6,9 +6,9 @@ the last block and the output head), prints:
 1. trunk cache off/on: seconds per gradient, per gradient+HVP, per weight sample, and the
    sample's cost in gradient-equivalents (right-hand sides × measured grad+HVP seconds / grad
    seconds of the cache-off objective, so cache-on figures show the saving). A cache-off solve of
-   the U-Net takes hours on 2 cores, so with ``--estimate-off`` its seconds are the cache-on
-   solve's right-hand-side count (the same adaptive steps: tests/test_posterior_cache.py) times
-   the measured cache-off seconds per grad+HVP, and say so;
+   the U-Net takes long on 2 cores, so with ``--estimate-off`` its seconds are the cache-on
+   solve's plus its right-hand-side count (the same adaptive steps: tests/test_posterior_cache.py)
+   times the measured extra seconds per cache-off grad+HVP, and say so;
 2. cheaper samples, each against a tight-tolerance reference solve (dopri5, rtol 1e-8 unless
    ``--reference-rtol``): its
    gradient-equivalents and its endpoint error ||θ − θ_ref|| / ||θ_ref − θ*||. Options: dopri5 at

@@ -65,6 +65,9 @@ def test_posterior_job_on_a_worker_group_of_two_logs_three_arms(toy_checkpoint, 
                 "posterior/riemannian_0.5/loss_increase", "posterior/riemannian_0.5/grad_evals"):
         assert key in run.data.metrics, key
     assert "memorised_vs_fd.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    for arm in ("theta_star", "euclidean_0.5", "riemannian_0.5"):  # each arm's samples and most-memorised pairs
+        assert {a.path for a in client.list_artifacts(run.info.run_id, f"arms/{arm}")} == {
+            f"arms/{arm}/samples.png", f"arms/{arm}/memorised_pairs.png"}, arm
 
 
 def test_bad_posterior_requests_are_refused_up_front(toy_checkpoint, tracking, tmp_path):
@@ -93,6 +96,7 @@ def test_a_solver_that_does_not_converge_says_where_it_stopped(toy_checkpoint, t
     # The job's MLflow run was open from the start and records why it failed.
     client = MlflowClient(tracking)
     exp = client.get_experiment_by_name("genmem/posterior")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3 opens its model-training view
     failed = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FAILED'", order_by=["attributes.start_time DESC"])
     assert failed and failed[0].data.tags["error"].startswith("GeodesicError: ")
     assert failed[0].data.params["max_evals"] == "3"
@@ -112,3 +116,19 @@ def test_posterior_sweep_runs_its_weight_sample_tasks_inside_tune_trials(toy_che
                                   filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
     assert sorted(r.data.params["scales"] for r in children) == ["[0.3]", "[0.6]"]
     assert "best" in result and result["best"]["params"]["scales"][0] in (0.3, 0.6)
+
+
+def test_the_memorised_versus_fd_axes_go_logarithmic_where_values_span_decades():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from genmem.viz import log_where_decades
+
+    fig, ax = plt.subplots()
+    log_where_decades(ax, xs=[0.23, 21_904.0, 3.1], ys=[0.0, 0.5, 0.01])  # FD of θ* beside a Euclidean arm's
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "symlog"
+    fig, ax = plt.subplots()
+    log_where_decades(ax, xs=[10.0, 12.0, 30.0], ys=[0.2, 0.4, float("nan")])
+    assert ax.get_xscale() == "linear" and ax.get_yscale() == "linear"

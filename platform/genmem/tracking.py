@@ -74,6 +74,9 @@ def _client(uri: str | None = None):
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 def experiment_id(kind: str, uri: str | None = None) -> str:
     """The experiment of a job kind (``genmem/train``, ``genmem/evaluate``, ...), created once."""
     client = _client(uri)
@@ -82,7 +85,8 @@ def experiment_id(kind: str, uri: str | None = None) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location())
+        # MLflow 3's UI opens an experiment of this kind in its model-training view, not the GenAI one
+        return client.create_experiment(name, artifact_location=artifact_location(), tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
     except Exception:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -35,7 +35,7 @@ from genmem.jobs.base import Context, Flag, Job, numeric
 from genmem.posterior import LaplacePosterior, default_subset, select_parameters, with_weights
 from genmem.storage import ensure_writable, remove, storage_root, uri_of
 from genmem.tracking import check_reachable, job_run
-from genmem.viz import figure_to_array
+from genmem.viz import figure_to_array, log_where_decades
 
 _WEIGHT_SEEDS = 17  # derive_seed(seed, 17, k): the k-th weight sample of every arm
 
@@ -124,18 +124,23 @@ def _arm_metrics(metrics: dict[str, float]) -> dict[str, float]:
 class _Arms:
     """Evaluates each arm's pooled samples against the checkpoint's own data."""
 
-    def __init__(self, cfg: PosteriorConfig, root: Path, train: ArrayDataset, heldout: ArrayDataset, checkpoint_id: str):
+    def __init__(self, cfg: PosteriorConfig, root: Path, train: ArrayDataset, heldout: ArrayDataset, checkpoint_id: str, tracker):
         self.cfg, self.root, self.train, self.heldout, self.checkpoint_id = cfg, root, train, heldout, checkpoint_id
         self.metrics_cfg = MetricsConfig(seed=cfg.seed, features=cfg.features)
+        self.tracker = tracker
 
-    def evaluate(self, folder: Path | str) -> dict[str, float]:
+    def evaluate(self, folder: Path | str, arm: str) -> dict[str, float]:
+        """The arm's metrics; its sample grid and most-memorised pairs go to ``arms/<arm>/`` in the run."""
         ev = evaluate_samples(read_shards(folder), self.train, self.heldout, self.metrics_cfg, cache_dir=storage_root() / "features",
                               search=neighbour_search(self.metrics_cfg, len(self.train)))
+        for name in ("samples", "memorised_pairs"):
+            if name in ev.figures:
+                self.tracker.image(f"arms/{arm}/{name}", ev.figures[name])
         return ev.metrics
 
     def theta_star(self) -> dict[str, Any]:
         star = sample(self.cfg.checkpoint, self.cfg.n, self.root / "theta_star", seed=self.cfg.seed)
-        metrics = self.evaluate(star["samples"])
+        metrics = self.evaluate(star["samples"], "theta_star")
         self.fd_key = primary_fd(metrics).removeprefix("eval/")
         return {"arm": "theta_star", "scale": 0.0, **_arm_metrics(metrics), "loss_increase": 0.0, "grad_evals": 0.0,
                 "seconds_per_sample": 0.0}
@@ -155,7 +160,7 @@ class _Arms:
                         extra={"method": method, "scale": scale, "weight_samples": stats})
         finally:
             remove(staging)  # the parts, here and (under a remote store) there
-        return {"arm": method, "scale": scale, **_arm_metrics(self.evaluate(folder)),
+        return {"arm": method, "scale": scale, **_arm_metrics(self.evaluate(folder, f"{method}_{scale:g}")),
                 "loss_increase": float(np.mean([s["loss_increase"] for s in stats])),
                 "grad_evals": float(np.mean([s["n_grad"] + s["n_hvp"] for s in stats])),
                 "seconds_per_sample": float(np.mean([s["seconds"] for s in stats]))}
@@ -210,7 +215,7 @@ def run(cfg: PosteriorConfig, ctx: Context) -> dict[str, Any]:
             prior_precision, solved = la.prior_precision, None
             state_ref, train_ref = ray.put(la.state_dict()), ray.put(train.x)
         tracker.metrics({"posterior/prior_precision": prior_precision})
-        arms = _Arms(cfg, root, train, heldout, meta["checkpoint_id"])
+        arms = _Arms(cfg, root, train, heldout, meta["checkpoint_id"], tracker)
         rows = [arms.theta_star()]
         for method in cfg.methods:
             for scale in cfg.scales:
@@ -240,6 +245,7 @@ def _scale_figure(rows: list[dict[str, Any]], fd_key: str) -> np.ndarray:
                 ax.annotate(f"τ={s:g}", (x, y), fontsize=6)
     star = [r for r in rows if r["arm"] == "theta_star"][0]
     ax.scatter([star[fd_key]], [star["memorised_fraction"]], marker="*", s=120, c="k", label="θ*", zorder=3)
+    log_where_decades(ax, xs=[r[fd_key] for r in rows], ys=[r["memorised_fraction"] for r in rows])
     ax.set_xlabel(fd_key)
     ax.set_ylabel("memorised fraction")
     ax.legend(fontsize=7)

@@ -35,6 +35,7 @@ from torch.func import functional_call, grad, jvp
 
 from genmem.errors import ConfigError
 from genmem.generative.process import Process
+from genmem.generative.sampling import derive_seed
 
 
 def default_subset(model: nn.Module) -> list[str]:
@@ -125,14 +126,17 @@ class PosteriorObjective:
         self.frozen = {n: p.detach() for n, p in params.items() if n not in self.names}
         self.frozen.update({n: b for n, b in self.net.named_buffers()})
 
-        # Common random numbers (METHODS.md step 1): (x0, t) fixed per training point, flattened so
-        # sample k = i * draws + j; every sample carries weight 1/draws in the sum.
-        x1 = train_x.to(dtype)
-        gen = torch.Generator().manual_seed(seed)
-        x0 = torch.randn((len(x1), draws, *x1.shape[1:]), generator=gen, dtype=dtype)
-        t = torch.rand((len(x1), draws), generator=gen, dtype=dtype)
-        if shard is not None:  # this rank's points, with the draws the whole set gives them
-            x0, t, x1 = x0[shard[0] :: shard[1]], t[shard[0] :: shard[1]], x1[shard[0] :: shard[1]]
+        # Common random numbers (METHODS.md step 1): (x0, t) fixed per training point from the
+        # point's own seed, so a rank draws only its shard's (same values as the whole set's);
+        # flattened so sample k = i * draws + j, each carrying weight 1/draws in the sum.
+        points = range(len(train_x)) if shard is None else range(shard[0], len(train_x), shard[1])
+        x1 = train_x[points.start :: points.step].to(dtype)
+        x0 = torch.empty((len(points), draws, *x1.shape[1:]), dtype=dtype)
+        t = torch.empty((len(points), draws), dtype=dtype)
+        for j, i in enumerate(points):
+            gen = torch.Generator().manual_seed(derive_seed(seed, i))
+            x0[j] = torch.randn(x0.shape[1:], generator=gen, dtype=dtype)
+            t[j] = torch.rand(draws, generator=gen, dtype=dtype)
         self.n_points = len(x1)
         t = t.flatten()
         ps = process.path(x0.flatten(0, 1), x1.repeat_interleave(draws, dim=0), t)
