@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from genmem.config import Strict, TrainConfig
 from genmem.jobs import posterior, train
@@ -17,6 +17,13 @@ class QuickstartConfig(Strict):
     scales: list[float] = Field(default_factory=lambda: [1e-2, 1e-1, 1.0], min_length=1)
     samples: int = Field(4, gt=0)  # weight samples per (method, scale)
     n: int = Field(500, gt=20)  # images per arm
+
+    @model_validator(mode="after")
+    def _check_posterior(self) -> "QuickstartConfig":
+        """The posterior half's settings, checked before the training half runs (its checkpoint
+        does not exist yet, so a placeholder stands in)."""
+        posterior.PosteriorConfig(checkpoint="<trained>", scales=self.scales, samples=self.samples, n=self.n)
+        return self
 
 
 def run(cfg: QuickstartConfig, ctx: Context) -> dict[str, Any]:

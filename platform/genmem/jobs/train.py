@@ -37,6 +37,7 @@ from genmem.distributed.train import (
 from genmem.errors import CheckpointError
 from genmem.evaluation import memorisation_probe
 from genmem.jobs.base import Context, Job, numeric
+from genmem.models import build_model
 from genmem.storage import check_storage, join, storage_env, storage_uri
 from genmem.tracking import Tracker, check_reachable, job_run, tracking_uri
 from genmem.training import Objective, resolve_sampler, train_loop
@@ -128,11 +129,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Everything that can be checked before Ray work starts: tracking, storage, data, init_from."""
+    """Everything that can be checked before Ray work starts: tracking, storage, data, the
+    network for the data's shape, init_from."""
     check_reachable()
     check_storage(storage_uri())
     check_storage(ray_storage(), "GENMEM_RAY_STORAGE")
     train, _ = load_dataset(cfg.data)  # materialises once, and fails here on bad data
+    build_model(cfg.model, tuple(train.shape))  # e.g. a U-Net asked for 2-D points: refused here, not on every worker
     if cfg.init_from:
         init = read_meta(cfg.init_from)  # a clear error for a missing or foreign folder
         if tuple(init["shape"]) != train.shape:
