@@ -76,6 +76,21 @@ def trunk_split(model: nn.Module, free: list[str]) -> int | None:
     return max(fits) if fits else None
 
 
+def _draws(train_x: torch.Tensor, draws: int, seed: int, dtype: torch.dtype, shard: tuple[int, int] | None):
+    """Common random numbers (METHODS.md step 1): (x0, t) fixed per training point from the
+    point's own seed, so a rank draws only its shard's points, with the values the whole set gives
+    them. Returns x0 (points, draws, ...), x1 (points, ...) and t (points, draws)."""
+    points = range(len(train_x)) if shard is None else range(shard[0], len(train_x), shard[1])
+    x1 = train_x[points.start :: points.step].to(dtype)
+    x0 = torch.empty((len(points), draws, *x1.shape[1:]), dtype=dtype)
+    t = torch.empty((len(points), draws), dtype=dtype)
+    for j, i in enumerate(points):
+        gen = torch.Generator().manual_seed(derive_seed(seed, i))
+        x0[j] = torch.randn(x0.shape[1:], generator=gen, dtype=dtype)
+        t[j] = torch.rand(draws, generator=gen, dtype=dtype)
+    return x0, x1, t
+
+
 class _Head(nn.Module):
     """``net.head(k, ...)`` as a module, so ``functional_call`` can swap its (``net.``-prefixed) parameters."""
 
@@ -126,17 +141,7 @@ class PosteriorObjective:
         self.frozen = {n: p.detach() for n, p in params.items() if n not in self.names}
         self.frozen.update({n: b for n, b in self.net.named_buffers()})
 
-        # Common random numbers (METHODS.md step 1): (x0, t) fixed per training point from the
-        # point's own seed, so a rank draws only its shard's (same values as the whole set's);
-        # flattened so sample k = i * draws + j, each carrying weight 1/draws in the sum.
-        points = range(len(train_x)) if shard is None else range(shard[0], len(train_x), shard[1])
-        x1 = train_x[points.start :: points.step].to(dtype)
-        x0 = torch.empty((len(points), draws, *x1.shape[1:]), dtype=dtype)
-        t = torch.empty((len(points), draws), dtype=dtype)
-        for j, i in enumerate(points):
-            gen = torch.Generator().manual_seed(derive_seed(seed, i))
-            x0[j] = torch.randn(x0.shape[1:], generator=gen, dtype=dtype)
-            t[j] = torch.rand(draws, generator=gen, dtype=dtype)
+        x0, x1, t = _draws(train_x, draws, seed, dtype, shard)
         self.n_points = len(x1)
         t = t.flatten()
         ps = process.path(x0.flatten(0, 1), x1.repeat_interleave(draws, dim=0), t)
