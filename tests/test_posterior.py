@@ -192,6 +192,20 @@ def test_riemannian_samples_stay_on_the_low_loss_region(trained):
     assert torch.allclose(e[0].theta - la.theta_star, la.initial_velocity(e[0].seed, 0.1), atol=1e-12)
 
 
+def test_a_forward_difference_of_gradients_gives_the_geodesic_of_the_hvp(trained):
+    """θ'ᵀ∇²L θ' from two gradients instead of a gradient and an HVP: the same endpoint to the
+    solver's tolerance, with no HVP spent."""
+    net, fm, x = trained
+    la = LaplacePosterior(net, fm, x, curvature="ggn", draws=4).fit()
+    exact = la.sample_one(1, method="riemannian", scale=0.1, rtol=1e-6, atol=1e-8)
+    fd = la.sample_one(1, method="riemannian", scale=0.1, rtol=1e-6, atol=1e-8, second_derivative="fd")
+    step = (exact.theta - la.theta_star).norm()
+    assert (fd.theta - exact.theta).norm() < 1e-4 * step
+    assert fd.n_hvp == 0 and fd.n_grad % 2 == 0 and abs(fd.n_grad // 2 - exact.n_grad) <= 0.1 * exact.n_grad
+    with pytest.raises(ValueError, match="second_derivative 'bfgs' is not one of hvp, fd"):
+        la.sample_one(1, method="riemannian", scale=0.1, second_derivative="bfgs")
+
+
 def test_the_linearised_arm_bends_on_the_gauss_newton_model_without_a_data_pass(trained):
     net, fm, x = trained
     la = LaplacePosterior(net, fm, x, curvature="ggn", draws=8).fit()

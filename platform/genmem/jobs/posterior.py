@@ -60,6 +60,8 @@ class PosteriorConfig(Strict):
     rtol: float = Field(1e-4, gt=0)
     atol: float = Field(1e-6, gt=0)
     max_evals: int = Field(5000, gt=0)
+    # θ'ᵀ∇²L θ' per right-hand side: a Hessian-vector product, or a forward difference of two gradients
+    second_derivative: Literal["hvp", "fd"] = "hvp"
     trunk_cache: bool = True  # run the subset's loss through the network's head on a cached trunk state
     # Workers per weight sample: 1 solves each sample as a Ray task over the whole training set;
     # N > 1 runs the fit and every solve on a Ray Train group of N, one training shard per rank.
@@ -84,7 +86,8 @@ def _laplace_options(cfg: PosteriorConfig) -> dict[str, Any]:
 
 
 def _solver_options(cfg: PosteriorConfig) -> dict[str, Any]:
-    return {"solver": cfg.solver, "steps": cfg.steps, "rtol": cfg.rtol, "atol": cfg.atol, "max_evals": cfg.max_evals}
+    return {"solver": cfg.solver, "steps": cfg.steps, "rtol": cfg.rtol, "atol": cfg.atol, "max_evals": cfg.max_evals,
+            "second_derivative": cfg.second_derivative}
 
 
 def _posterior(cfg: PosteriorConfig, ckpt: Checkpoint, train_x: torch.Tensor) -> LaplacePosterior:

@@ -164,7 +164,8 @@ class LaplacePosterior:
         return z * (scale / self.posterior_precision).sqrt()
 
     def sample_one(self, seed: int, *, method: str = "riemannian", scale: float = 1.0, solver: str = "dopri5",
-                   steps: int = 20, rtol: float = 1e-4, atol: float = 1e-6, max_evals: int = 5000) -> WeightSample:
+                   steps: int = 20, rtol: float = 1e-4, atol: float = 1e-6, max_evals: int = 5000,
+                   second_derivative: str = "hvp") -> WeightSample:
         """The weight sample of a given seed (METHODS.md steps 3 and 4)."""
         if method not in METHODS:
             raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
@@ -177,7 +178,8 @@ class LaplacePosterior:
             theta = self.theta_star + v
         else:
             surface = obj if method == "riemannian" else QuadraticModel(self.theta_star, self.posterior_precision)
-            theta = exponential_map(surface, self.theta_star, v, solver=solver, steps=steps, rtol=rtol, atol=atol, max_evals=max_evals).theta
+            theta = exponential_map(surface, self.theta_star, v, solver=solver, steps=steps, rtol=rtol, atol=atol, max_evals=max_evals,
+                                    second_derivative=second_derivative).theta
         loss = obj.value(theta, centred=False)
         return WeightSample(
             theta=theta, seed=seed, method=method, n_grad=obj.n_grad - n_grad, n_hvp=obj.n_hvp - n_hvp,
