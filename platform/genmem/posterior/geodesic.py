@@ -84,23 +84,7 @@ def exponential_map(
         count[0] += 1
         reached[0] = float(s)
         theta, u = state[:p], state[p:]
-        return torch.cat([u, -bend(theta, u)])
-
-    def bend(theta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """g (uᵀ∇²L u) / (1 + ||g||²): minus the acceleration of the geodesic equation above."""
-        if second_derivative == "fd":
-            g, speed = obj.grad(theta), float(u.norm())
-            if speed == 0.0:
-                return torch.zeros_like(g)
-            eps = torch.finfo(theta.dtype).eps ** 0.5 * (1.0 + float(theta.norm())) / speed
-            uhu = u.dot(obj.grad(theta + eps * u) - g) / eps
-        elif hasattr(obj, "grad_and_hvp"):
-            g, hu = obj.grad_and_hvp(theta, u)
-            uhu = u.dot(hu)
-        else:
-            g, uhu = obj.grad(theta), u.dot(obj.hvp(theta, u))
-        return g * (uhu / (1.0 + g.dot(g)))
-        return torch.cat([u, acc])
+        return torch.cat([u, -_bend(obj, theta, u, second_derivative)])
 
     def fail(reason: str, where: str) -> GeodesicError:
         return GeodesicError(
@@ -119,6 +103,22 @@ def exponential_map(
         if not torch.isfinite(path).all():
             raise fail("non-finite state", "s = 1")
     return GeodesicResult(theta=path[-1, :p], velocity=path[-1, p:], path=path, grid=grid, n_rhs=count[0])
+
+
+def _bend(obj, theta: torch.Tensor, u: torch.Tensor, second_derivative: str) -> torch.Tensor:
+    """g (uᵀ∇²L u) / (1 + ||g||²): minus the acceleration of the geodesic equation (module docstring)."""
+    if second_derivative == "fd":
+        g, speed = obj.grad(theta), float(u.norm())
+        if speed == 0.0:
+            return torch.zeros_like(g)
+        eps = torch.finfo(theta.dtype).eps ** 0.5 * (1.0 + float(theta.norm())) / speed
+        uhu = u.dot(obj.grad(theta + eps * u) - g) / eps
+    elif hasattr(obj, "grad_and_hvp"):
+        g, hu = obj.grad_and_hvp(theta, u)
+        uhu = u.dot(hu)
+    else:
+        g, uhu = obj.grad(theta), u.dot(obj.hvp(theta, u))
+    return g * (uhu / (1.0 + g.dot(g)))
 
 
 def _rk4_path(rhs, y0: torch.Tensor, grid: torch.Tensor, fail) -> torch.Tensor:
