@@ -47,7 +47,7 @@ def toy_checkpoint(mlflow_server):
 def test_posterior_job_on_a_worker_group_of_two_logs_three_arms(toy_checkpoint, tracking, ray_local):
     """Two Ray Train workers per weight sample (one training shard each) solve every sample; the
     one-worker path (a Ray task per sample) runs in the sweep and solver tests below."""
-    cfg = PosteriorConfig(checkpoint=toy_checkpoint, scales=[0.5], samples=2, n=40, features=["pixels"],
+    cfg = PosteriorConfig(checkpoint=toy_checkpoint, scales=[0.5], samples=1, n=30, features=["pixels"],
                           scaling={"num_workers": 2, "cpus_per_worker": 0.9})
     result = run_posterior(cfg)
     arms = {(r["arm"], r["scale"]) for r in result["arms"]}
