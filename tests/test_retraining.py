@@ -4,7 +4,6 @@ on a real MLflow server."""
 
 from __future__ import annotations
 
-from conftest import start_session_ray
 
 import json
 import math
@@ -22,8 +21,6 @@ from genmem.errors import ConfigError
 from genmem.jobs.base import Context
 from genmem.jobs.retrain import RetrainConfig, generation_config
 from genmem.jobs.retrain import run as retrain_job
-from genmem.jobs.sweep import SweepConfig
-from genmem.jobs.sweep import run as sweep_job
 from genmem.methods.retraining import collapse_generation
 
 
@@ -96,27 +93,6 @@ def test_too_few_samples_per_generation_are_refused_before_ray(storage):
     with pytest.raises(ConfigError, match="samples=100 per generation cannot supply 200 synthetic rows and 1000 evaluated samples"):
         run_retrain(cfg)
     assert not (storage / "retrain").exists() and not any((storage / "ray").iterdir())  # no loop, no Ray run
-
-
-@pytest.fixture(scope="module")
-def loop_sweep(tmp_path_factory, mlflow_server):
-    """λ ∈ {0.25, fully synthetic} on moons with 200 real points, 3 retrained generations each,
-    as one Tune sweep on the session's 2-CPU cluster (the two trials run side by side)."""
-    import os
-
-    root = tmp_path_factory.mktemp("loop")
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "GENMEM_STORAGE")}
-    os.environ.update({"MLFLOW_TRACKING_URI": mlflow_server, "GENMEM_STORAGE": str(root / "store")})
-    start_session_ray()
-    space = root / "lambda.yaml"
-    space.write_text("space:\n  synthetic_ratio: {grid: [0.25, fully_synthetic]}\nmetric: fd\nmode: min\n")
-    base = load_config(ROOT / "configs/toy2d_retrain.yaml", ["generations=3", "train.scaling.cpus_per_worker=0.9"], cls=RetrainConfig)
-    try:
-        result = sweep_job(SweepConfig(space=str(space), job="retrain", base=base.model_dump(mode="json")), Context())
-        yield result, root / "store"
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _loops(result, store: Path) -> dict[str, dict]:

@@ -133,6 +133,20 @@ class ScalingConfig(Strict):
     check_resources: bool = True  # refuse up front what the cluster cannot place (off when autoscaling)
 
 
+BUDGET_TAG = "memorisation_budget"  # the run tag: "over" (flagged) or "stopped" (training ended at the budget)
+
+
+class BudgetConfig(Strict):
+    """A memorisation budget: the training probe's memorised fraction at most ``max_fraction``.
+    ``flag``: tag the run (``memorisation_budget=over``) and train on; ``stop``: end training at
+    the first probe over budget, the result being the last checkpoint under it (written at every
+    probe under budget, and only there: periodic checkpoints are replaced by these), tagged
+    ``memorisation_budget=stopped`` with why."""
+
+    max_fraction: float = Field(gt=0, lt=1)
+    action: Literal["flag", "stop"] = "flag"
+
+
 class TrainConfig(Strict):
     """Everything `genmem train` needs; saved in every checkpoint."""
 
@@ -156,6 +170,7 @@ class TrainConfig(Strict):
     grid_size: int = Field(64, gt=0)  # samples in a grid PNG
     eval_every_images: int = Field(0, ge=0)  # memorisation probe during training; 0 = off
     eval_n: int = Field(500, gt=2)  # samples per probe
+    memorisation_budget: BudgetConfig | None = None  # checked at every probe (needs eval_every_images)
     # Fine-tune: start from this checkpoint's weights (and EMA) with a fresh optimizer, step count
     # and warm-up. Ignored when the run resumes from its own checkpoint.
     init_from: str | None = None
@@ -188,6 +203,8 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by scaling.num_workers {self.scaling.num_workers}"
             )
+        if self.memorisation_budget is not None and not self.eval_every_images:
+            raise ValueError("memorisation_budget is checked at the memorisation probe: set eval_every_images above 0")
         return self
 
 

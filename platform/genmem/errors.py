@@ -37,6 +37,11 @@ class TrackingError(GenmemError, RuntimeError):
     """The tracking server cannot be used; the message names the URI."""
 
 
+class TrackingUnavailable(TrackingError):
+    """The tracking server went away and did not come back in time: nothing more can be written
+    to it (the failing job's run is left as it is, not marked FAILED)."""
+
+
 class ClusterError(GenmemError, RuntimeError):
     """The Ray cluster cannot run the request (too small, or the job runs where its results would be lost)."""
 

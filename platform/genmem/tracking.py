@@ -16,13 +16,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from genmem.config import flatten
-from genmem.errors import TrackingError
+from genmem.config import BUDGET_TAG, flatten
+from genmem.errors import TrackingError, TrackingUnavailable
 
 EXPERIMENT_PREFIX = "genmem"
 _PARAM_LIMIT = 6000  # MLflow's limit on a param value's length
@@ -134,13 +136,52 @@ def default_tags() -> dict[str, str]:
 
 class Tracker:
     """Writes to one MLflow run by id. Construct on the process that should write (the driver or
-    rank 0); every other process gets ``Tracker.disabled()`` whose calls do nothing."""
+    rank 0); every other process gets ``Tracker.disabled()`` whose calls do nothing.
 
-    def __init__(self, run_id: str | None, uri: str | None = None):
+    ``asynchronous=True`` (the training loop's rank 0): metrics and tags go through MLflow's own
+    asynchronous logging (``log_batch(synchronous=False)``), so a step never waits on the server;
+    MLflow's client retries while the server is away. :meth:`flush` collects what the server
+    took, sends again what it refused, and returns what is still outstanding."""
+
+    def __init__(self, run_id: str | None, uri: str | None = None, *, asynchronous: bool = False):
         self.run_id = run_id
         self.outcome = "FINISHED"  # the status job_run closes the run with when the job returns
         self.uri = uri or tracking_uri()
         self._c = _client(self.uri) if run_id else None
+        self.asynchronous = asynchronous
+        self._pending: list[tuple[Any, list, list]] = []  # (MLflow's RunOperations, metrics, tags) not yet confirmed
+
+    def _send(self, metrics: list = (), tags: list = ()) -> None:
+        if not self.asynchronous:
+            self._c.log_batch(self.run_id, metrics=metrics, tags=tags)
+            return
+        ops = self._c.log_batch(self.run_id, metrics=metrics, tags=tags, synchronous=False)
+        self._pending.append((ops, list(metrics), list(tags)))
+
+    def flush(self, timeout: float = 0.0) -> list[dict[str, Any]]:
+        """Wait up to ``timeout`` seconds for the asynchronous writes; a write MLflow gave up on
+        (its retries spent) is sent again. Returns what the server has not confirmed, as
+        :func:`deliver` takes it (empty: everything arrived)."""
+        import concurrent.futures
+
+        deadline = time.monotonic() + timeout
+        while True:
+            futures = [f for ops, _, _ in self._pending for f in getattr(ops, "_operation_futures", [])]
+            concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+            retry, still = [], []
+            for entry in self._pending:
+                fs = getattr(entry[0], "_operation_futures", [])
+                if not all(f.done() for f in fs):
+                    still.append(entry)
+                elif any(f.exception() is not None for f in fs):
+                    retry.append(entry)
+            self._pending = still
+            for _, metrics, tags in retry:
+                self._send(metrics, tags)
+            if not retry or time.monotonic() >= deadline:
+                break
+        return [{"metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics], "tags": [[t.key, t.value] for t in tags]}
+                for _, metrics, tags in self._pending]
 
     @classmethod
     def disabled(cls) -> "Tracker":
@@ -201,19 +242,26 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         if items:
-            self._c.log_batch(self.run_id, metrics=items)
+            self._send(metrics=items)
 
     def tags(self, tags: dict[str, Any]) -> None:
         if not self._c:
             return
         from mlflow.entities import RunTag
 
-        self._c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send(tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def image(self, key: str, picture: np.ndarray, step: int | None = None) -> None:
-        """An image by step (MLflow's image history) when a step is given, else a plain PNG."""
+        """An image by step (MLflow's image history) when a step is given, else a plain PNG. An
+        asynchronous tracker skips it, saying so, while the server is away (an upload would wait)."""
         if not self._c:
             return
+        if self.asynchronous:
+            try:
+                check_reachable(self.uri, timeout=2.0)
+            except TrackingError as err:
+                print(f"[genmem] image {key} at step {step} not logged: {err}", flush=True)
+                return
         if step is None:
             self._c.log_image(self.run_id, picture, artifact_file=f"{key}.png")
         else:
@@ -227,6 +275,10 @@ class Tracker:
         if self._c:
             self._c.log_artifact(self.run_id, str(path), artifact_path)
 
+    def read_tags(self) -> dict[str, str]:
+        """The run's tags as the server holds them (what rank 0 wrote during training)."""
+        return dict(self._c.get_run(self.run_id).data.tags) if self._c else {}
+
     def history(self, key: str) -> tuple[list[int], list[float]]:
         """A metric's (steps, values) in step order, e.g. a training run's logged curve."""
         if not self._c:
@@ -237,6 +289,31 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self._c:
             self._c.set_terminated(self.run_id, status=status)
+
+
+def deliver(run_id: str, backlog: list[dict[str, Any]], uri: str | None = None) -> int:
+    """Send what a run's writer could not (:meth:`Tracker.flush`), exactly once: a metric step
+    the server already holds (it arrived after all) is not sent again. Returns the values sent;
+    raises :class:`TrackingUnavailable`, naming the URI, while the server is still away."""
+    from mlflow.entities import Metric, RunTag
+
+    uri = uri or tracking_uri()
+    if not backlog:
+        return 0
+    try:
+        check_reachable(uri)
+    except TrackingError as err:
+        raise TrackingUnavailable(str(err)) from None
+    client = _client(uri)
+    metrics = [Metric(k, v, ts, step) for entry in backlog for k, v, ts, step in entry["metrics"]]
+    held = {k: {m.step for m in client.get_metric_history(run_id, k)} for k in {m.key for m in metrics}}
+    fresh = [m for m in metrics if m.step not in held[m.key]]
+    tags = [RunTag(k, v) for entry in backlog for k, v in entry["tags"]]
+    for i in range(0, len(fresh), 1000):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=fresh[i : i + 1000])
+    if tags:
+        client.log_batch(run_id, tags=tags)
+    return len(fresh) + len(tags)
 
 
 @contextmanager
@@ -252,6 +329,8 @@ def job_run(kind: str, run_name: str, *, run_id: str | None = None, **start: Any
         tracker = Tracker.start(kind, run_name, **start)
     try:
         yield tracker
+    except TrackingUnavailable:
+        raise  # the server is away: the run stays as it is, and a rerun completes it
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         try:
@@ -260,3 +339,91 @@ def job_run(kind: str, run_name: str, *, run_id: str | None = None, **start: Any
             tracker.finish(status)
         raise
     tracker.finish(tracker.outcome)
+
+
+@dataclass
+class RunView:
+    """What a finished run holds, read once: the job kind (from its experiment ``genmem/<kind>``),
+    latest metrics, params and tags; ``history(key)`` reads a metric's steps on demand."""
+
+    run_id: str
+    run_name: str
+    experiment: str
+    kind: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+    tags: dict[str, str]
+    uri: str
+
+    def history(self, key: str) -> dict[int, float]:
+        """A metric by step (the latest value where a step was logged twice)."""
+        points = sorted(_client(self.uri).get_metric_history(self.run_id, key), key=lambda m: (m.step, m.timestamp))
+        return {m.step: m.value for m in points}
+
+    def point(self, metrics: dict[str, float], prefix: str = "", **fields: Any):
+        """A :class:`genmem.report.Point` of this run from ``metrics`` under ``prefix`` (None where
+        it measured no memorised fraction or quality), marked when over its memorisation budget."""
+        from genmem.report import point
+
+        return point(self.run_id, metrics, prefix, run_name=self.run_name, experiment=self.experiment,
+                     over_budget=self.over_budget, **fields)
+
+    @cached_property
+    def over_budget(self) -> bool:
+        """Whether this run, or the training run it measures (tag ``train_run_id``), went over its
+        memorisation budget."""
+        if self.tags.get(BUDGET_TAG) in ("over", "stopped"):
+            return True
+        train = self.tags.get("train_run_id")
+        if not train:
+            return False
+        try:
+            return _client(self.uri).get_run(train).data.tags.get(BUDGET_TAG) in ("over", "stopped")
+        except Exception:  # the training run was deleted: nothing to mark
+            return False
+
+
+def _view(run, names: dict[str, str], uri: str) -> RunView:
+    experiment = names.get(run.info.experiment_id, "")
+    return RunView(run_id=run.info.run_id, run_name=run.info.run_name or "", experiment=experiment,
+                   kind=experiment.removeprefix(f"{EXPERIMENT_PREFIX}/"), metrics=dict(run.data.metrics),
+                   params=dict(run.data.params), tags=dict(run.data.tags), uri=uri)
+
+
+def finished_runs(*, experiments: list[str] = (), sweep: str | None = None, run_ids: list[str] = (), uri: str | None = None,
+                  exclude: tuple[str, ...] = ()) -> list[RunView]:
+    """The FINISHED runs of genmem experiments (``genmem/posterior`` or just ``posterior``), of
+    one sweep (its parent run's id: the trials' runs), or by id; all of genmem's experiments
+    but ``exclude`` when nothing is named. One sentence naming what is missing, before any read."""
+    from mlflow.exceptions import MlflowException
+
+    uri = check_reachable(uri)
+    client = _client(uri)
+    known = {e.experiment_id: e.name for e in client.search_experiments(max_results=1000)}
+    by_name = {name: eid for eid, name in known.items()}
+    ids: list[str] = []
+    for name in experiments:
+        full = name if name in by_name else f"{EXPERIMENT_PREFIX}/{name}"
+        if full not in by_name:
+            raise TrackingError(f"MLflow at {uri} has no experiment '{name}': name one of "
+                                f"{', '.join(sorted(n for n in by_name if n.startswith(EXPERIMENT_PREFIX + '/'))) or '(none yet)'}")
+        ids.append(by_name[full])
+    runs = []
+    for run_id in run_ids:
+        try:
+            runs.append(client.get_run(run_id))
+        except MlflowException:
+            raise TrackingError(f"MLflow at {uri} has no run '{run_id}': pass the id of a finished genmem run") from None
+    if sweep is not None:
+        try:
+            client.get_run(sweep)
+        except MlflowException:
+            raise TrackingError(f"MLflow at {uri} has no sweep run '{sweep}': pass the id of a sweep's parent run") from None
+        genmem_ids = [eid for eid, n in known.items() if n.startswith(EXPERIMENT_PREFIX + "/")]
+        runs += client.search_runs(genmem_ids, filter_string=f"tags.`mlflow.parentRunId` = '{sweep}'", max_results=10000)
+    if not experiments and not run_ids and sweep is None:
+        ids = [eid for eid, n in known.items() if n.startswith(EXPERIMENT_PREFIX + "/") and n not in exclude]
+    if ids:
+        runs += client.search_runs(ids, filter_string="attributes.status = 'FINISHED'", max_results=10000)
+    unique = {r.info.run_id: r for r in runs if r.info.status == "FINISHED"}
+    return [_view(r, known, uri) for r in unique.values()]

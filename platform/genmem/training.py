@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from genmem.checkpoint import Checkpoint, chain_source, save_checkpoint
-from genmem.config import TrainConfig
+from genmem.config import BUDGET_TAG, BudgetConfig, TrainConfig
 from genmem.data import ArrayDataset
 from genmem.errors import TrainingError
 from genmem.generative import Process, build_process, data_clip, derive_seed, generate
@@ -140,6 +140,8 @@ class Reporter(Protocol):
 
     def checkpoint(self, step: int, images_seen: int, metrics: dict[str, float], path: Path | None, final: bool) -> None: ...
 
+    def note(self, tags: dict[str, str]) -> None: ...  # facts about the run (the memorisation budget's verdict)
+
 
 class LocalReporter:
     """Training side effects for a single local process: a progress bar, grid PNGs and the
@@ -149,6 +151,7 @@ class LocalReporter:
         self.output = output
         self.checkpoint_meta: dict[str, Any] = {}
         self.grids: list[Path] = []
+        self.notes: dict[str, str] = {}
         self.bar = tqdm(total=total_images, initial=start_images, unit="img", unit_scale=True, disable=quiet, desc="train")
 
     def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
@@ -167,6 +170,9 @@ class LocalReporter:
             self.bar.update(images_seen - self.bar.n)
             self.bar.close()
 
+    def note(self, tags: dict[str, str]) -> None:
+        self.notes.update(tags)
+
 
 @dataclass
 class TrainResult:
@@ -177,6 +183,7 @@ class TrainResult:
     parameters: int
     seconds: float
     images_per_s: float
+    stopped_at: int | None = None  # images seen at the probe over the memorisation budget that ended training
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -353,6 +360,35 @@ class _LossWindow:
         return out
 
 
+class _Budget:
+    """The memorisation budget at each probe: rank 0 measures, every rank learns the verdict (all
+    ranks must stop at the same step), and the run is tagged at the first probe over budget."""
+
+    def __init__(self, budget: BudgetConfig, engine: Engine, reporter: Reporter):
+        self.budget, self.engine, self.reporter = budget, engine, reporter
+        self.last_under: tuple[int, float] | None = None  # (images seen, memorised fraction) of the last probe under budget
+        self.over_at: int | None = None
+
+    def over(self, measured: dict[str, float], seen: int) -> bool:
+        value = measured.get("eval/memorised_fraction", float("nan"))
+        if self.engine.is_main and not math.isfinite(value):
+            raise TrainingError("memorisation_budget needs the probe's eval/memorised_fraction, which this run's probe does not "
+                                "measure: drop memorisation_budget for this objective")
+        flag = torch.tensor(float(self.engine.is_main and value > self.budget.max_fraction), device=self.engine.device)
+        over = self.engine.mean(flag).item() > 0  # rank 0's verdict, on every rank
+        if not over:
+            self.last_under = (seen, value)
+            return False
+        if self.over_at is None:
+            self.over_at = seen
+            why = f"memorised fraction {value:.4g} > max_fraction {self.budget.max_fraction:g} at {seen} images seen"
+            if self.budget.action == "stop":
+                why += (f"; the result is the checkpoint at {self.last_under[0]} images ({self.last_under[1]:.4g})" if self.last_under
+                        else "; no probe was under budget, so the result is the model at this probe")
+            self.reporter.note({BUDGET_TAG: "stopped" if self.budget.action == "stop" else "over", f"{BUDGET_TAG}_reason": why})
+        return True
+
+
 class _Run:
     """One training run's rank-0 side effects: grids, checkpoints and probes through the reporter."""
 
@@ -438,6 +474,9 @@ def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
     beta = ema_beta(batch, cfg.ema_halflife_images) if state.ema is not None else 0.0
     run = _Run(cfg, train, reporter, engine, state)
     schedule, window = Schedule(cfg, run.seen, probe=probe is not None), _LossWindow(engine, state.step)
+    budget = _Budget(cfg.memorisation_budget, engine, reporter) if cfg.memorisation_budget and probe is not None else None
+    stop_at_budget = budget is not None and budget.budget.action == "stop"
+    last_under: Path | None = None
     x_all = train.x.to(engine.device)
     t_start = time.perf_counter()
     state.model.train()
@@ -446,18 +485,30 @@ def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
             torch.manual_seed(derive_seed(cfg.seed, _TORCH_STREAM, state.step, engine.rank))
         window.add(train_step(state, draw_batch(x_all, cfg, state.step, engine), objective, cfg, engine, beta), batch)
         due = schedule.due(run.seen)
+        if stop_at_budget:  # the checkpoints come at probes under budget, so the latest one is always under it
+            due = [d for d in due if d != "checkpoint"]
         if "log" in due:
             reporter.log(state.step, run.seen, {**window.read(state.step, batch), "train/lr": state.optimizer.param_groups[0]["lr"],
                                                 **_objective_metrics(objective, engine)})
-        if "probe" in due and engine.is_main:
-            reporter.log(state.step, run.seen, probe(run.sampling_model(), engine.device))
+        if "probe" in due:
+            measured = probe(run.sampling_model(), engine.device) if engine.is_main else {}
+            reporter.log(state.step, run.seen, measured)
             state.model.train()
+            if budget is not None and budget.over(measured, run.seen):
+                if stop_at_budget:
+                    break
+            elif stop_at_budget and state.step < total_steps:
+                due.append("checkpoint")  # under budget: the result if a later probe is over
         if state.step < total_steps and "grid" in due:
             run.draw_grid()
         if state.step < total_steps and "checkpoint" in due:
-            run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"]})
+            last_under = run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"]})
     seconds = time.perf_counter() - t_start
     final_loss = window.read(state.step, batch)["train/loss"]
+    if stop_at_budget and budget.over_at is not None and budget.last_under:
+        return TrainResult(checkpoint=last_under, step=state.step, images_seen=run.seen, loss=final_loss,  # the result: the last checkpoint
+                           parameters=count_parameters(engine.unwrap(state.model)), seconds=seconds,  # under budget, as written
+                           images_per_s=(run.seen - state.start_images) / max(seconds, 1e-9), stopped_at=budget.over_at)
     run.draw_grid()
     path = run.checkpoint(True, {"train/loss": final_loss, "dist/param_spread": _param_spread(engine, state.model)})
     return TrainResult(

@@ -56,7 +56,9 @@ class Job:
     ``sweep_figure(space, trials)`` draws the sweep parent run's ``sweep_summary`` image from the
     finished trials (``{"params", "reports"}`` each; :func:`genmem.jobs.sweep.grouped` helps);
     default: the sweep metric against each swept key; ``sweep_metrics(space, trials)``: numbers
-    about the whole sweep logged into that run and returned as the sweep's ``summary``."""
+    about the whole sweep logged into that run and returned as the sweep's ``summary``;
+    ``report_points(run)``: the (memorised fraction, quality) points a finished run of this job
+    holds, read from its MLflow record (:class:`genmem.tracking.RunView`) for `genmem report`."""
 
     name: str
     help: str
@@ -76,6 +78,7 @@ class Job:
     summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     sweep_figure: Callable[[Any, list[dict[str, Any]]], Any] | None = None
     sweep_metrics: Callable[[Any, list[dict[str, Any]]], dict[str, float]] | None = None
+    report_points: Callable[[Any], list[Any]] | None = None
 
     @property
     def sweepable(self) -> bool:

@@ -18,7 +18,8 @@ from genmem.evaluation import Evaluation, evaluate_samples, feature_names, train
 from genmem.jobs.base import Context, Flag, Job
 from genmem.metrics.outliers import range_warning
 from genmem.storage import ensure_writable, storage_root
-from genmem.tracking import Tracker, check_reachable, job_run
+from genmem.report import Point
+from genmem.tracking import RunView, Tracker, check_reachable, job_run
 
 
 class EvaluateConfig(MetricsConfig):
@@ -37,6 +38,7 @@ def run(cfg: EvaluateConfig, ctx: Context) -> dict[str, Any]:
             "features": ",".join(feature_names(cfg.features, train)), **ctx.tags}
     if meta.get("mlflow_run_id"):
         tags["train_run_id"] = meta["mlflow_run_id"]
+    tags["base_model"] = str(meta["config"].get("init_from") is None).lower()  # trained from scratch: a θ* in `genmem report`
     with job_run("evaluate", f"evaluate-{meta['checkpoint_id']}", params=cfg.model_dump(mode="json"), tags=tags,
                  parent_run_id=ctx.parent_run_id, key=ctx.key) as tracker:
         samples_path = cfg.samples
@@ -63,6 +65,13 @@ def log_evaluation(tracker: Tracker, result: Evaluation, cfg: MetricsConfig, *, 
     tracker.text(to_yaml(cfg), "evaluate.yaml")
 
 
+def report_points(run: RunView) -> list[Point]:
+    """The evaluated checkpoint's samples: a θ* where it was trained from scratch."""
+    p = run.point(run.metrics, "eval/", method="evaluate", setting=f"checkpoint {run.tags.get('checkpoint_id', '?')}",
+                  model=run.tags.get("checkpoint_id", ""), base=run.tags.get("base_model") == "true")
+    return [p] if p else []
+
+
 JOB = Job(
     name="evaluate",
     help="memorisation, FD, precision/recall, LID of a checkpoint's samples",
@@ -77,4 +86,5 @@ JOB = Job(
         Flag("--features", "features", nargs="+", choices=["auto", "pixels", "classifier", "inception"],
              help="feature extractors for FD/PRDC"),
     ),
+    report_points=report_points,
 )

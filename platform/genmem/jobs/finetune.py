@@ -64,7 +64,8 @@ from genmem.metrics.memorisation import memorisation
 from genmem.metrics.prdc import prdc
 from genmem.metrics.two_d import mmd_rbf
 from genmem.storage import check_storage, ensure_writable, storage_root, storage_uri, uri_of
-from genmem.tracking import Tracker, check_reachable, job_run
+from genmem.report import Point, before_and_after
+from genmem.tracking import RunView, Tracker, check_reachable, job_run
 from genmem.viz import densities, line_panels, side_by_side
 
 _EVAL, _TARGET, _KL, _PROBE = 1, 2, 3, 4
@@ -369,6 +370,16 @@ REPORTS = ("reward", "reward_before", "path_kl", "diversity", "diversity_before"
            "fd_classifier", "fd_classifier_before", "fd_classifier_class", "fd_classifier_class_before", "mmd_data", "mmd_target", "mmd_target_before", "memorised_fraction",
            "memorised_fraction_before", "alpha")
 
+def report_points(run: RunView) -> list[Point]:
+    """The base model's samples (its θ*) and the fine-tuned model's."""
+    before, after = before_and_after(run.metrics, "finetune/")
+    model = run.tags.get("base_checkpoint", "")
+    setting = f"α={float(run.params.get('alpha', 'nan')):g}" + (f" ({run.params['divergence']})" if "divergence" in run.params else "")
+    points = [run.point(before, method="finetune θ*", setting="base", model=model, base=True),
+              run.point(after, method="finetune", setting=setting, model=model)]
+    return [p for p in points if p]
+
+
 JOB = Job(
     name="finetune",
     help="reward fine-tuning with a KL or f-divergence regulariser (adjoint matching)",
@@ -382,5 +393,6 @@ JOB = Job(
     metrics=REPORTS,
     final_report=lambda r: {**numeric(r["metrics"]), "alpha": r["alpha"]},
     table=format_table,
+    report_points=report_points,
     sweep_figure=lambda space, rows: curves_against(space, rows, "alpha", _CURVES, "α"),
 )

@@ -49,7 +49,8 @@ from genmem.metrics.dimension import DimensionReport, learned_dimension, tangent
 from genmem.metrics.flipd import convolution_score
 from genmem.metrics.memorisation import effective_memorisation
 from genmem.storage import ensure_writable, storage_root, uri_of
-from genmem.tracking import job_run
+from genmem.report import Point
+from genmem.tracking import RunView, job_run
 from genmem.viz import phase_plot, spectrum_plot
 
 _SAMPLE, _POINTS = 1, 2
@@ -257,6 +258,15 @@ def sweep_figure(space, rows: list[dict[str, Any]]):
 REPORTS = ("memorised_fraction", "heldout_memorised_fraction", "fd", "precision", "recall", "lid_mle", "lid_twonn", "train_q50",
            "heldout_q50", "train_size", "images", "emm_threshold")
 
+def report_points(run: RunView) -> list[Point]:
+    """The study's samples at its training-set size (its inner training run holds no point)."""
+    if "memorisation/train_size" not in run.metrics:
+        return []
+    p = run.point(run.metrics, "eval/", method="size study", setting=f"n={run.metrics['memorisation/train_size']:g}",
+                  model=run.run_name)
+    return [p] if p else []
+
+
 JOB = Job(
     name="memorisation",
     help="memorisation and the learned dimension at one training-set size (sweep data.train_size for the phase plot)",
@@ -270,5 +280,6 @@ JOB = Job(
     final_report=lambda r: numeric(r["metrics"]),
     table=format_table,
     sweep_figure=sweep_figure,
+    report_points=report_points,
     sweep_metrics=sweep_metrics,
 )

@@ -34,7 +34,8 @@ from genmem.generative import build_process, derive_seed, generate
 from genmem.jobs.base import Context, Flag, Job, numeric
 from genmem.posterior import LaplacePosterior, default_subset, select_parameters, with_weights
 from genmem.storage import ensure_writable, remove, storage_root, uri_of
-from genmem.tracking import check_reachable, job_run
+from genmem.report import Point
+from genmem.tracking import RunView, check_reachable, job_run
 from genmem.viz import figure_to_array, log_where_decades
 
 _WEIGHT_SEEDS = 17  # derive_seed(seed, 17, k): the k-th weight sample of every arm
@@ -278,6 +279,26 @@ def final_report(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+_ARM = re.compile(r"^posterior/(theta_star|(euclidean|riemannian|linearised)_([0-9.e+-]+))/memorised_fraction$")
+
+
+def report_points(run: RunView) -> list[Point]:
+    """θ* and each (method, scale) arm of a posterior run."""
+    model = run.tags.get("checkpoint_id", "")
+    out = []
+    for key in sorted(run.metrics):
+        m = _ARM.match(key)
+        if not m:
+            continue
+        arm, method, scale = m.groups()
+        fields = (dict(method="posterior θ*", setting="θ*", base=True) if arm == "theta_star"
+                  else dict(method=f"posterior/{method}", setting=f"τ={float(scale):g}"))
+        p = run.point(run.metrics, f"posterior/{arm}/", model=model, **fields)
+        if p:
+            out.append(p)
+    return out
+
+
 _REPORTED = re.compile(r"^(theta_star|euclidean|riemannian|linearised)(_[0-9.e+-]+)?/[a-z_]+$")
 
 JOB = Job(
@@ -303,4 +324,5 @@ JOB = Job(
     metrics=_REPORTED,
     final_report=final_report,
     table=format_table,
+    report_points=report_points,
 )

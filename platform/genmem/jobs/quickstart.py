@@ -1,5 +1,5 @@
 """`genmem quickstart` (`make demo`): train until the model memorises, then θ* against Euclidean
-and Riemannian Laplace weight samples at each scale, every arm evaluated and tracked."""
+and Riemannian Laplace weight samples at each scale, every arm evaluated and tracked, then the report of the arms."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from genmem.config import Strict, TrainConfig
-from genmem.jobs import posterior, train
+from genmem.jobs import posterior, report, train
 from genmem.jobs.base import Context, Flag, Job
 
 
@@ -29,17 +29,18 @@ class QuickstartConfig(Strict):
 def run(cfg: QuickstartConfig, ctx: Context) -> dict[str, Any]:
     trained = train.run(cfg.train, ctx)
     post_cfg = posterior.PosteriorConfig(checkpoint=trained["checkpoint"], scales=cfg.scales, samples=cfg.samples, n=cfg.n)
-    return {"train": trained, "posterior": posterior.run(post_cfg, ctx)}
+    arms = posterior.run(post_cfg, ctx)
+    return {"train": trained, "posterior": arms, "report": report.run(report.ReportConfig(runs=[arms["mlflow_run_id"]], name="quickstart"), ctx)}
 
 
 def table(result: dict[str, Any]) -> str:
-    return (posterior.format_table(result["posterior"]) + "\nMLflow: `make mlflow-ui`, then experiments genmem/train and "
-            "genmem/posterior at http://127.0.0.1:5000")
+    return (posterior.format_table(result["posterior"]) + "\n\n" + report.table(result["report"])
+            + "\nMLflow: `make mlflow-ui`, then experiments genmem/train, genmem/posterior and genmem/report at http://127.0.0.1:5000")
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     return {"checkpoint": result["train"]["checkpoint"], "grid": result["train"]["grid"],
-            "train_run_id": result["train"]["mlflow_run_id"], "posterior_run_id": result["posterior"]["mlflow_run_id"]}
+            "train_run_id": result["train"]["mlflow_run_id"], "posterior_run_id": result["posterior"]["mlflow_run_id"], "report_run_id": result["report"]["mlflow_run_id"]}
 
 
 JOB = Job(

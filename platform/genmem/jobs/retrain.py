@@ -40,7 +40,8 @@ from genmem.storage import (
     storage_root,
     uri_of,
 )
-from genmem.tracking import Tracker, job_run
+from genmem.report import Point, quality_of
+from genmem.tracking import RunView, Tracker, job_run
 from genmem.viz import line_panels
 
 # Streams of derive_seed(loop seed, stream, generation): independent randomness per purpose.
@@ -160,6 +161,7 @@ class _Loop:
         metrics["collapsed"] = float(collapse_generation(fds, cfg.collapse_factor, cfg.collapse_patience) is not None)
         return {"generation": g, "checkpoint": checkpoint, "samples": samples, "synthetic": synthetic,
                 "mlflow_run_id": trained["mlflow_run_id"], "fd_key": fd_key, "n_real": n_real, "n_synthetic": n_syn,
+                "memorisation_budget": trained["memorisation_budget"],  # a generation over its budget: flagged or stopped early
                 "real_fraction": (n_real / (n_real + n_syn)) if n_real else 0.0, "metrics": metrics}
 
     def _score(self, checkpoint: str, samples: str, run_id: str) -> tuple[dict[str, float], str]:
@@ -251,6 +253,24 @@ def sweep_figure(space, rows: list[dict[str, Any]]):
 REPORTS = ("fd", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage", "memorised_fraction",
            "sample_variance", "mmd", "sliced_wasserstein", "lid_mle", "collapsed", "real_fraction", "generation")
 
+def report_points(run: RunView) -> list[Point]:
+    """A loop's generation 0 (trained on real data alone: its θ*) and its last generation."""
+    found = quality_of(run.metrics, "retrain/")
+    if "retrain/memorised_fraction" not in run.metrics or found is None:
+        return []  # a generation's own training run, or a loop that measured no memorisation
+    memorised, quality = run.history("retrain/memorised_fraction"), run.history(f"retrain/{found[0]}")
+    steps = sorted(set(memorised) & set(quality))
+    ratio = run.params.get("synthetic_ratio", "?")
+    out = []
+    for g in dict.fromkeys([steps[0], steps[-1]]):
+        fields = (dict(method="retrain θ*", setting="generation 0", base=True) if g == 0
+                  else dict(method="retrain", setting=f"synthetic_ratio={ratio} (gen {g})"))
+        p = run.point({"memorised_fraction": memorised[g], found[0]: quality[g]}, model=run.run_name, **fields)
+        if p:
+            out.append(p)
+    return out
+
+
 JOB = Job(
     name="retrain",
     help="self-consuming retraining on real/synthetic mixes, generation by generation",
@@ -265,4 +285,5 @@ JOB = Job(
     table=format_table,
     summary=summary,
     sweep_figure=sweep_figure,
+    report_points=report_points,
 )

@@ -21,7 +21,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from genmem.checkpoint import load_checkpoint, read_meta
-from genmem.config import ScalingConfig, TrainConfig, to_yaml
+from genmem.config import BUDGET_TAG, ScalingConfig, TrainConfig, to_yaml
 from genmem.data import ArrayDataset, load_dataset
 from genmem.distributed.cluster import Footprint, ensure_ray
 from genmem.distributed.engine import AccelerateEngine
@@ -39,7 +39,8 @@ from genmem.evaluation import memorisation_probe
 from genmem.jobs.base import Context, Job, numeric
 from genmem.models import build_model
 from genmem.storage import check_storage, join, storage_env, storage_uri
-from genmem.tracking import Tracker, check_reachable, job_run, tracking_uri
+from genmem.errors import TrackingUnavailable
+from genmem.tracking import Tracker, check_reachable, deliver, job_run, tracking_uri
 from genmem.training import Objective, resolve_sampler, train_loop
 
 # A hook runs on every rank after each checkpoint round: hook(rank, images_seen, final).
@@ -61,6 +62,8 @@ class TrainJobResult(TypedDict):
     param_spread: float | None
     parameters: int
     num_workers: int
+    memorisation_budget: str | None  # "over" (flagged), "stopped" (ended at the budget) or None
+    memorisation_budget_reason: str | None
 
 
 class RayReporter:
@@ -69,9 +72,12 @@ class RayReporter:
     ``report_logs`` (a Tune trial: ASHA needs the progress), each log interval too; rank 0's
     probe results ride on its next report."""
 
-    def __init__(self, tracker: Tracker, rank: int, hooks: Sequence[Hook] = (), total_images: int = 0, report_logs: bool = False):
+    def __init__(self, tracker: Tracker, rank: int, hooks: Sequence[Hook] = (), total_images: int = 0, report_logs: bool = False,
+                 backlog: list[dict[str, Any]] | None = None, tracking_wait_s: float = 300.0):
         self.tracker, self.rank, self.hooks, self.total_images = tracker, rank, list(hooks), total_images
         self.checkpoint_meta: dict[str, Any] = {"mlflow_run_id": tracker.run_id} if tracker.enabled else {}
+        self.backlog = list(backlog or [])  # what a restarted run's checkpoint had not delivered
+        self.tracking_wait_s = tracking_wait_s
         self.report_logs = report_logs
         self._tmp: list[str] = []
         self._pending: dict[str, float] = {}
@@ -79,6 +85,7 @@ class RayReporter:
     def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
         # MLflow's step axis is images seen: comparable across batch sizes and worker counts.
         self.tracker.metrics({**metrics, "train/step": step}, step=images_seen)
+        self.tracker.flush(0.0)  # collects what arrived and sends again what MLflow gave up on; never waits
         self._pending.update(metrics)
         if self.report_logs and "train/loss" in metrics:  # every rank logs the loss at the same steps
             report_round({**self._pending, "step": step, "images_seen": images_seen})
@@ -90,7 +97,16 @@ class RayReporter:
     def picture(self, step: int, images_seen: int, name: str, picture: np.ndarray) -> None:
         self.tracker.image(name, picture, step=images_seen)
 
+    def note(self, tags: dict[str, str]) -> None:
+        self.tracker.tags(tags)
+
     def checkpoint_path(self, images_seen: int, final: bool) -> Path:
+        """Before a checkpoint is written: flush the tracking (at the end, waiting up to
+        ``GENMEM_TRACKING_WAIT_S``, default 300 s) and record in it what the server has not
+        confirmed, which the driver delivers (exactly once) when the server is back."""
+        if self.tracker.enabled:
+            unsent = self.tracker.flush(self.tracking_wait_s if final else 0.0)
+            self.checkpoint_meta["tracking_backlog"] = self.backlog + unsent
         tmp = tempfile.mkdtemp(prefix="genmem-ckpt-")
         self._tmp.append(tmp)
         return Path(tmp) / "checkpoint"
@@ -117,11 +133,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     init = None
     if resume is None and cfg.init_from:
         init = load_checkpoint(cfg.init_from, expect=cfg.model, use_ema=False)
-    tracker = Tracker(loop_config["run_id"]) if engine.is_main else Tracker.disabled()
+    tracker = Tracker(loop_config["run_id"], asynchronous=True) if engine.is_main else Tracker.disabled()
     train, heldout = load_dataset(cfg.data)
     cfg = resolve_sampler(cfg, train)  # the probe samples as the checkpoint will record
     total = -(-cfg.images // cfg.batch_size) * cfg.batch_size
-    reporter = RayReporter(tracker, engine.rank, loop_config["hooks"], total_images=total, report_logs=loop_config["tune_reports"])
+    reporter = RayReporter(tracker, engine.rank, loop_config["hooks"], total_images=total, report_logs=loop_config["tune_reports"],
+                           backlog=resume.meta.get("tracking_backlog") if resume is not None else None,
+                           tracking_wait_s=loop_config["tracking_wait_s"])
     probe = (loop_config["probe"] or memorisation_probe)(cfg, train, heldout) if cfg.eval_every_images and engine.is_main else None
     factory = loop_config["objective"]
     objective = factory(cfg, train) if factory is not None else None
@@ -150,11 +168,11 @@ def derived_tree(saved: dict[str, Any], *, name: str, run_name: str, seed: int, 
                  scaling: ScalingConfig) -> dict[str, Any]:
     """The config tree of a short run derived from a checkpoint's saved config (unlearning,
     fine-tuning): its model, process, sampler and data with this run's budget, learning rate and
-    workers; no probes, periodic grids or checkpoints; the EMA half-life and the warm-up at most a
+    workers; no probes, memorisation budget, periodic grids or checkpoints; the EMA half-life and the warm-up at most a
     tenth of the budget, so the EMA follows within it."""
     tree = TrainConfig.from_saved(saved).model_dump(mode="json")
     tree.update(name=name, run_name=run_name, seed=seed, images=images, batch_size=batch_size, eval_every_images=0,
-                checkpoint_every_images=0, grid_every_images=0, log_every_images=max(images // 20, batch_size),
+                checkpoint_every_images=0, grid_every_images=0, log_every_images=max(images // 20, batch_size), memorisation_budget=None,
                 scaling=scaling.model_dump(), init_from=None, source_checkpoint=None)
     tree["ema_halflife_images"] = min(tree["ema_halflife_images"], images // 10)
     tree["optim"] = {**tree["optim"], "lr": lr, "warmup_images": min(tree["optim"].get("warmup_images", 0), images // 10)}
@@ -175,23 +193,49 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
     named = bool(cfg.run_name or ctx.key)
     previous = latest_checkpoint(join(ray_storage(), run_name)) if named else None
     run_id = read_meta(previous).get("mlflow_run_id") if previous else None
+    if run_id:  # a rerun after the server went away: first what the last run could not deliver
+        _deliver(run_id, read_meta(previous), previous, run_name)
     with job_run(kind, run_name, params=cfg.model_dump(mode="json"), tags={"ray_run_name": run_name, **ctx.tags},
                  parent_run_id=ctx.parent_run_id, key=run_name if named else None, run_id=run_id) as tracker:
         if not run_id:
             tracker.text(to_yaml(cfg), "config.yaml")
         loop_config = {"config": cfg.model_dump(mode="json"), "run_id": tracker.run_id, "tracking_uri": tracking_uri(),
                        "storage": storage_env(), "run_dir": join(ray_storage(), run_name), "hooks": list(hooks),
-                       "tune_reports": ctx.under_tune,
+                       "tune_reports": ctx.under_tune, "tracking_wait_s": tracking_wait_s(),
                        "objective": objective_factory, "probe": probe_factory}
         fitted = fit_workers(train_fn_per_worker, loop_config, cfg.scaling, run_name, report_to_tune=ctx.under_tune)
+        _deliver(tracker.run_id, read_meta(fitted.checkpoint), fitted.checkpoint, run_name)
         tracker.tags({"checkpoint_uri": str(fitted.checkpoint), "ray_storage": str(fitted.run_dir)})
+        verdict = tracker.read_tags()
     meta = read_meta(fitted.checkpoint)
+    if verdict.get(BUDGET_TAG):
+        print(f"[genmem train] memorisation budget {verdict[BUDGET_TAG]}: {verdict.get(BUDGET_TAG + '_reason', '')}", flush=True)
     return TrainJobResult(
         checkpoint=fitted.checkpoint, grid=join(fitted.checkpoint, "samples.png"), run_name=run_name,
         mlflow_run_id=tracker.run_id, tracking_uri=tracking_uri(), step=meta["step"], images_seen=meta["images_seen"],
         loss=fitted.metrics.get("train/loss"), param_spread=fitted.metrics.get("dist/param_spread"),
         parameters=meta["parameters"], num_workers=cfg.scaling.num_workers,
+        memorisation_budget=verdict.get(BUDGET_TAG), memorisation_budget_reason=verdict.get(BUDGET_TAG + "_reason"),
     )
+
+
+def tracking_wait_s() -> float:
+    """How long rank 0 waits at the end of training for a tracking server that went away
+    (``GENMEM_TRACKING_WAIT_S``, default 300 s), read on the driver."""
+    return float(os.environ.get("GENMEM_TRACKING_WAIT_S", "300"))
+
+
+def _deliver(run_id: str, meta: dict[str, Any], checkpoint: str, run_name: str) -> None:
+    """The metrics a checkpoint records as undelivered, sent now; while the server is still
+    away, one sentence naming it and how to complete the run."""
+    backlog = meta.get("tracking_backlog") or []
+    try:
+        deliver(run_id, backlog)
+    except TrackingUnavailable:
+        values = sum(len(b["metrics"]) + len(b["tags"]) for b in backlog)
+        raise TrackingUnavailable(f"the MLflow tracking server {tracking_uri()} is still away after training: {values} values of run {run_id} "
+                                  f"are unsent, the checkpoint {checkpoint} is intact, and rerunning with run_name={run_name} once the "
+                                  "server is back completes the run") from None
 
 
 def run(cfg: TrainConfig, ctx: Context) -> TrainJobResult:
@@ -212,8 +256,11 @@ JOB = Job(
     footprint=footprint,
     preflight=preflight,
     metrics=("train/loss", "train/lr", "images_seen", "step", "param_spread", "eval/memorised_fraction", "eval/d1_q50",
-             "eval/heldout_memorised_fraction", "eval/d1_gap_q50"),
+             "eval/heldout_memorised_fraction", "eval/d1_gap_q50", "memorisation_budget_over", "memorisation_budget_stopped"),
     time_attr="images_seen",
     budget=lambda cfg: -(-cfg.images // cfg.batch_size) * cfg.batch_size,
-    final_report=lambda r: {"train/loss": r["loss"], **numeric({k: r[k] for k in ("images_seen", "step", "param_spread")})},
+    final_report=lambda r: {"train/loss": r["loss"], **numeric({k: r[k] for k in ("images_seen", "step", "param_spread")}),
+                            # a trial ended by its memorisation budget says so (the reason is its run's tag)
+                            "memorisation_budget_over": float(r["memorisation_budget"] is not None),
+                            "memorisation_budget_stopped": float(r["memorisation_budget"] == "stopped")},
 )

@@ -50,7 +50,8 @@ from genmem.metrics.frechet import frechet_distance, gaussian_stats
 from genmem.metrics.memorisation import memorisation
 from genmem.metrics.two_d import mmd_rbf
 from genmem.storage import check_storage, ensure_writable, storage_root, storage_uri, uri_of
-from genmem.tracking import check_reachable, job_run
+from genmem.report import Point, before_and_after
+from genmem.tracking import RunView, check_reachable, job_run
 from genmem.viz import before_after
 
 _BASE, _SOURCE, _EVAL, _PROXY = 1, 2, 3, 4
@@ -277,6 +278,16 @@ REPORTS = ("forget_mass", "forget_mass_before", "forget_ratio", "retained_mass",
            "fd_classifier", "fd_classifier_before", "memorised_fraction", "memorised_fraction_before", "copies_of_targets",
            "copies_of_targets_before", "mmd_to_base", "fd_to_base", "lam")
 
+def report_points(run: RunView) -> list[Point]:
+    """The base model's samples (its θ*) and the unlearned model's."""
+    before, after = before_and_after(run.metrics, "unlearn/")
+    model = run.tags.get("base_checkpoint", "")
+    setting = f"λ={float(run.params.get('lam', 'nan')):g}"
+    points = [run.point(before, method="unlearn θ*", setting="base", model=model, base=True),
+              run.point(after, method="unlearn", setting=setting, model=model)]
+    return [p for p in points if p]
+
+
 JOB = Job(
     name="unlearn",
     help="forget a region, a class or the copied training images of a base model (energy-weighted flow matching)",
@@ -289,5 +300,6 @@ JOB = Job(
     metrics=REPORTS,
     final_report=lambda r: {**numeric(r["metrics"]), "lam": r["lam"]},
     table=format_table,
+    report_points=report_points,
     sweep_figure=lambda space, rows: curves_against(space, rows, "lam", _CURVES, "λ"),
 )

@@ -1,0 +1,92 @@
+"""`genmem report`: one chart of memorised fraction against quality across every genmem run that
+measured both (posterior arms, retraining generations, unlearned and fine-tuned models,
+training-set sizes, evaluated checkpoints), with its table, as one MLflow run.
+
+Each job reads its own runs into points through its registry entry (``report_points``); this
+job only gathers runs, asks the registry, and writes the chart (``report.png``), the table
+(``report.csv``) and a static page holding both (``report.html``) to a run in
+``genmem/report``, and prints the table.
+
+Usage::
+
+    genmem report                                   # every genmem experiment on the tracking server
+    genmem report --experiment posterior retrain    # some experiments
+    genmem report --sweep SWEEP_RUN_ID              # the trials of one sweep
+    genmem report --run RUN_ID [RUN_ID ...]         # given runs
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import Field
+
+from genmem.config import Strict
+from genmem.errors import TrackingError
+from genmem.jobs import registry
+from genmem.jobs.base import Context, Flag, Job
+from genmem.report import Point, chart, format_table, pareto_front, rows, to_csv, to_html
+from genmem.tracking import finished_runs, job_run, tracking_uri
+
+
+class ReportConfig(Strict):
+    """Which runs to gather: experiments (``genmem/posterior`` or ``posterior``), one sweep (its
+    parent run's id), run ids; all genmem experiments when none is named."""
+
+    experiments: list[str] = Field(default_factory=list)
+    sweep: str | None = None
+    runs: list[str] = Field(default_factory=list)
+    name: str = Field("report", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+def gather(cfg: ReportConfig) -> tuple[list[Point], int]:
+    """Every point of the named runs, and how many finished runs were read."""
+    runs = finished_runs(experiments=cfg.experiments, sweep=cfg.sweep, run_ids=cfg.runs, exclude=("genmem/report",))
+    readers = {job.name: job.report_points for job in registry.all_jobs() if job.report_points is not None}
+    points = [p for run in runs if run.kind in readers for p in readers[run.kind](run)]
+    return points, len(runs)
+
+
+def _sources(cfg: ReportConfig) -> str:
+    named = ([f"experiments {', '.join(cfg.experiments)}"] if cfg.experiments else []) + (
+        [f"sweep {cfg.sweep}"] if cfg.sweep else []) + ([f"runs {', '.join(cfg.runs)}"] if cfg.runs else [])
+    return "; ".join(named) or "every genmem experiment"
+
+
+def run(cfg: ReportConfig, ctx: Context) -> dict[str, Any]:
+    points, n_runs = gather(cfg)
+    if not points:
+        raise TrackingError(f"no finished run among {_sources(cfg)} at {tracking_uri()} measured both memorisation and quality "
+                            f"({n_runs} finished runs read): run evaluate, posterior, retrain, unlearn, finetune or memorisation first")
+    picture = chart(points)
+    front = pareto_front(points)
+    with job_run("report", f"{cfg.name}-{uuid.uuid4().hex[:6]}", params={**cfg.model_dump(mode="json"), "sources": _sources(cfg)},
+                 tags={"report_runs": ",".join(sorted({p.run_id for p in points}))[:5000], **ctx.tags},
+                 parent_run_id=ctx.parent_run_id) as tracker:
+        tracker.image("report", picture)
+        tracker.text(to_csv(points), "report.csv")
+        tracker.text(to_html(points, picture), "report.html")
+        tracker.metrics({"report/points": len(points), "report/runs": len({p.run_id for p in points}), "report/pareto": sum(front)})
+    return {"mlflow_run_id": tracker.run_id, "sources": _sources(cfg), "runs_read": n_runs, "points": rows(points)}
+
+
+def table(result: dict[str, Any]) -> str:
+    points = [Point(**{k: v for k, v in r.items() if k != "pareto"}) for r in result["points"]]
+    return f"{format_table(points)}\nreport run {result['mlflow_run_id']}: report.png, report.csv, report.html in genmem/report"
+
+
+JOB = Job(
+    name="report",
+    help="memorised fraction against quality across runs: one chart, table and HTML page in MLflow",
+    config=ReportConfig,
+    run=run,
+    example="name=weekly",
+    flags=(
+        Flag("--experiment", "experiments", nargs="+", help="genmem experiments (posterior or genmem/posterior); default all"),
+        Flag("--sweep", "sweep", help="a sweep's parent run id: its trials"),
+        Flag("--run", "runs", nargs="+", help="run ids"),
+    ),
+    table=table,
+    summary=lambda r: {"mlflow_run_id": r["mlflow_run_id"], "runs_read": r["runs_read"], "points": len(r["points"])},
+)

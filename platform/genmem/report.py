@@ -1,0 +1,191 @@
+"""One view across methods: every measured (memorised fraction, quality) point of genmem's runs,
+its Pareto front, the chart, and the same points as a table, CSV and a self-contained HTML page.
+
+Library code: the points come in as plain records (each job's registry entry reads its own MLflow
+runs into them, :mod:`genmem.jobs.report` gathers), so none of this touches MLflow or Ray.
+
+    points = [Point(run_id="…", method="posterior/riemannian", setting="τ=0.1", memorised_fraction=0.4,
+                    quality=21.0, quality_key="fd_classifier", model="ab12cd34")]
+    picture = chart(points)            # one panel per quality measure, Pareto front drawn
+    html = to_html(points, picture)    # opens in MLflow's artifact viewer
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html as html_lib
+import io
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+# The quality measures a point can carry, best first: a point takes the first its run measured.
+# Images: Fréchet distances; 2-D toys without an FD: MMD to the data.
+QUALITY_KEYS = ("fd_classifier", "fid", "fd_pixels", "mmd", "mmd_data")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One model's samples, measured: a posterior arm, a retraining generation, an unlearned or
+    fine-tuned model, a training-set size, an evaluated checkpoint. ``base``: θ* of a base model
+    (the point others are compared with); ``over_budget``: its training crossed its
+    memorisation budget (flagged)."""
+
+    run_id: str
+    method: str  # the marker: what made the model (posterior/riemannian, retrain, unlearn, ...)
+    setting: str  # the colour: the method's knob (τ=0.1, synthetic_ratio=0.25, λ=5)
+    memorised_fraction: float
+    quality: float
+    quality_key: str
+    model: str = ""  # the base model the point derives from (checkpoint id or run name)
+    run_name: str = ""
+    experiment: str = ""
+    base: bool = False
+    over_budget: bool = False
+
+
+def quality_of(metrics: dict[str, float], prefix: str = "") -> tuple[str, float] | None:
+    """The first of :data:`QUALITY_KEYS` that ``metrics`` holds (under ``prefix``), finite."""
+    for key in QUALITY_KEYS:
+        value = metrics.get(prefix + key)
+        if value is not None and math.isfinite(value):
+            return key, float(value)
+    return None
+
+
+def point(run_id: str, metrics: dict[str, float], prefix: str = "", **fields_: object) -> Point | None:
+    """A point from a run's metrics under ``prefix`` (``posterior/theta_star/``, ``eval/``);
+    ``None`` where the run measured no memorised fraction or no quality."""
+    memorised = metrics.get(prefix + "memorised_fraction")
+    quality = quality_of(metrics, prefix)
+    if memorised is None or not math.isfinite(memorised) or quality is None:
+        return None
+    return Point(run_id=run_id, memorised_fraction=float(memorised), quality=quality[1], quality_key=quality[0], **fields_)
+
+
+def before_and_after(metrics: dict[str, float], prefix: str) -> tuple[dict[str, float], dict[str, float]]:
+    """A method's ``<prefix><key>_before`` and ``<prefix><key>`` metrics as two plain records
+    (the base model's samples, the changed model's)."""
+    keys = ("memorised_fraction", *QUALITY_KEYS)
+    after = {k: metrics[prefix + k] for k in keys if prefix + k in metrics}
+    before = {k: metrics[f"{prefix}{k}_before"] for k in keys if f"{prefix}{k}_before" in metrics}
+    return before, after
+
+
+def pareto_front(points: list[Point]) -> list[bool]:
+    """Whether each point is on the front of its quality measure: no other point of that measure
+    has both a memorised fraction and a quality value at most its own, one of them lower."""
+    on = []
+    for p in points:
+        same = [q for q in points if q.quality_key == p.quality_key and q is not p]
+        on.append(not any(q.memorised_fraction <= p.memorised_fraction and q.quality <= p.quality
+                          and (q.memorised_fraction < p.memorised_fraction or q.quality < p.quality) for q in same))
+    return on
+
+
+_COLUMNS = [f.name for f in fields(Point)] + ["pareto"]
+
+
+def rows(points: list[Point]) -> list[dict[str, object]]:
+    """The table's rows: each point's fields and whether it is on the front, sorted by measure,
+    memorised fraction, quality."""
+    out = [{**asdict(p), "pareto": front} for p, front in zip(points, pareto_front(points))]
+    return sorted(out, key=lambda r: (r["quality_key"], r["memorised_fraction"], r["quality"]))
+
+
+def to_csv(points: list[Point]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows(points))
+    return buf.getvalue()
+
+
+def format_table(points: list[Point]) -> str:
+    """What `genmem report` prints: one line per point, θ* marked ``*``, the front ``P``,
+    over-budget runs ``!``."""
+    head = f"{'method':<24}{'setting':<26}{'memorised':>10}{'quality':>12}  {'measure':<14}{'model':<12}{'':>4}  run"
+    lines = [head, "-" * len(head)]
+    for r in rows(points):
+        marks = ("*" if r["base"] else "") + ("P" if r["pareto"] else "") + ("!" if r["over_budget"] else "")
+        lines.append(f"{str(r['method'])[:23]:<24}{str(r['setting'])[:25]:<26}{r['memorised_fraction']:>10.3f}{r['quality']:>12.4g}  "
+                     f"{r['quality_key']:<14}{str(r['model'])[:11]:<12}{marks:>4}  {r['run_id'][:8]}")
+    lines.append("* θ* of a base model   P on the Pareto front (less copying for no worse quality)   ! over its memorisation budget")
+    return "\n".join(lines)
+
+
+_MARKERS = "os^Dv<>Ph*Xd"
+
+
+def chart(points: list[Point]) -> np.ndarray:
+    """Memorised fraction against quality, one panel per quality measure: one marker shape per
+    method, one colour per setting, θ* as a black star, over-budget points ringed red, the Pareto
+    front as a dashed step line; log axes where values span decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from genmem.viz import figure_to_array, log_where_decades
+
+    keys = sorted({p.quality_key for p in points}, key=QUALITY_KEYS.index)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.8), dpi=100, squeeze=False)
+    methods = sorted({p.method for p in points if not p.base})
+    settings = sorted({p.setting for p in points if not p.base})
+    colours = plt.get_cmap("tab10" if len(settings) <= 10 else "tab20")
+    front = pareto_front(points)
+    for ax, key in zip(axes[0], keys):
+        mine = [(p, f) for p, f in zip(points, front) if p.quality_key == key]
+        for p, _ in mine:
+            if p.base:
+                ax.scatter(p.quality, p.memorised_fraction, marker="*", s=160, c="k", zorder=4)
+            else:
+                ax.scatter(p.quality, p.memorised_fraction, marker=_MARKERS[methods.index(p.method) % len(_MARKERS)], s=50,
+                           color=colours(settings.index(p.setting) % colours.N), edgecolors="k", linewidths=0.4, zorder=3)
+            if p.over_budget:
+                ax.scatter(p.quality, p.memorised_fraction, marker="o", s=260, facecolors="none", edgecolors="#d62728", zorder=2)
+        steps = sorted((p.quality, p.memorised_fraction) for p, f in mine if f)
+        if steps:
+            ax.step([s[0] for s in steps], [s[1] for s in steps], where="post", ls="--", c="0.4", lw=1, zorder=1)
+        log_where_decades(ax, xs=[p.quality for p, _ in mine], ys=[p.memorised_fraction for p, _ in mine])
+        ax.set_xlabel(f"{key} (lower is better quality)")
+        ax.set_ylabel("memorised fraction")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], ls="", marker="*", ms=12, c="k", label="θ* (base model)")]
+    handles += [plt.Line2D([], [], ls="", marker=_MARKERS[i % len(_MARKERS)], ms=7, mfc="w", mec="k", label=m) for i, m in enumerate(methods)]
+    handles += [plt.Line2D([], [], ls="", marker="s", ms=7, c=colours(i % colours.N), label=s) for i, s in enumerate(settings)]
+    handles += [plt.Line2D([], [], ls="--", c="0.4", label="Pareto front")]
+    if any(p.over_budget for p in points):
+        handles.append(plt.Line2D([], [], ls="", marker="o", ms=12, mfc="none", mec="#d62728", label="over memorisation budget"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.suptitle("memorisation against quality, every run")
+    return figure_to_array(fig)
+
+
+def to_html(points: list[Point], picture: np.ndarray, *, title: str = "genmem memorisation report") -> str:
+    """A static page, the chart embedded as a PNG data URI and the table below it: one file that
+    MLflow's artifact viewer (or any browser) opens."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = rows(points)
+    head = "".join(f"<th>{html_lib.escape(c)}</th>" for c in _COLUMNS)
+    lines = []
+    for r in body:
+        cells = []
+        for c in _COLUMNS:
+            v = r[c]
+            text = f"{v:.4g}" if isinstance(v, float) else ("✓" if v is True else "" if v is False else str(v))
+            cells.append(f"<td>{html_lib.escape(text)}</td>")
+        lines.append(f"<tr class=\"{'front' if r['pareto'] else ''}\">{''.join(cells)}</tr>")
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html_lib.escape(title)}</title><style>"
+            "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
+            "td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}tr.front{background:#eef6ee}img{max-width:100%}"
+            f"</style></head><body><h1>{html_lib.escape(title)}</h1><p>{len(body)} points from "
+            f"{len({r['run_id'] for r in body})} runs; rows on the Pareto front are shaded.</p>"
+            f"<img alt=\"memorised fraction against quality\" src=\"{src}\">"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table></body></html>\n")
