@@ -210,7 +210,7 @@ def ray_head(tmp_path_factory):
                 time.sleep(0.5)
         yield address
     finally:
-        stop_process_group(head, timeout=10)
+        stop_process_group(head, timeout=2)  # `ray start --block` ignores SIGTERM: waiting longer only delays the SIGKILL
         log.close()
         # A head stopped by signal leaves its address in ray_current_cluster; later
         # address-less lookups in this machine (Ray Train's State API polling) would wait on it.

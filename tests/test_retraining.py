@@ -158,7 +158,7 @@ def test_sweep_parent_loop_and_generation_runs_in_mlflow(loop_sweep, tracking):
     assert {"sweep_summary.png", "trials.json"} <= artifacts
 
 
-def test_a_finished_loop_resumes_to_its_result_without_new_runs(loop_sweep, tracking):
+def test_a_finished_loop_resumes_to_its_result_without_new_runs(loop_sweep, tracking, monkeypatch):
     result, store = loop_sweep
     trial = result["results"][0]
     run_name = f"{result['sweep']}-{trial['trial_id']}"
@@ -166,13 +166,8 @@ def test_a_finished_loop_resumes_to_its_result_without_new_runs(loop_sweep, trac
     client = MlflowClient(tracking)
     exp = client.get_experiment_by_name("genmem/retrain").experiment_id
     before = len(client.search_runs([exp], max_results=1000))
-    import os
-
-    os.environ["GENMEM_STORAGE"] = str(store)  # the fixture's storage, for this call only
-    try:
-        again = run_retrain(RetrainConfig.model_validate({**state["config"], "run_name": run_name}))
-    finally:
-        os.environ.pop("GENMEM_STORAGE")
+    monkeypatch.setenv("GENMEM_STORAGE", str(store))  # the fixture's storage, for this call only
+    again = run_retrain(RetrainConfig.model_validate({**state["config"], "run_name": run_name}))
     assert [g["checkpoint"] for g in again["generations"]] == [g["checkpoint"] for g in state["generations"]]
     assert again["mlflow_run_id"] == state["mlflow_run_id"]
     assert len(client.search_runs([exp], max_results=1000)) == before

@@ -140,10 +140,10 @@ def chart(points: list[Point]) -> np.ndarray:
         mine = [(p, f) for p, f in zip(points, front) if p.quality_key == key]
         for p, _ in mine:
             if p.base:
-                ax.scatter(p.quality, p.memorised_fraction, marker="*", s=160, c="k", zorder=4)
+                ax.scatter(p.quality, p.memorised_fraction, marker="*", s=160, c="k", zorder=4, clip_on=False)
             else:
                 ax.scatter(p.quality, p.memorised_fraction, marker=_MARKERS[methods.index(p.method) % len(_MARKERS)], s=50,
-                           color=colours(settings.index(p.setting) % colours.N), edgecolors="k", linewidths=0.4, zorder=3)
+                           color=colours(settings.index(p.setting) % colours.N), edgecolors="k", linewidths=0.4, zorder=3, clip_on=False)
             if p.over_budget:
                 ax.scatter(p.quality, p.memorised_fraction, marker="o", s=260, facecolors="none", edgecolors="#d62728", zorder=2)
         steps = sorted((p.quality, p.memorised_fraction) for p, f in mine if f)

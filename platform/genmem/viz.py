@@ -197,15 +197,17 @@ def log_where_decades(ax, xs=None, ys=None, factor: float = 30.0) -> None:
     """Put an axis on a log scale where its finite values span ``factor`` or more (FD 0.23 beside
     21,904 leaves every point but one on a linear axis); with zeros among them, symlog linear
     below half the smallest positive value."""
-    for values, set_scale in ((xs, ax.set_xscale), (ys, ax.set_yscale)):
+    for values, set_scale, set_lim in ((xs, ax.set_xscale, ax.set_xlim), (ys, ax.set_yscale, ax.set_ylim)):
         v = [float(x) for x in (values or []) if np.isfinite(x)]
         pos = [x for x in v if x > 0]
         if not pos or min(v) < 0 or max(pos) < factor * min(pos):
             continue
         if len(pos) == len(v):
             set_scale("log")
-        else:
+            set_lim(min(pos) / 1.6, max(pos) * 1.6)
+        else:  # zeros: the axis starts at 0 (no empty negative decades), linear up to half the smallest positive value
             set_scale("symlog", linthresh=min(pos) / 2)
+            set_lim(0, max(pos) * 1.6)
 
 
 def phase_plot(panels: dict[str, dict[str, tuple[list[float], list[float]]]], xlabel: str, *, threshold: float | None = None,
