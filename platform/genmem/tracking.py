@@ -357,8 +357,7 @@ class RunView:
 
     def history(self, key: str) -> dict[int, float]:
         """A metric by step (the latest value where a step was logged twice)."""
-        points = sorted(_client(self.uri).get_metric_history(self.run_id, key), key=lambda m: (m.step, m.timestamp))
-        return {m.step: m.value for m in points}
+        return dict(zip(*Tracker(self.run_id, self.uri).history(key)))
 
     def point(self, metrics: dict[str, float], prefix: str = "", **fields: Any):
         """A :class:`genmem.report.Point` of this run from ``metrics`` under ``prefix`` (None where
@@ -377,9 +376,11 @@ class RunView:
         train = self.tags.get("train_run_id")
         if not train:
             return False
+        from mlflow.exceptions import MlflowException
+
         try:
             return _client(self.uri).get_run(train).data.tags.get(BUDGET_TAG) in ("over", "stopped")
-        except Exception:  # the training run was deleted: nothing to mark
+        except MlflowException:  # the training run was deleted: nothing to mark
             return False
 
 
