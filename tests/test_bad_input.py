@@ -48,8 +48,10 @@ print("RESULTS " + json.dumps(results))
 '''
 
 
-def _cases(ck: str, bare: str, empty: str, wrong_samples: str, spaces: dict[str, str], out: str = "OUT") -> dict[str, tuple[list[str], str]]:
+def _cases(ck: str, bare: str, empty: str, wrong_samples: str, spaces: dict[str, str], out: str = "OUT",
+           audit: dict[str, str] | None = None) -> dict[str, tuple[list[str], str]]:
     """id → (argv, regex the error must match)."""
+    a = audit or dict.fromkeys(AUDIT_INPUTS, "A")
     moons = ["--set", "data.source=moons", "--set", "data.n=200"]
     linear = ["--set", "reward.kind=linear", "--set", "reward.a=[1,0]"]
     return {
@@ -127,10 +129,49 @@ def _cases(ck: str, bare: str, empty: str, wrong_samples: str, spaces: dict[str,
         "report/unknown-run": (["report", "--run", "0123456789abcdef"], r"has no run '0123456789abcdef'"),
         "report/unknown-sweep": (["report", "--sweep", "0123456789abcdef"], r"has no sweep run '0123456789abcdef'"),
         "report/nothing-measured": (["report"], r"no finished run among every genmem experiment .* measured both memorisation and quality"),
+        # audits of samples from anywhere
+        "audit/shape-mismatch": (["audit", "--samples", a["png16"], "--train", "digits"],
+                                 r"per-sample shapes differ \(samples \(1, 16, 16\), training set \(1, 8, 8\)\): set image_size"),
+        "audit/no-images": (["audit", "--samples", a["noimg"], "--train", "digits"], r"holds no PNG or JPEG files"),
+        "audit/unreadable-image": (["audit", "--samples", a["broken"], "--train", "digits"], r"cannot read image .*bad\.png"),
+        "audit/outside-any-range": (["audit", "--samples", a["huge"], "--train", "digits"], r"values of the samples run from -999.4 to 994.6, outside any image range"),
+        "audit/ranges-differ": (["audit", "--samples", a["bytes"], "--train", "digits"],
+                                r"value ranges differ \(samples \[0, 255\], training set \[-1, 1\]\): .*--rescale"),
+        "audit/mixed-sizes": (["audit", "--samples", a["mixed"], "--train", "digits"], r"differ in size .*--image-size"),
+        "audit/too-few-samples": (["audit", "--samples", a["png8"], "--train", "digits"], r"10 rows in the samples are too few for the k-NN metrics"),
+        "audit/missing-path": (["audit", "--samples", a["noimg"] + "-nope", "--train", "digits"], r"does not exist"),
         # the quickstart
         "quickstart/too-few-images": (["quickstart", "--n", "5"], r"\bn\b"),
         "quickstart/negative-scale": (["quickstart", "--scale", "-1"], r"scales must be positive, got -1"),
     }
+
+
+AUDIT_INPUTS = ("png16", "noimg", "broken", "huge", "bytes", "mixed", "png8")
+
+
+def _audit_inputs(root: Path) -> dict[str, str]:
+    """Sample sets an audit must refuse, each with one thing wrong."""
+    import numpy as np
+    from PIL import Image
+
+    def pngs(name: str, n: int, sizes=(8,)) -> str:
+        folder = root / name
+        (folder / "sub").mkdir(parents=True)
+        for i in range(n):
+            side = sizes[i % len(sizes)]
+            Image.fromarray(np.full((side, side), 17 * (i % 15), dtype=np.uint8)).save(folder / "sub" / f"{i:03d}.png")
+        return str(folder)
+
+    out = {"png16": pngs("png16", 30, (16,)), "png8": pngs("png8", 10), "mixed": pngs("mixed", 30, (8, 9)), "broken": pngs("broken", 30)}
+    (root / "broken" / "sub" / "bad.png").write_bytes(b"not a png at all")
+    (root / "noimg").mkdir()
+    (root / "noimg" / "notes.txt").write_text("no images here")
+    out["noimg"] = str(root / "noimg")
+    rng = np.random.default_rng(0)
+    np.save(root / "huge.npy", rng.uniform(-1, 1, (30, 1, 8, 8)).astype(np.float32) * 1000)
+    np.save(root / "bytes.npy", rng.integers(0, 256, (30, 1, 8, 8)).astype(np.uint8))
+    out["huge"], out["bytes"] = str(root / "huge.npy"), str(root / "bytes.npy")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +200,7 @@ def table(tmp_path_factory):
                        "bad_metric": "space:\n  seed: {grid: [0, 1]}\nmetric: no_such_metric\nmode: min\n"}.items():
         spaces[name] = str(root / f"{name}.yaml")
         Path(spaces[name]).write_text(text)
-    cases = _cases(ck, str(bare), str(root / "empty"), str(root / "wrong"), spaces, str(storage / "samples-out"))
+    cases = _cases(ck, str(bare), str(root / "empty"), str(root / "wrong"), spaces, str(storage / "samples-out"), _audit_inputs(root / "audit"))
     (root / "cases.json").write_text(json.dumps({k: argv for k, (argv, _) in cases.items()}))
     (root / "runner.py").write_text(RUNNER)
     env = {**os.environ, "GENMEM_STORAGE": str(storage), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}

@@ -177,12 +177,14 @@ def _worst_pairs(mem, generated: ArrayDataset, train: ArrayDataset, cfg: Metrics
     rows = []
     for j, n in zip(worst.tolist(), nearest.tolist()):
         row = {"sample_row": j, "ratio": float(mem.ratio[j]), "d1": float(mem.d1[j]), "train_index": int(train.index[n])}
-        for col in ("model_id", "seed", "index"):
+        for col in ("model_id", "seed", "index", "path"):  # path: the file an image folder's row came from
             if col in generated.meta:
                 value = generated.meta[col][j]
                 row[col] = value.item() if hasattr(value, "item") else value
         if "index" not in row:
             row["index"] = int(generated.index[j])
+        if "path" in train.meta:
+            row["train_path"] = str(train.meta["path"][n])
         rows.append(row)
     return figures, rows
 

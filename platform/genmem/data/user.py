@@ -50,7 +50,8 @@ def read_parquet(path: str | Path) -> ArrayDataset:
 
 
 def read_array(path: str | Path) -> ArrayDataset:
-    """A .npy array shaped (n, ...) or a .npz archive with key ``x`` (and optional ``labels`` or ``y``)."""
+    """A .npy array shaped (n, ...) or a .npz archive with key ``x`` or a single array (and
+    optional ``labels`` or ``y``)."""
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"array file does not exist: {path}: point data.path at a .npy or .npz file")
@@ -63,9 +64,11 @@ def read_array(path: str | Path) -> ArrayDataset:
     labels = None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
-            if "x" not in loaded.files:
+            # A lone array under another name is the samples too (guided-diffusion's and EDM's exports hold arr_0).
+            name = "x" if "x" in loaded.files else loaded.files[0] if len(loaded.files) == 1 else None
+            if name is None:
                 raise DataError(f"{path} has no array named 'x' (it has {loaded.files}): save the samples as x=...")
-            x = loaded["x"]
+            x = loaded[name]
             key = next((k for k in ("labels", "y") if k in loaded.files), None)
             labels = None if key is None else loaded[key].astype(np.int64)
     else:

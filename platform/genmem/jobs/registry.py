@@ -11,7 +11,7 @@ import importlib
 from genmem.errors import ConfigError
 from genmem.jobs.base import Job
 
-NAMES = ("train", "sample", "evaluate", "posterior", "retrain", "unlearn", "finetune", "memorisation", "quickstart", "sweep", "report")
+NAMES = ("train", "sample", "evaluate", "posterior", "retrain", "unlearn", "finetune", "memorisation", "audit", "quickstart", "sweep", "report")
 
 
 def get(name: str) -> Job:
