@@ -150,7 +150,7 @@ def test_digits_as_png_copies_unseen_and_a_mix_read_1_0_to_0_02_and_0_30_as_eval
                                      MetricsConfig(), cache_dir=storage / "features")
         for key, value in reference.metrics.items():
             assert result[key.removeprefix("eval/")] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-    assert memorised["copies"] == 1.0 and memorised["unseen"] <= 0.02, memorised
+    assert memorised["copies"] == 1.0 and memorised["unseen"] <= 0.02, memorised  # measured 1.0, 0.0, 0.30
     assert memorised["mix"] == pytest.approx(0.30, abs=0.03), memorised
 
     client = MlflowClient(tracking)
