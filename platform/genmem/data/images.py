@@ -62,6 +62,8 @@ def _decode(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray, bool]
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
             arr = np.asarray(img, dtype=np.float32) / 255.0
+    except DataError:
+        raise
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}): remove the file or export it again") from None
     return (arr[..., None] if arr.ndim == 2 else arr), arr.ndim == 3

@@ -122,7 +122,7 @@ def align(sets: dict[str, ArrayDataset], *, rescale: bool = False) -> dict[str, 
             raise DataError(f"per-sample shapes differ ({first} {ref.shape}, {name} {ds.shape}): {fix}")
     if len(ref.shape) != 3:
         return sets
-    ranges = {name: value_range(ds.x, f"the {name}") for name, ds in sets.items()}
+    ranges = {name: value_range(ds.x, f"the {name}") if len(ds) else "[-1, 1]" for name, ds in sets.items()}  # an empty split has none
     if rescale:
         return {name: rescaled(ds, ranges[name]) for name, ds in sets.items()}
     if len(set(ranges.values())) > 1:

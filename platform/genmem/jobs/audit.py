@@ -27,7 +27,7 @@ from genmem.report import Point
 from genmem.storage import storage_root
 from genmem.tracking import RunView, check_reachable, job_run
 
-NO_HELDOUT = ("no held-out set was given, so memorisation is not contrasted with data the model never saw "
+NO_HELDOUT = ("no held-out set was given (or it has under 2 rows), so memorisation is not contrasted with data the model never saw "
               "(a split of the training set would not be held out from the model's training): pass --heldout")
 
 
@@ -87,7 +87,8 @@ def run(cfg: AuditConfig, ctx: Context) -> dict[str, Any]:
     name = cfg.name or f"audit-{samples.manifest.sha256[:8]}-{train.manifest.sha256[:8]}"
     with job_run("audit", name, params=cfg.model_dump(mode="json"), tags=tags, parent_run_id=ctx.parent_run_id,
                  key=ctx.key) as tracker:
-        if not cfg.heldout:
+        contrast = len(heldout) >= 2  # a named held-out split may be empty (heldout_fraction: 0)
+        if not contrast:
             print(f"[genmem audit] {NO_HELDOUT}", file=sys.stderr, flush=True)
             tracker.tags({"heldout_contrast": NO_HELDOUT})
         result = evaluate_samples(samples, train, heldout, cfg, cache_dir=storage_root() / "features",
@@ -98,7 +99,7 @@ def run(cfg: AuditConfig, ctx: Context) -> dict[str, Any]:
             print(f"[genmem audit] {warning}", file=sys.stderr, flush=True)
     metrics = {k.removeprefix("eval/"): v for k, v in result.metrics.items()}
     return {"mlflow_run_id": tracker.run_id, "samples": len(samples), "train": len(train), "heldout": len(heldout),
-            "heldout_contrast": "yes" if cfg.heldout else NO_HELDOUT, **metrics,
+            "heldout_contrast": "yes" if contrast else NO_HELDOUT, **metrics,
             "most_memorised": result.most_memorised[:3]}
 
 
