@@ -130,8 +130,9 @@ def _audit(cfg_tree):
 
 
 def test_digits_as_png_copies_unseen_and_a_mix_read_1_0_to_0_02_and_0_30_as_evaluate_does(digits_exports, tracking, storage):
-    """Each audit against the digits training split (named ``digits``) and a held-out array, equal
-    to evaluate's library call on the same arrays, with the run, figures and provenance in MLflow."""
+    """Each audit against the digits training split (named ``digits``) and a held-out array; the
+    mix's every number equal to evaluate's library call on the same arrays; the run, figures and
+    provenance in MLflow."""
     from mlflow import MlflowClient
 
     from genmem.config import MetricsConfig
@@ -145,6 +146,8 @@ def test_digits_as_png_copies_unseen_and_a_mix_read_1_0_to_0_02_and_0_30_as_eval
     for name, v in sets.items():
         result = _audit({"samples": folders[name], "train": "digits", "heldout": str(root / "heldout.npy")})
         memorised[name] = result["memorised_fraction"]
+        if name != "mix":
+            continue
         # evaluate's library call on the same arrays, rows in the folder's (path) order
         reference = evaluate_samples(ArrayDataset.from_tensors(_as_read(v)[_path_order(len(v))], source="t"), train, heldout,
                                      MetricsConfig(), cache_dir=storage / "features")

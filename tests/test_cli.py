@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from genmem.cli import main
-from genmem.data import read_shards
 
 TINY = ["--set", "data.source=moons", "--set", "data.n=500", "--set", "model.hidden=32", "--set", "model.depth=1",
         "--set", "batch_size=50", "--set", "images=500", "--set", "grid_size=16"]
@@ -26,8 +25,10 @@ def _error(capsys, argv) -> str:
 
 
 @pytest.mark.slow  # a local Ray cluster, started by the command
-def test_train_then_sample_with_json(storage, tmp_path, ray_address):
-    env = {**os.environ, "RAY_ADDRESS": ray_address}  # both commands attach to the session's cluster
+def test_train_with_json_shows_progress_once(storage, tmp_path, ray_address):
+    """`genmem train` as a user runs it, attached to the session's cluster (`genmem sample` as a
+    command: the S3 test, each on its own mirror)."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     out = subprocess.run([sys.executable, "-m", "genmem.cli", "train", *TINY, "--set", "log_every_images=250", "--json"],
                          capture_output=True, text=True, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -37,17 +38,6 @@ def test_train_then_sample_with_json(storage, tmp_path, ray_address):
     assert "PlacementGroupCleaner" not in out.stderr and "TrainingReport(" not in out.stderr
     assert result["images_seen"] == 500 and result["step"] == 10
     assert result["checkpoint"].startswith(str(storage)) and result["grid"].endswith(".png")
-
-    samples = tmp_path / "samples"
-    out = subprocess.run(
-        [sys.executable, "-m", "genmem.cli", "sample", "--checkpoint", result["checkpoint"], "--n", "37", "--out", str(samples), "--seed", "4", "--json"],
-        capture_output=True, text=True, check=True, env=env,
-    )
-    info = json.loads(out.stdout.strip().splitlines()[-1])
-    ds = read_shards(samples)
-    assert len(ds) == 37 and ds.shape == (2,)
-    assert set(ds.meta["model_id"]) == {info["checkpoint_id"]}
-    assert set(ds.meta["seed"].tolist()) == {4} and ds.index.tolist() == list(range(37))
 
 
 @pytest.mark.parametrize(

@@ -146,3 +146,4 @@ def test_train_sample_evaluate_with_storage_on_s3(s3_storage, s3_server, tmp_pat
     assert evaluated["samples"] == samples_uri and 0.0 <= evaluated["memorised_fraction"] <= 1.0
     ds = read_shards(samples_uri)  # and this process, a fourth mirror, reads the same rows
     assert len(ds) == 64 and ds.index.tolist() == list(range(64)) and set(ds.meta["seed"].tolist()) == {7}
+    assert set(ds.meta["model_id"]) == {sampled["checkpoint_id"]}

@@ -1,10 +1,13 @@
-"""`genmem submit`: a job submitted to a real `ray start --head` keeps its checkpoint and MLflow
-run outside Ray's temporary working-dir copy, and a job whose results would be lost there refuses
-to run."""
+"""Jobs submitted to a real `ray start --head` under token auth: with Ray's own `ray job submit`
+and with `genmem submit`. A job keeps its checkpoint and MLflow run outside Ray's temporary
+working-dir copy, and a job whose results would be lost there refuses to run."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,16 +76,17 @@ def test_job_env_makes_locations_absolute(tmp_path, monkeypatch):
 
 
 def test_plain_submission_refuses_and_genmem_submit_passes(ray_head, guard_project, tmp_path, monkeypatch, capsys):
-    # `ray job submit --working-dir .` with the embedded defaults: the driver runs in Ray's copy
-    client = job_client(ray_head)
+    # `ray job submit --working-dir .` (Ray's own CLI) with the embedded defaults: the driver runs in Ray's copy
+    argv = [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(guard_project), "--no-wait",
+            "--", "python", "jobs/guard.py"]
     for _ in range(60):  # the dashboard answers a few seconds before its job agent is up
-        try:
-            plain = client.submit_job(entrypoint=f'python -c "{GUARD}"', runtime_env={"working_dir": str(guard_project)})
+        out = subprocess.run(argv, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+        if "No available agent" not in out.stdout + out.stderr:
             break
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc):
-                raise
-            time.sleep(2)
+        time.sleep(2)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    plain = re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
+    client = job_client(ray_head)
     assert _wait(client, plain) == "FAILED"
     logs = client.get_job_logs(plain)
     assert "runtime_resources/working_dir_files" in logs and "would be lost" in logs and "genmem submit" in logs
@@ -103,13 +107,15 @@ def test_plain_submission_refuses_and_genmem_submit_passes(ray_head, guard_proje
 
 @pytest.mark.slow
 def test_submitted_training_keeps_checkpoint_and_run(ray_head, tmp_path, monkeypatch, capsys):
+    """Two Ray Train workers inside a submitted job, on a head started with `ray start`."""
     monkeypatch.chdir(tmp_path)  # relative locations are made absolute against the submitting folder
     result = submit("train", ["--config", "configs/demo.yaml", "--set", "images=1280", "--set", "log_every_images=640",
-                              "--set", "grid_size=16", "--json"],
+                              "--set", "grid_size=16", "--set", "scaling.num_workers=2", "--json"],
                     address=ray_head, working_dir=str(REPO),
                     env={"GENMEM_STORAGE": "store", "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
     assert result["status"] == "SUCCEEDED"
     trained = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    assert trained["images_seen"] == 1280 and trained["num_workers"] == 2
     checkpoint = Path(trained["checkpoint"])
     assert checkpoint.is_relative_to(tmp_path / "store") and (checkpoint / "model.safetensors").is_file()
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(trained["mlflow_run_id"])

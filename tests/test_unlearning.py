@@ -217,7 +217,7 @@ def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tm
     space = tmp_path / "lam.yaml"
     space.write_text("space:\n  lam: {grid: [0.0, 5.0]}\nmetric: forget_mass\nmode: min\n")
     config = {**JOB, "base": base, "target": {"kind": "region", "forget": ["mode1", "mode3", "mode5"]}, "mode": "finetune",
-              "images": 60_000, "lr": 1e-3, "scaling": {"num_workers": 1, "cpus_per_worker": 1.9}}  # the trial's driver holds 0.1
+              "images": 60_000, "lr": 1e-3, "scaling": {"num_workers": 1, "cpus_per_worker": 0.9}}  # both trials at once (each driver holds 0.1)
     result = sweep(SweepConfig(space=str(space), job="unlearn", base=config), Context())
     assert result["trials"] == 2 and not result["failed"], result
     final = {r["params"]["lam"]: r["final"] for r in result["results"]}
