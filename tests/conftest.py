@@ -101,8 +101,16 @@ def start_session_ray():
     import ray
 
     if not ray.is_initialized():
-        # With the dashboard, as a real cluster has: Ray Train cleans up a stopped trial's workers through its state API.
-        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+        # With the dashboard, as a real cluster has: Ray Train cleans up a stopped trial's workers
+        # through its state API. Its nodes hold the test S3 server's dummy credentials, as a real
+        # cluster's nodes hold their own (genmem never ships credentials to workers).
+        saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+        os.environ.update(S3_CREDENTIALS)
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         _RAY_STARTED.append(True)
     return ray
 
@@ -251,6 +259,9 @@ def s3_server():
         stop_process_group(proc)
 
 
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # dummies moto accepts
+
+
 @pytest.fixture
 def s3_storage(s3_server, tmp_path, monkeypatch):
     """GENMEM_STORAGE on a fresh prefix of the S3 server, with this test's own local mirror;
@@ -259,8 +270,7 @@ def s3_storage(s3_server, tmp_path, monkeypatch):
 
     uri = f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:8]}"
     for key, value in {"GENMEM_STORAGE": uri, "GENMEM_CACHE": str(tmp_path / "cache"), "AWS_ENDPOINT_URL": s3_server,
-                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+                       **S3_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("GENMEM_RAY_STORAGE", raising=False)
     return uri

@@ -119,15 +119,16 @@ def test_a_missing_bucket_is_one_sentence(s3_storage):
     check_storage(s3_storage)  # the fixture's bucket is writable
 
 
-@pytest.mark.slow  # three commands, each starting a local Ray cluster (one whose workers inherit the bucket's credentials)
-def test_train_sample_evaluate_with_storage_on_s3(s3_storage, s3_server, tmp_path):
-    """Each command runs with its own empty mirror (as on another node): everything one command
-    hands the next goes through the bucket."""
+@pytest.mark.slow  # three commands attached to the session's cluster
+def test_train_sample_evaluate_with_storage_on_s3(s3_storage, s3_server, tmp_path, ray_address):
+    """Each command runs with its own empty mirror (as on another node), attached to a running
+    cluster whose nodes hold their own credentials: everything one command hands the next goes
+    through the bucket."""
     tiny = ["--set", "data.source=moons", "--set", "data.n=400", "--set", "model.hidden=32", "--set", "model.depth=1",
             "--set", "batch_size=50", "--set", "images=500", "--set", "grid_size=16"]
 
     def genmem(node: str, *argv: str) -> dict:
-        env = {**os.environ, "GENMEM_CACHE": str(tmp_path / node)}
+        env = {**os.environ, "GENMEM_CACHE": str(tmp_path / node), "RAY_ADDRESS": ray_address}
         out = subprocess.run([sys.executable, "-m", "genmem.cli", *argv, "--json"], capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])

@@ -130,13 +130,15 @@ def test_a_trial_the_cluster_cannot_place_is_refused_before_any_trial(tmp_path, 
     assert exp is None or not client.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{name}'")
 
 
-def test_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(tmp_path, tracking):
-    # one trial at a time: the kill comes after the first finishes, and the second is run on resume
+def test_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(tmp_path, tracking, ray_address):
+    # one trial at a time: the kill comes after the first finishes, and the second is run on resume.
+    # The sweep's driver attaches to the session's cluster, as a driver on a long-lived cluster
+    # does: killing it ends its trials there (Ray ends a dead driver's job), not the cluster.
     space = _space(tmp_path, "space:\n  seed: {grid: [0, 1]}\nmetric: train/loss\nmode: min\nmax_concurrent_trials: 1\n")
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     store = tmp_path / "store"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     env.update({"GENMEM_STORAGE": str(store), "MLFLOW_TRACKING_URI": tracking, "GENMEM_RAY_STORAGE": str(store / "ray")})
     cmd = [sys.executable, "-m", "genmem.cli", "sweep", "--space", str(space), "--job", "train", "--config", str(config), "--json"]
 
@@ -149,7 +151,7 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(tmp_path,
         assert time.time() < deadline, "no trial finished in time"
         time.sleep(1)
         done_files = list((store / "sweeps").glob("*/done/*.json"))
-    os.killpg(first.pid, signal.SIGKILL)  # the sweep driver and the local cluster it started
+    os.killpg(first.pid, signal.SIGKILL)  # the sweep's driver
     first.wait()
     log.close()
     finished = {p.name: p.stat().st_mtime_ns for p in done_files}
