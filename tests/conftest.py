@@ -103,8 +103,12 @@ def start_session_ray():
     if not ray.is_initialized():
         # With the dashboard, as a real cluster has: Ray Train cleans up a stopped trial's workers
         # through its state API. Its nodes hold the test S3 server's dummy credentials, as a real
-        # cluster's nodes hold their own (genmem never ships credentials to workers).
-        saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+        # cluster's nodes hold their own (genmem never ships credentials to workers), and nothing
+        # else of S3: whichever test starts it, a command attached to it must bring its storage's
+        # endpoint and region itself.
+        saved = {k: os.environ.get(k) for k in (*S3_CREDENTIALS, *S3_SETTINGS)}
+        for k in S3_SETTINGS:
+            os.environ.pop(k, None)
         os.environ.update(S3_CREDENTIALS)
         try:
             ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
@@ -260,6 +264,7 @@ def s3_server():
 
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # dummies moto accepts
+S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")
 
 
 @pytest.fixture

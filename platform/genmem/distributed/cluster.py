@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import ray
 
 from genmem.errors import ClusterError, ConfigError
+from genmem.storage import storage_env
 
 
 def set_verbose(verbose: bool) -> None:
@@ -37,14 +38,30 @@ def _quiet_ray_logs() -> None:
     logging.getLogger("ray.train.v2._internal.callbacks.placement_group_callback").setLevel(logging.CRITICAL)
 
 
-def _init_options() -> dict:
+def _init_options(attach: bool = False) -> dict:
+    """``ray.init`` options. Attached to a running cluster, whose workers do not inherit this
+    process's environment, the job's workers get its storage settings (:func:`storage_env`:
+    where, which endpoint, region and mirror; never credentials, which stay each node's own), as
+    a job submitted with `genmem submit` does: without them a sampling task could not find an
+    S3-compatible store's endpoint."""
+    env = {k: v for k, v in storage_env().items() if k not in _job_env_vars()} if attach else {}
     if verbose():
-        return {"log_to_driver": True}
+        return {"log_to_driver": True, **({"runtime_env": {"env_vars": env}} if env else {})}
     # Train V2 patches print() in workers to log *and* (a Ray worker's sys.stdout is not
     # sys.__stdout__) to print: every progress line would show twice.
-    env = {} if "RAY_TRAIN_ENABLE_PRINT_PATCH" in os.environ else {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if "RAY_TRAIN_ENABLE_PRINT_PATCH" not in os.environ:
+        env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     return {"log_to_driver": True, "logging_level": logging.WARNING,
             "runtime_env": {"env_vars": env, "worker_process_setup_hook": _quiet_ray_logs}}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The environment variables a submitted job's own runtime env sets (Ray refuses a driver's
+    ``ray.init`` runtime env that sets one of them again)."""
+    import json
+
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (config.get("runtime_env") or {}).get("env_vars") or {}
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -54,7 +71,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**_init_options())
+        ray.init(**_init_options(attach=True))
     else:
         # address="local": a fresh cluster, never one that happens to run on this machine. With its
         # dashboard (on 127.0.0.1): Ray Train's PlacementGroupCleaner asks the state API whether a
