@@ -200,3 +200,16 @@ def test_a_large_folder_decodes_on_ray_tasks_into_the_same_dataset(digits_export
     local = read_input(folders["copies"], role="samples")
     on_ray = read_input(folders["copies"], role="samples", decode=decoder(files_per_task=70))  # 5 tasks
     assert torch.equal(local.x, on_ray.x) and list(local.meta["path"]) == list(on_ray.meta["path"])
+
+
+def test_a_known_name_or_a_data_config_gives_its_genmem_split(tmp_path, storage):
+    from genmem.config import DataConfig
+    from genmem.data import load_dataset
+    from genmem.data.inputs import read_input
+
+    config = tmp_path / "train.yaml"  # a training config: its data config sits under data:
+    config.write_text("data:\n  source: digits\n  heldout_fraction: 0.5\n  train_size: 100\nimages: 1000\n")
+    train, heldout = load_dataset(DataConfig(source="digits", heldout_fraction=0.5, train_size=100))
+    assert torch.equal(read_input(str(config), role="train").x, train.x)
+    assert torch.equal(read_input(str(config), role="heldout").x, heldout.x) and len(heldout) == 898
+    assert torch.equal(read_input("digits", role="heldout").x, load_dataset(DataConfig(source="digits"))[1].x)

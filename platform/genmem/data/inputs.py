@@ -69,7 +69,8 @@ def _data_config(spec: str) -> DataConfig:
     if spec in KNOWN:
         return DataConfig(source=spec)
     tree = read_yaml_mapping(spec, "data config", "configs/digits_flow.yaml", DataError)
-    return validate(DataConfig, tree.get("data", tree) if isinstance(tree.get("data", tree), dict) else tree)
+    data = tree.get("data")  # a training config holds its data config under data:
+    return validate(DataConfig, data if isinstance(data, dict) else tree)
 
 
 def channels_first(ds: ArrayDataset) -> ArrayDataset:

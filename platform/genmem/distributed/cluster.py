@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -58,8 +59,6 @@ def _init_options(attach: bool = False) -> dict:
 def _job_env_vars() -> dict[str, str]:
     """The environment variables a submitted job's own runtime env sets (Ray refuses a driver's
     ``ray.init`` runtime env that sets one of them again)."""
-    import json
-
     config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     return (config.get("runtime_env") or {}).get("env_vars") or {}
 
