@@ -78,6 +78,11 @@ def feature_names(requested: list[str], train: ArrayDataset) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def min_samples(cfg: MetricsConfig) -> int:
+    """The fewest samples the k-NN metrics take: LID's k + 1, and density/coverage's 6."""
+    return max(cfg.lid_k + 1, 6)
+
+
 def check_samples(generated: ArrayDataset, train: ArrayDataset, cfg: MetricsConfig) -> None:
     """One sentence per problem, before any metric runs."""
     if len(generated) == 0:
@@ -87,7 +92,7 @@ def check_samples(generated: ArrayDataset, train: ArrayDataset, cfg: MetricsConf
             f"samples have shape {generated.shape} but the checkpoint's training data has shape {train.shape}: "
             "evaluate samples of the model that was trained on this data"
         )
-    need = max(cfg.lid_k + 1, 6)
+    need = min_samples(cfg)
     if len(generated) < need:
         raise DataError(f"{len(generated)} samples are too few for the k-NN metrics (k up to {need - 1}): use at least --n {need}")
 

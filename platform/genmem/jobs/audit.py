@@ -19,7 +19,7 @@ from genmem.data.errors import DataError
 from genmem.data.inputs import align, read_input
 from genmem.distributed.images import decoder
 from genmem.distributed.neighbours import neighbour_search
-from genmem.evaluation import evaluate_samples, feature_names
+from genmem.evaluation import evaluate_samples, feature_names, min_samples
 from genmem.jobs.base import Context, Flag, Job
 from genmem.jobs.evaluate import log_evaluation
 from genmem.metrics.outliers import range_warning
@@ -68,7 +68,7 @@ def read_sets(cfg: AuditConfig) -> dict[str, ArrayDataset]:
     if cfg.heldout:
         sets["held-out set"] = read_input(cfg.heldout, role="heldout", **options)
     sets = align(sets, rescale=cfg.rescale)
-    need = max(cfg.lid_k + 1, 6)
+    need = min_samples(cfg)
     for name, ds in sets.items():
         if len(ds) < need and name != "held-out set":
             raise DataError(f"{len(ds)} rows in the {name} are too few for the k-NN metrics (k up to {need - 1}): "
