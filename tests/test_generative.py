@@ -128,6 +128,25 @@ def test_sde_sampling_is_seeded_per_sample():
 
 
 
+def test_step_noise_of_a_sample_is_its_own_across_batches_and_blocks():
+    """Each sample's step noise comes from its own generator in blocks of steps sized by the
+    sample alone: the same values in any batch, across block ends, standard normal, in order."""
+    from genmem.generative.sampling import StepNoise, sample_generators
+
+    shape = (1024,)  # 64 steps per block: 150 steps cross two block ends
+    whole = StepNoise(sample_generators(3, range(6)), shape, "cpu")
+    assert whole.block == 64
+    parts = [StepNoise(sample_generators(3, range(a, a + 2)), shape, "cpu") for a in (0, 2, 4)]
+    steps = [whole(i) for i in range(150)]
+    for i in range(150):
+        assert torch.equal(steps[i], torch.cat([p(i) for p in parts]))
+    z = torch.stack(steps)  # (150, 6, 1024)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert abs(torch.corrcoef(torch.stack([z[:-1].flatten(), z[1:].flatten()]))[0, 1].item()) < 0.01  # steps independent
+    with pytest.raises(ValueError, match="drawn in order"):
+        whole(10)
+
+
 class _Recorder(torch.nn.Module):
     """A network that records whether any of its modules was training while it was called."""
 

@@ -33,6 +33,33 @@ def _draw(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
+class StepNoise:
+    """The per-step noise of a stochastic sampler: ``noise(i)`` is step i's standard normal
+    draw for each sample, from that sample's own generator, on ``device``.
+
+    Each generator draws the noise of ``block`` steps at once (``block`` set by the sample's
+    size alone, about 2^16 values, so the stream of sample k never depends on the batch): one
+    generator call per sample per block instead of per step, which was the whole cost of DDPM's
+    1,000 steps on small data (4,000 two-dimensional samples: 12 s, of which the network 0.3 s).
+    Steps are drawn in order; asking for an earlier block than the last one drawn is an error."""
+
+    VALUES_PER_BLOCK = 1 << 16
+
+    def __init__(self, gens: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str):
+        self.gens, self.shape, self.device = gens, shape, device
+        self.block = max(1, self.VALUES_PER_BLOCK // max(1, int(np.prod(shape))))
+        self._index, self._values = -1, None
+
+    def __call__(self, i: int) -> torch.Tensor:
+        b = i // self.block
+        if b < self._index:
+            raise ValueError(f"step {i}'s noise was drawn before: steps are drawn in order")
+        while self._index < b:  # a skipped block is still drawn, so later ones stay where they belong
+            self._values = _draw(self.gens, (self.block, *self.shape)).to(self.device)
+            self._index += 1
+        return self._values[:, i % self.block]
+
+
 def _ratio(process: Process, t: torch.Tensor) -> torch.Tensor:
     """sigma/alpha of the path at t (flow matching: (1 - t) / t), decreasing in t."""
     if isinstance(process, VPDiffusion):
@@ -155,10 +182,9 @@ def generate(
         for start in range(0, len(indices), batch_size):
             gens = sample_generators(seed, indices[start : start + batch_size])
             x = _draw(gens, shape).to(device)
-            noise = lambda i, gens=gens: _draw(gens, shape).to(device)  # noqa: E731
             if chained:  # noise -> the source model's samples -> this flow
-                x = _solve(model.source, source_process, model.source_sampler, x, source_grid, noise)
-            x = _solve(model.model if chained else model, process, sampler, x, grid, noise)
+                x = _solve(model.source, source_process, model.source_sampler, x, source_grid, StepNoise(gens, shape, device))
+            x = _solve(model.model if chained else model, process, sampler, x, grid, StepNoise(gens, shape, device))
             out.append(x.float().cpu())
         return torch.cat(out) if out else torch.empty(0, *shape)
     finally:
