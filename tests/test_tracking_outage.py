@@ -69,7 +69,7 @@ def _first_loss(client: MlflowClient, name: str, timeout: float = 120) -> str:
 
 
 def test_steps_go_on_while_the_server_is_away_and_arrive_exactly_once(server, ray_local):
-    cfg, client = _cfg("outage-restart", 64 * 1000), MlflowClient(server["uri"])
+    cfg, client = _cfg("outage-restart", 64 * 3000), MlflowClient(server["uri"])
     out: dict = {}
     worker = threading.Thread(target=lambda: out.update(result=train_model(cfg)))
     worker.start()
@@ -97,7 +97,7 @@ def test_steps_go_on_while_the_server_is_away_and_arrive_exactly_once(server, ra
 
 def test_a_server_away_at_the_end_leaves_the_checkpoint_and_a_rerun_by_name_completes_the_run(server, ray_local, monkeypatch):
     monkeypatch.setenv("GENMEM_TRACKING_WAIT_S", "2")
-    cfg, client = _cfg("outage-end", 64 * 1000), MlflowClient(server["uri"])
+    cfg, client = _cfg("outage-end", 64 * 3000), MlflowClient(server["uri"])
     out: dict = {}
 
     def train():
