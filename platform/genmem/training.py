@@ -21,12 +21,12 @@ Usage::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
