@@ -311,7 +311,7 @@ def toy_checkpoint(mlflow_server):
         cfg = TrainConfig.model_validate(dict(
             name="post-toy", data=dict(source="moons", n=200, train_size=16), model=dict(hidden=32, depth=2),
             batch_size=16, images=16 * 300, ema_halflife_images=0, log_every_images=16 * 100, grid_size=16,
-            sampler=dict(method="euler", steps=8),
+            sampler=dict(method="euler", steps=8), scaling=dict(num_workers=0),  # trained in this process
         ))
         checkpoint = train_model(cfg)["checkpoint"]
     finally:
@@ -323,7 +323,8 @@ def toy_checkpoint(mlflow_server):
 def loop_sweep(tmp_path_factory, mlflow_server):
     """λ ∈ {0.25, fully synthetic} on moons with 200 real points, 3 retrained generations each,
     as one Tune sweep on the session's 2-CPU cluster (the two trials run side by side); shared by
-    the retraining and report tests."""
+    the retraining and report tests. Each generation trains in its trial's process (Ray Train's
+    local mode): a worker group's start-up would be most of a toy generation's time."""
     from genmem.config import load_config
     from genmem.jobs.base import Context
     from genmem.jobs.retrain import RetrainConfig
@@ -336,7 +337,7 @@ def loop_sweep(tmp_path_factory, mlflow_server):
     start_session_ray()
     space = root / "lambda.yaml"
     space.write_text("space:\n  synthetic_ratio: {grid: [0.25, fully_synthetic]}\nmetric: fd\nmode: min\n")
-    base = load_config(Path(__file__).resolve().parents[1] / "configs/toy2d_retrain.yaml", ["generations=3", "train.scaling.cpus_per_worker=0.9"], cls=RetrainConfig)
+    base = load_config(Path(__file__).resolve().parents[1] / "configs/toy2d_retrain.yaml", ["generations=3", "train.scaling.num_workers=0", "train.scaling.cpus_per_worker=0.9"], cls=RetrainConfig)
     try:
         result = sweep_job(SweepConfig(space=str(space), job="retrain", base=base.model_dump(mode="json")), Context())
     finally:

@@ -3,6 +3,7 @@ fault tolerance, and the checks that refuse bad requests before any Ray work."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -69,22 +70,43 @@ def test_two_workers_train_with_ddp_and_log_to_mlflow(ray_local, tracking, stora
     assert any("samples" in p for p in images)
 
 
-def test_one_and_two_workers_train_the_same_parameters(ray_local, tracking, storage):
+def test_local_mode_one_and_two_workers_train_the_same_parameters(ray_local, tracking, storage):
     # training.py's promise: the same global batches and noise whatever the worker count, so DDP
-    # over 2 workers (each the mean over its half, gradients averaged) equals 1 worker up to
-    # float reduction order. Another seed is the scale of a real difference.
+    # over 2 workers (each the mean over its half, gradients averaged) equals 1 worker, and both
+    # equal Ray Train's local mode (num_workers=0: this process), up to float reduction order.
+    # Another seed is the scale of a real difference.
     from genmem.data import load_dataset
     from genmem.training import LocalReporter, train_loop
 
-    cfg = {n: tiny(images=64 * 10, checkpoint_every_images=0, grid_every_images=0, scaling={"num_workers": n}) for n in (1, 2)}
-    one, two = (load_file(Path(train_model(cfg[n])["checkpoint"]) / "model.safetensors") for n in (1, 2))
+    cfg = {n: tiny(images=64 * 10, checkpoint_every_images=0, grid_every_images=0, scaling={"num_workers": n}) for n in (0, 1, 2)}
+    trained = {n: load_file(Path(train_model(cfg[n])["checkpoint"]) / "model.safetensors") for n in (0, 1, 2)}
     seed1 = cfg[1].model_copy(update={"seed": 1})  # the scale of a real difference: trained in this process
     path = train_loop(seed1, load_dataset(seed1.data)[0], LocalReporter(storage / "seed1", seed1.images, quiet=True)).checkpoint
     other = load_file(Path(path) / "model.safetensors")
-    same = max((one[k] - two[k]).abs().max().item() for k in one)
+    one = trained[1]
+    same = max((one[k] - trained[n][k]).abs().max().item() for n in (0, 2) for k in one)
     apart = max((one[k] - other[k]).abs().max().item() for k in one)
     assert same < 1e-4, same
     assert apart > 100 * max(same, 1e-6), (apart, same)
+
+
+def test_local_mode_keeps_checkpoints_as_ray_train_does_and_resumes_by_name(ray_local, tracking, storage):
+    from genmem.distributed.train import ray_storage, run_checkpoints
+
+    env = dict(os.environ)
+    cfg = tiny(run_name="local-run", scaling={"num_workers": 0, "num_to_keep": 2})  # checkpoints at 10, 20, 30 steps
+    first = train_model(cfg)
+    kept = run_checkpoints(f"{ray_storage()}/local-run")
+    assert len(kept) == 2 and first["checkpoint"] == kept[-1] and first["num_workers"] == 0
+    assert load_checkpoint(kept[0]).meta["images_seen"] == 64 * 20 and first["images_seen"] == 64 * 30
+    assert dict(os.environ) == env  # the run set its workers' variables in this process, then put them back
+    # The same name with a longer budget resumes from the last checkpoint, in the same MLflow run.
+    longer = train_model(cfg.model_copy(update={"images": 64 * 40}))
+    assert longer["images_seen"] == 64 * 40 and longer["mlflow_run_id"] == first["mlflow_run_id"]
+    client, runs = _runs(tracking, "local-run")
+    assert len(runs) == 1
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert steps == [64 * 5 * k for k in range(1, 9)]  # each logged once: the resumed run went on from 30 steps
 
 
 def test_sampling_tasks_split_the_work_and_keep_per_sample_seeds(toy_checkpoint, ray_local, tracking, storage, tmp_path):

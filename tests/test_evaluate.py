@@ -58,7 +58,8 @@ def digits_run(tmp_path_factory, mlflow_server):
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        yield train_model(_digits_cfg(images=3200 * 5, memorisation_budget={"max_fraction": 0.1, "action": "flag"}, **_BUDGETED))
+        yield train_model(_digits_cfg(images=3200 * 5, memorisation_budget={"max_fraction": 0.1, "action": "flag"}, **_BUDGETED,
+                                      scaling={"num_workers": 0}))  # in this process; the budget stop below runs on a worker
     finally:
         os.environ["MLFLOW_TRACKING_URI"] = saved or ""
 

@@ -169,7 +169,7 @@ def test_a_size_sweep_writes_the_phase_plot_and_the_effective_memorisation(tmp_p
 
     space = tmp_path / "sizes.yaml"
     space.write_text("space:\n  data.train_size: {grid: [8, 64, 512]}\nmetric: memorised_fraction\nmode: min\n")
-    base = {**MANIFOLD, "images": 48_000, "log_every_images": 24_000, "scaling": {"cpus_per_worker": 0.9},
+    base = {**MANIFOLD, "images": 48_000, "log_every_images": 24_000, "scaling": {"num_workers": 0, "cpus_per_worker": 0.9},
             "study": {"n": 300, "threshold": 0.2, "dimension": {"noise": 0.01, "points": 16, "per_direction": True}}}
     result = sweep_job(SweepConfig(space=str(space), job="memorisation", base=base), Context())
     assert result["trials"] == 3 and not result["failed"], result

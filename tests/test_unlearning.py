@@ -194,7 +194,8 @@ TOY_BASE = {"model": {"kind": "mlp", "hidden": 128, "depth": 3}, "process": {"ki
 QUICKSTART = {"data": {"source": "digits", "train_size": 32}, "model": {"kind": "mlp", "hidden": 256, "depth": 3},
               "sampler": {"method": "heun", "steps": 16}, "optim": {"lr": 0.002, "warmup_images": 5000}, "batch_size": 32,
               "images": 60_000, "ema_halflife_images": 5000}
-JOB = {"n_base": 2000, "eval_n": 1000, "batch_size": 256, "scaling": {"num_workers": 1, "cpus_per_worker": 2}}
+# Unlearning trains in this process (Ray Train's local mode) except in the λ sweep, whose trials run worker groups.
+JOB = {"n_base": 2000, "eval_n": 1000, "batch_size": 256, "scaling": {"num_workers": 0, "cpus_per_worker": 2}}
 
 
 def _base(tmp_path, tree: dict) -> str:

@@ -122,7 +122,9 @@ class OptimConfig(Strict):
 class ScalingConfig(Strict):
     """Ray Train scaling; used when training runs on Ray workers."""
 
-    num_workers: int = Field(1, gt=0)
+    # 0: Ray Train's local mode, training in the job's own process (no worker actors to start):
+    # for debugging, and for runs whose training is shorter than a worker's start-up.
+    num_workers: int = Field(1, ge=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
@@ -131,6 +133,11 @@ class ScalingConfig(Strict):
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = forever
     num_to_keep: int = Field(2, gt=0)  # checkpoints kept in Ray's storage
     check_resources: bool = True  # refuse up front what the cluster cannot place (off when autoscaling)
+
+    @property
+    def ranks(self) -> int:
+        """The processes that train: the workers, or the job's own process in local mode."""
+        return max(self.num_workers, 1)
 
 
 BUDGET_TAG = "memorisation_budget"  # the run tag: "over" (flagged) or "stopped" (training ended at the budget)
@@ -199,7 +206,7 @@ class TrainConfig(Strict):
             raise ValueError(f"sampler.method={self.sampler.method} needs process.kind=diffusion; flow matching samples with an ODE solver")
         if self.source_checkpoint and self.process.kind != "flow":
             raise ValueError("source_checkpoint needs process.kind=flow: a flow between two models' samples is flow matching")
-        if self.batch_size % self.scaling.num_workers:
+        if self.batch_size % self.scaling.ranks:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by scaling.num_workers {self.scaling.num_workers}"
             )

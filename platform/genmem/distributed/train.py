@@ -6,9 +6,12 @@ a round."""
 
 from __future__ import annotations
 
+import contextvars
+import datetime
 import os
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from genmem.config import ScalingConfig
 from genmem.distributed.cluster import check_placeable, ensure_ray, verbose
-from genmem.storage import is_remote, join, listdir, pull, remote, storage_uri
+from genmem.storage import atomic_folder, is_remote, join, listdir, local_path, pull, remote, remove, storage_uri
 
 
 def ray_storage() -> str:
@@ -73,10 +76,19 @@ def fit_workers(
     """Run ``worker_fn(loop_config)`` on ``scaling.num_workers`` Ray Train workers under the run
     name ``run_name`` (an existing run of that name resumes from its last checkpoint), checkpoints
     bounded by ``scaling.num_to_keep``, group restarts by ``scaling.max_failures``. Inside a Tune
-    trial, ``report_to_tune`` forwards every worker report to Tune."""
+    trial, ``report_to_tune`` forwards every worker report to Tune.
+
+    ``num_workers=0`` is Ray Train's local mode: ``worker_fn`` runs in this process as rank 0 of
+    one, with no worker actors to start (a controller, a worker and four helper actors a fit:
+    measured on 2 cores, 14.8 s for a toy generation that trains 2 s, against 3.7 s here), no
+    group restarts and no Ray Train ``callbacks``; see :class:`_InProcess`."""
     ensure_ray()
     check_workers(scaling)
     storage = ray_storage()
+    if scaling.num_workers == 0:
+        if callbacks:
+            raise ValueError("Ray Train callbacks need workers: num_workers=0 runs no Ray Train controller to call them")
+        return _fit_in_process(worker_fn, loop_config, _InProcess(join(storage, run_name), scaling.num_to_keep, report_to_tune))
     callbacks = list(callbacks)
     if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -94,6 +106,53 @@ def fit_workers(
     )
     result = trainer.fit()
     return FitResult(_as_location(result.checkpoint.path, storage), dict(result.metrics or {}), join(storage, run_name))
+
+
+@dataclass
+class _InProcess:
+    """What Ray Train's controller keeps for a run, kept here for a run in this process: its
+    checkpoints in Ray's storage under the run's name (named by time as Ray names them, the newest
+    ``keep`` kept), so resuming by name and reading the result work as for workers; its last
+    report; in a Tune trial, each report sent on to Tune as TuneReportCallback does."""
+
+    run_dir: str
+    keep: int
+    to_tune: bool
+    checkpoint: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.metrics = dict(metrics)
+        if checkpoint_dir is not None:
+            name = datetime.datetime.now().strftime("checkpoint_%Y-%m-%d_%H-%M-%S.%f")
+            with atomic_folder(local_path(join(self.run_dir, name))) as folder:  # published whole (and uploaded) or not at all
+                shutil.copytree(checkpoint_dir, folder, dirs_exist_ok=True)
+            self.checkpoint = join(self.run_dir, name)
+            for old in run_checkpoints(self.run_dir)[:-self.keep]:
+                remove(old)
+        if self.to_tune:
+            from ray import tune
+
+            tune.report({**metrics, **({"checkpoint_path": self.checkpoint} if checkpoint_dir is not None else {})})
+
+
+# Set while a num_workers=0 run trains in this thread: report_round and restored_checkpoint use it.
+_IN_PROCESS: contextvars.ContextVar[_InProcess | None] = contextvars.ContextVar("genmem_in_process", default=None)
+
+
+def _fit_in_process(worker_fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], run: _InProcess) -> FitResult:
+    saved = dict(os.environ)  # a worker function sets its storage and tracking variables: this process keeps its own
+    token = _IN_PROCESS.set(run)
+    try:
+        worker_fn(loop_config)
+    finally:
+        _IN_PROCESS.reset(token)
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+    if run.checkpoint is None:
+        raise RuntimeError(f"training run {run.run_dir} ended without reporting a checkpoint")
+    return FitResult(run.checkpoint, run.metrics, run.run_dir)
 
 
 def run_checkpoints(run_dir: str) -> list[str]:
@@ -114,7 +173,7 @@ def restored_checkpoint(load: Callable[[Path], Any], run_dir: str) -> Any | None
     Ray hands the restarted group the last registered checkpoint; failing that, the newest
     complete one on storage: a worker killed right after a report can beat Ray's controller to
     registering it, and the run would otherwise start again from step 0."""
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint() if _IN_PROCESS.get() is None else None
     if ckpt is not None:
         with ckpt.as_directory() as folder:
             return load(Path(folder))
@@ -128,5 +187,9 @@ def restored_checkpoint(load: Callable[[Path], Any], run_dir: str) -> Any | None
 
 def report_round(metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
     """Every rank reports each round; only the one that wrote the checkpoint attaches it."""
+    run = _IN_PROCESS.get()
+    if run is not None:
+        run.report(metrics, checkpoint_dir)
+        return
     checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
     ray.train.report(metrics, checkpoint=checkpoint)

@@ -190,7 +190,7 @@ def _checked(cfg: FinetuneConfig) -> tuple[dict[str, Any], ArrayDataset, ArrayDa
         check_bounded(divergence(cfg.divergence), upper_bound(reward))
     except ValueError as err:
         raise ConfigError(f"reward.kind={cfg.reward.kind}: {err}") from err
-    if cfg.batch_size % cfg.scaling.num_workers:
+    if cfg.batch_size % cfg.scaling.ranks:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by scaling.num_workers {cfg.scaling.num_workers}")
     return base, train, heldout, reward
 

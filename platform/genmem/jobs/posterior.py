@@ -2,7 +2,7 @@
 (method, scale), each generating its share of images; every arm (θ*, Euclidean, Riemannian at
 each scale) pooled and evaluated like any model.
 
-With ``scaling.num_workers`` = 1 the driver fits the posterior and each weight sample is its own
+With ``scaling.num_workers`` = 1 (or 0) the driver fits the posterior and each weight sample is its own
 Ray task over the whole training set. With N > 1 a Ray Train worker group of N fits it and solves
 every weight sample in turn, each rank holding a shard of the training set (all sums
 all-reduced, so every rank takes the same solver steps); Ray tasks then generate each sample's
@@ -318,7 +318,7 @@ JOB = Job(
     ),
     # One worker: the driver fits the curvature itself, one weight-sample task runs beside it at
     # a time. N workers: the driver waits on its group of N.
-    footprint=lambda cfg: (Footprint({"CPU": 1.0}, {"CPU": 1.0}, 1) if cfg.scaling.num_workers == 1
+    footprint=lambda cfg: (Footprint({"CPU": 1.0}, {"CPU": 1.0}, 1) if cfg.scaling.num_workers <= 1
                            else Footprint({"CPU": 0.1}, worker_bundle(cfg.scaling), cfg.scaling.num_workers, cfg.scaling.placement_strategy,
                                           cfg.scaling.check_resources)),
     metrics=_REPORTED,

@@ -243,8 +243,11 @@ def run(cfg: TrainConfig, ctx: Context) -> TrainJobResult:
 
 
 def footprint(cfg: TrainConfig, driver_cpus: float = 0.1) -> Footprint:
+    """A trial's driver and its worker group. In local mode (num_workers=0) the driver trains
+    itself: it counts one worker's share, which Ray does not reserve for it (as a worker group's
+    is free while the driver samples), so trials side by side do not overfill the cluster."""
     s = cfg.scaling
-    return Footprint({"CPU": driver_cpus}, worker_bundle(s), s.num_workers, s.placement_strategy, s.check_resources)
+    return Footprint({"CPU": driver_cpus}, worker_bundle(s), s.ranks, s.placement_strategy, s.check_resources)
 
 
 JOB = Job(

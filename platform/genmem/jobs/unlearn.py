@@ -117,7 +117,7 @@ def _checked(cfg: UnlearnConfig) -> tuple[dict[str, Any], ArrayDataset, ArrayDat
     if tuple(base["shape"]) != tuple(train.shape):
         raise ConfigError(f"base checkpoint {cfg.base} generates shape {tuple(base['shape'])} but its data has shape {train.shape}")
     forget = _labels_to_forget(cfg, train) if cfg.target.kind != "copies" else []
-    if cfg.batch_size % cfg.scaling.num_workers:
+    if cfg.batch_size % cfg.scaling.ranks:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by scaling.num_workers {cfg.scaling.num_workers}")
     return base, train, heldout, forget
 
