@@ -198,6 +198,40 @@ def tracking(mlflow_server, monkeypatch):
 BIN = Path(sys.executable).parent
 
 
+def _start_head(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, int] | None:
+    """One `ray start --head --block` on fresh ports; (process, dashboard address, GCS port) once
+    it says "Ray runtime started." and its dashboard answers, None if it exited first."""
+    gcs, dash = free_port(), free_port()
+    log_path = root / "head.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+             "--disable-usage-stats"],
+            env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while "Ray runtime started." not in log_path.read_text():
+        if head.poll() is not None or time.time() > deadline:
+            stop_process_group(head, timeout=2)
+            return None
+        time.sleep(0.5)
+    while True:
+        try:
+            with urllib.request.urlopen(address + "/api/version", timeout=2):
+                return head, address, gcs
+        except urllib.error.HTTPError:
+            return head, address, gcs  # answering (401 under token auth): it is up
+        except OSError:
+            if head.poll() is not None or time.time() > deadline:
+                stop_process_group(head, timeout=2)
+                return None
+            time.sleep(0.5)
+
+
 # One head per test module: two modules submitting the same working directory to one head race
 # Ray's package cache (the second job's "already exists, skipping upload" package was deleted by
 # the time its actors started: RuntimeEnvSetupError).
@@ -205,41 +239,30 @@ BIN = Path(sys.executable).parent
 def ray_head(tmp_path_factory):
     """`ray start --head` under token auth, as a new user gets it once ~/.ray/auth_token exists.
     The job's environment is only what the submission carries: the head's own GENMEM_STORAGE and
-    MLFLOW_TRACKING_URI are removed."""
+    MLFLOW_TRACKING_URI are removed. Its ports are picked free just before the start, and another
+    process can take one meanwhile (a full run here lost the metrics port: the agent could not
+    bind it and the head never came up), so a head that does not come up is started again on
+    fresh ports, up to three times."""
     from ray._private.authentication.authentication_token_setup import _get_default_token_path, generate_and_save_token
 
     if not _get_default_token_path().exists():
         generate_and_save_token()  # what Ray's first local ray.init() does
-    root = tmp_path_factory.mktemp("ray-head")
     env = {k: v for k, v in os.environ.items() if k not in ("GENMEM_STORAGE", "MLFLOW_TRACKING_URI", "GENMEM_RAY_STORAGE")}
     env.update(PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token")  # the job's `python` is this venv's
-    gcs, dash = free_port(), free_port()
-    log = open(root / "head.log", "w")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-         "--disable-usage-stats"],
-        env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
+    logs = []
+    for _ in range(3):
+        root = tmp_path_factory.mktemp("ray-head")
+        started = _start_head(root, env)
+        if started is not None:
+            break
+        logs.append((root / "head.log").read_text()[-1500:])
+    else:
+        raise RuntimeError("ray start --head did not come up in three tries: " + "\n---\n".join(logs))
+    head, address, gcs = started
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(address + "/api/version", timeout=2):
-                    break
-            except urllib.error.HTTPError:
-                break  # answering (401 under token auth): it is up
-            except OSError:
-                if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ray start --head did not come up: " + (root / "head.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
         yield address
     finally:
         stop_process_group(head, timeout=2)  # `ray start --block` ignores SIGTERM: waiting longer only delays the SIGKILL
-        log.close()
         # A head stopped by signal leaves its address in ray_current_cluster; later
         # address-less lookups in this machine (Ray Train's State API polling) would wait on it.
         from ray._common.utils import get_ray_address_file
