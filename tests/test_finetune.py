@@ -415,6 +415,7 @@ def test_the_job_tilts_six_gaussians_toward_the_exact_kl_target(tmp_path, storag
     assert probes["reward"][-1] > m["reward_before"] + 0.5 and probes["mmd_target"][-1] < m["mmd_target_before"], probes
 
 
+@pytest.mark.before_ray
 def test_the_job_refuses_bad_input_before_any_ray_work(tmp_path, storage, tracking):
     import ray
 

@@ -90,6 +90,7 @@ def test_bad_study_configs_are_one_sentence(overrides, message):
     ({"data": {"source": "digits", "train_size": 64}, "study": {"dimension": {"per_direction": True}}},
      "per_direction needs linear-manifold data .* data.source=digits has none"),
 ])
+@pytest.mark.before_ray
 def test_bad_study_data_is_refused_before_any_ray_work(overrides, message, storage):
     import ray
 

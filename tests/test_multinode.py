@@ -19,7 +19,7 @@ from genmem.distributed.train import ray_storage
 from genmem.jobs.train import train_model
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-pytestmark = pytest.mark.slow  # a simulated three-node cluster
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]  # a simulated three-node cluster
 
 
 class RecordNode:

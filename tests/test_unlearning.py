@@ -279,6 +279,7 @@ def test_unlearning_the_copies_halves_them_at_similar_quality(tmp_path, storage,
     assert m["fd_classifier"] <= 1.5 * m["fd_classifier_before"], m
 
 
+@pytest.mark.before_ray
 def test_bad_input_is_refused_before_any_ray_work(tmp_path, storage, tracking):
     import ray
 
