@@ -131,9 +131,9 @@ class _InProcess:
             for old in run_checkpoints(self.run_dir)[:-self.keep]:
                 remove(old)
         if self.to_tune:
-            from ray import tune
+            from genmem.distributed.tune import report  # imports this module
 
-            tune.report({**metrics, **({"checkpoint_path": self.checkpoint} if checkpoint_dir is not None else {})})
+            report({**metrics, **({"checkpoint_path": self.checkpoint} if checkpoint_dir is not None else {})})
 
 
 # Set while a num_workers=0 run trains in this thread: report_round and restored_checkpoint use it.
