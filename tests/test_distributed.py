@@ -89,16 +89,19 @@ def test_one_process_and_two_workers_train_the_same_parameters(ray_local, tracki
     assert apart > 100 * max(same, 1e-6), (apart, same)
 
 
-def test_local_mode_keeps_checkpoints_as_ray_train_does_and_resumes_by_name(ray_local, tracking, storage):
+def test_local_mode_keeps_checkpoints_as_ray_train_does_and_resumes_by_name(ray_local, tracking, storage, monkeypatch):
     from genmem.distributed.train import ray_storage, run_checkpoints
 
-    env = dict(os.environ)
+    monkeypatch.chdir(storage.parent)
+    monkeypatch.setenv("GENMEM_STORAGE", storage.name)  # relative: the worker function sets it to the absolute path
     cfg = tiny(run_name="local-run", scaling={"num_workers": 0, "num_to_keep": 2})  # checkpoints at 10, 20, 30 steps
     first = train_model(cfg)
     kept = run_checkpoints(f"{ray_storage()}/local-run")
     assert len(kept) == 2 and first["checkpoint"] == kept[-1] and first["num_workers"] == 0
+    assert kept[-1].startswith(str(storage.absolute()))
     assert load_checkpoint(kept[0]).meta["images_seen"] == 64 * 20 and first["images_seen"] == 64 * 30
-    assert dict(os.environ) == env  # the run set its workers' variables in this process, then put them back
+    # The worker function set its storage and tracking variables in this process; they were put back.
+    assert os.environ["GENMEM_STORAGE"] == storage.name and os.environ["MLFLOW_TRACKING_URI"] == tracking
     # The same name with a longer budget resumes from the last checkpoint, in the same MLflow run.
     longer = train_model(cfg.model_copy(update={"images": 64 * 40}))
     assert longer["images_seen"] == 64 * 40 and longer["mlflow_run_id"] == first["mlflow_run_id"]
