@@ -80,8 +80,13 @@ def free_port() -> int:
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM a service started with start_new_session=True and all it spawned; SIGKILL if it lingers."""
-    os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM a service started with start_new_session=True and all it spawned; SIGKILL if it
+    lingers. Nothing to do where the whole group has already exited (a head that failed to start)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        proc.wait()
+        return
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
