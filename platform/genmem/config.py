@@ -236,6 +236,14 @@ class MetricsConfig(Strict):
     # shard_rows training rows.
     neighbours: Literal["auto", "local", "sharded"] = "auto"
     shard_rows: int = Field(100_000, gt=1)  # training rows per Ray task of the sharded search
+    # The copy tests beside the ratio test (genmem.metrics.evidence), in every space of `features`:
+    ct_cells: int | None = Field(10, ge=1)  # k-means cells of Meehan et al.'s C_T (null: no C_T)
+    ct_min_samples: int = Field(20, ge=0)  # a cell enters C_T with more generated samples than this (the paper's tau = 20/m)
+    copy_alpha: float = Field(0.05, gt=0, lt=1)  # a cell copies significantly below this one-sided level (Bonferroni)
+    gap_draws: int = Field(5, ge=1)  # subsamples of the size-matched held-out gap
+    bootstrap: int = Field(200, ge=0)  # resamples of the gap's, FD's and KID's intervals (0: none)
+    interval_level: float = Field(0.95, gt=0, lt=1)
+    null_control: bool = True  # half the held-out set measured as samples: what no copying reads (null/*)
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -3,7 +3,8 @@ data, with the figures a person reads at a glance. Library code: no Ray, no MLfl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from genmem.metrics import (
     gaussian_stats,
     get_extractor,
     kid,
+    knn,
     lid_mle,
     lid_twonn,
     memorisation,
@@ -27,6 +29,8 @@ from genmem.metrics import (
     reference_stats,
     sliced_wasserstein,
 )
+from genmem.metrics.evidence import CopyEvidence, CopyReference, CopySettings, check_sizes
+from genmem.metrics.frechet import fd_interval, kid_interval
 from genmem.metrics.outliers import out_of_range_fraction
 from genmem.viz import pairs_grid, ratio_histograms, sample_picture
 
@@ -36,6 +40,7 @@ class Evaluation:
     metrics: dict[str, float]
     figures: dict[str, np.ndarray] = field(default_factory=dict)
     most_memorised: list[dict[str, Any]] = field(default_factory=list)  # provenance to regenerate each
+    per_sample: dict[str, np.ndarray] = field(default_factory=dict)  # one row per sample: provenance and each test's verdict
 
 
 def training_data(checkpoint: str | Path) -> tuple[dict[str, Any], ArrayDataset, ArrayDataset]:
@@ -97,6 +102,27 @@ def check_samples(generated: ArrayDataset, train: ArrayDataset, cfg: MetricsConf
         raise DataError(f"{len(generated)} samples are too few for the k-NN metrics (k up to {need - 1}): use at least --n {need}")
 
 
+def copy_settings(cfg: MetricsConfig) -> CopySettings:
+    """The copy tests' settings from a metrics config."""
+    return CopySettings(threshold=cfg.threshold, cells=cfg.ct_cells, min_samples=cfg.ct_min_samples,
+                        alpha=cfg.copy_alpha, gap_draws=cfg.gap_draws, bootstrap=cfg.bootstrap, level=cfg.interval_level,
+                        seed=cfg.seed)
+
+
+def check_copy_sizes(cfg: MetricsConfig, n_train: int, n_heldout: int) -> None:
+    """One sentence, before any work, where the training or held-out set cannot hold C_T's cells."""
+    try:
+        check_sizes(n_train, n_heldout if n_heldout >= 2 else None, copy_settings(cfg))
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _cells_that_fit(cfg: MetricsConfig, n_train: int, n_heldout: int) -> int | None:
+    """C_T's cells, or None where a set is too small to hold them (a size study's smallest sizes,
+    measured without C_T as without density/coverage): the jobs refuse such sets up front."""
+    return cfg.ct_cells if cfg.ct_cells and cfg.ct_cells <= min(n_train, n_heldout) else None
+
+
 def evaluate_samples(
     generated: ArrayDataset,
     train: ArrayDataset,
@@ -123,9 +149,9 @@ def evaluate_samples(
     metrics["eval/train_variance"] = float(tr.flatten(1).double().var(0).mean())
     metrics["eval/out_of_range_fraction"] = out_of_range_fraction(gen, float(tr.min()), float(tr.max()))
 
-    mem = memorisation(gen, tr, ho, threshold=cfg.threshold, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device,
-                       search=search)
-    metrics.update({f"eval/{k}": float(v) for k, v in mem.summary().items() if v is not None})
+    search = search or partial(knn, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device)
+    evidence = _copy_tests(gen, tr, ho, cfg, search, "pixels", metrics)
+    mem = evidence.report
     ref_rows = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.reference_max]
     metrics.update(_feature_metrics(gen, train, heldout, ref_rows, cfg, cache_dir=cache_dir, device=device,
                                     feature_data=feature_data or train))
@@ -136,8 +162,25 @@ def evaluate_samples(
     if train.shape == (2,) and ho is not None:
         metrics["eval/mmd"] = mmd_rbf(gen[:2000], ho[:2000])
         metrics["eval/sliced_wasserstein"] = sliced_wasserstein(gen, ho)
-    figures, rows = _worst_pairs(mem, generated, train, cfg)
-    return Evaluation(metrics=metrics, figures=figures, most_memorised=rows)
+    figures, rows = _worst_pairs(evidence, generated, train, cfg)
+    return Evaluation(metrics=metrics, figures=figures, most_memorised=rows, per_sample=_per_sample(evidence, generated, train))
+
+
+def _copy_tests(gen: torch.Tensor, tr: torch.Tensor, ho: torch.Tensor | None, cfg: MetricsConfig, search, space: str,
+                metrics: dict[str, float]) -> CopyEvidence:
+    """Every copy test in one space into ``metrics`` (pixels as ``eval/<name>``, another space as
+    ``eval/<space>/<name>``, the headline figures alone; the null control's headline as
+    ``null/...``), returning the samples' evidence."""
+    cells = _cells_that_fit(cfg, len(tr), 0 if ho is None else len(ho))
+    ref = CopyReference.build(tr, ho, replace(copy_settings(cfg), cells=cells), search=search)
+    evidence = ref.measure(gen)
+    name = "" if space == "pixels" else f"{space}/"
+    figures = evidence.summary() if space == "pixels" else evidence.headline()  # the quantiles once, in pixels
+    metrics.update({f"eval/{name}{k}": float(v) for k, v in figures.items()})
+    null = ref.null() if cfg.null_control else None
+    if null is not None:
+        metrics.update({f"null/{name}{k}": float(v) for k, v in null.headline().items()})
+    return evidence
 
 
 def _feature_metrics(gen: torch.Tensor, train: ArrayDataset, heldout: ArrayDataset, ref_rows: torch.Tensor, cfg: MetricsConfig, *,
@@ -155,21 +198,31 @@ def _feature_metrics(gen: torch.Tensor, train: ArrayDataset, heldout: ArrayDatas
         fake = extractor(gen)
         train_stats = reference_stats(extractor, tr, cache_dir=cache_dir, key=f"{train.manifest.sha256[:16]}-train")
         fake_stats = gaussian_stats(fake)
-        metrics[f"eval/{extractor.metric_name}"] = frechet_distance(fake_stats, train_stats)
+        fd = extractor.metric_name
+        metrics[f"eval/{fd}"] = frechet_distance(fake_stats, train_stats)
         if ho is not None:
             ho_stats = reference_stats(extractor, ho, cache_dir=cache_dir, key=f"{heldout.manifest.sha256[:16]}-heldout")
-            metrics[f"eval/{extractor.metric_name}_heldout"] = frechet_distance(fake_stats, ho_stats)
+            metrics[f"eval/{fd}_heldout"] = frechet_distance(fake_stats, ho_stats)
         real = extractor(tr[ref_rows])
         kid_mean, kid_std = kid(real, fake, subset_size=min(1000, len(real), len(fake)), seed=cfg.seed)
         metrics[f"eval/kid_{name}"], metrics[f"eval/kid_{name}_std"] = kid_mean, kid_std
+        if cfg.bootstrap and len(fake) > 1:
+            metrics[f"eval/{fd}_lo"], metrics[f"eval/{fd}_hi"] = fd_interval(fake, train_stats, draws=cfg.bootstrap, seed=cfg.seed,
+                                                                            level=cfg.interval_level)
+            metrics[f"eval/kid_{name}_lo"], metrics[f"eval/kid_{name}_hi"] = kid_interval(
+                real, fake, draws=cfg.bootstrap, subset_size=min(1000, len(real), len(fake)), seed=cfg.seed, level=cfg.interval_level)
+        if name != "pixels":  # pixels: measured on the samples themselves, with the job's neighbour search
+            _copy_tests(fake, extractor(tr), None if ho is None else extractor(ho), cfg, None, name, metrics)
         if name == primary and len(real) > 5:  # density/coverage's k = 5: a smaller training set (a size study) goes without
             scores = prdc(real, fake, chunk_size=cfg.chunk_size, device=device)
             metrics.update({f"eval/{k}": float(v) for k, v in scores.items()})
     return metrics
 
 
-def _worst_pairs(mem, generated: ArrayDataset, train: ArrayDataset, cfg: MetricsConfig) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+def _worst_pairs(evidence: CopyEvidence, generated: ArrayDataset, train: ArrayDataset,
+                 cfg: MetricsConfig) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """The figures, and the most memorised samples with the provenance to regenerate each."""
+    mem = evidence.report
     gen, tr = generated.x.float(), train.x.float()
     worst = mem.worst(min(cfg.worst_k, len(gen)))
     nearest = mem.nearest[worst]
@@ -179,19 +232,54 @@ def _worst_pairs(mem, generated: ArrayDataset, train: ArrayDataset, cfg: Metrics
         "d1_histogram": ratio_histograms(mem.d1, mem.heldout_d1, cfg.threshold, "d1 (L2 to nearest)"),
         "samples": sample_picture(gen[:64], tr[:2000], f"{len(gen)} samples"),
     }
+    if evidence.copy_test is not None and evidence.copy_test.used.any():
+        figures["copying_cells"] = _copying_cells(evidence, gen, tr)
     rows = []
     for j, n in zip(worst.tolist(), nearest.tolist()):
-        row = {"sample_row": j, "ratio": float(mem.ratio[j]), "d1": float(mem.d1[j]), "train_index": int(train.index[n])}
-        for col in ("model_id", "seed", "index", "path"):  # path: the file an image folder's row came from
-            if col in generated.meta:
-                value = generated.meta[col][j]
-                row[col] = value.item() if hasattr(value, "item") else value
-        if "index" not in row:
-            row["index"] = int(generated.index[j])
+        row = {"sample_row": j, "ratio": float(mem.ratio[j]), "d1": float(mem.d1[j]), "authentic": bool(evidence.authentic[j]),
+               "train_index": int(train.index[n])}
+        row.update(_provenance(generated, j))
         if "path" in train.meta:
             row["train_path"] = str(train.meta["path"][n])
         rows.append(row)
     return figures, rows
+
+
+def _provenance(generated: ArrayDataset, j: int) -> dict[str, Any]:
+    """What regenerates (or finds) sample ``j``: model id, seed and index, or the file it came from."""
+    row = {}
+    for col in ("model_id", "seed", "index", "path"):  # path: the file an image folder's row came from
+        if col in generated.meta:
+            value = generated.meta[col][j]
+            row[col] = value.item() if hasattr(value, "item") else value
+    if "index" not in row:
+        row["index"] = int(generated.index[j])
+    return row
+
+
+def _copying_cells(evidence: CopyEvidence, gen: torch.Tensor, tr: torch.Tensor, cells: int = 3, per_cell: int = 4) -> np.ndarray:
+    """The most-copying C_T cells: in each, its samples nearest to train beside their nearest
+    training points (generated | nearest training), the lowest-z cell first."""
+    test, mem = evidence.copy_test, evidence.report
+    labels = evidence.cell
+    picks = []
+    for c in test.most_copying(cells).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        picks.append(members[mem.d1[members].argsort(stable=True)[:per_cell]])
+    rows = torch.cat(picks)
+    return pairs_grid(gen[rows], tr[mem.nearest[rows]])
+
+
+def _per_sample(evidence: CopyEvidence, generated: ArrayDataset, train: ArrayDataset) -> dict[str, np.ndarray]:
+    """Each sample's provenance beside its nearest training row, d1, d1/d2, authenticity and C_T cell."""
+    mem = evidence.report
+    columns = {col: np.asarray(generated.meta[col]) for col in ("model_id", "seed", "index", "path") if col in generated.meta}
+    columns.setdefault("index", generated.index.numpy())
+    columns.update(d1=mem.d1.cpu().numpy(), ratio=mem.ratio.cpu().numpy(), train_index=train.index[mem.nearest.cpu()].numpy(),
+                   authentic=evidence.authentic.cpu().numpy())
+    if evidence.cell is not None:
+        columns["cell"] = evidence.cell.cpu().numpy()
+    return columns
 
 
 def memorisation_probe(cfg, train: ArrayDataset, heldout: ArrayDataset):

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pydantic import Field
 
@@ -62,6 +67,11 @@ def log_evaluation(tracker: Tracker, result: Evaluation, cfg: MetricsConfig, *, 
     for name, picture in result.figures.items():
         tracker.image(name, picture, step=figure_step)
     tracker.text(json.dumps(result.most_memorised, indent=2), "most_memorised.json")
+    if result.per_sample and tracker.enabled:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "copy_tests.parquet"
+            pq.write_table(pa.table(result.per_sample), path)
+            tracker.artifact(path)
     tracker.text(to_yaml(cfg), "evaluate.yaml")
 
 

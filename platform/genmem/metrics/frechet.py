@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genmem.metrics import intervals
 from genmem.storage import atomic_write_bytes
 
 
@@ -159,3 +160,38 @@ def kid(
         ]
     )
     return float(values.mean()), float(values.std(ddof=1) if subsets > 1 else 0.0)
+
+
+def fd_interval(fake_features: torch.Tensor | np.ndarray, reference: GaussianStats, *, draws: int, seed: int,
+                level: float = 0.95) -> tuple[float, float]:
+    """A bootstrap interval of the Fréchet distance of ``fake_features`` to ``reference``: the
+    generated rows redrawn with replacement ``draws`` times (seeded), their spread placed at the
+    estimate (:func:`genmem.metrics.intervals.spread`: resampling inflates a plug-in FD), clipped at 0."""
+    y = _as_float64(fake_features)
+    estimate = frechet_distance(gaussian_stats(y), reference)
+    values = intervals.statistic(len(y), lambda rows: frechet_distance(gaussian_stats(y[rows.numpy()]), reference), draws, seed)
+    return intervals.spread(estimate, values, level, floor=0.0)
+
+
+def kid_interval(real_features: torch.Tensor | np.ndarray, fake_features: torch.Tensor | np.ndarray, *, draws: int,
+                 subset_size: int = 1000, seed: int = 0, level: float = 0.95, pool: int = 4000) -> tuple[float, float]:
+    """A percentile bootstrap interval of KID over the generated rows: each draw takes
+    ``subset_size`` generated rows with replacement (from a seeded ``pool`` of them where there
+    are more) against one seeded real subset of that size, and computes the unbiased MMD^2
+    leaving out the pairs of a generated row with itself (a resampled duplicate would otherwise
+    count as a perfect match and bias KID by about k(y, y) / size). With c the draw's count of each
+    generated row and K their kernel matrix, those pairs sum to c'Kc - sum_u c_u^2 K_uu: every draw
+    is one product with the kernel matrices, computed once."""
+    x, y = _as_float64(real_features), _as_float64(fake_features)
+    rng = np.random.default_rng(seed)
+    if y.shape[0] > pool:
+        y = y[rng.choice(y.shape[0], pool, replace=False)]
+    size = min(subset_size, x.shape[0], y.shape[0])
+    xs = x[rng.choice(x.shape[0], size, replace=False)]
+    kxx, kyy, kxy = _poly_kernel(xs, xs), _poly_kernel(y, y), _poly_kernel(xs, y)
+    xx = (kxx.sum() - np.trace(kxx)) / (size * (size - 1))
+    counts = rng.multinomial(size, np.full(y.shape[0], 1 / y.shape[0]), size=draws).astype(np.float64)  # (draws, m)
+    same = (counts**2) @ np.diag(kyy)
+    yy = (np.einsum("bu,bu->b", counts @ kyy, counts) - same) / (size**2 - (counts**2).sum(1))
+    xy = counts @ kxy.sum(0) / (size * size)
+    return intervals.percentile(torch.from_numpy(xx + yy - 2.0 * xy), level)
