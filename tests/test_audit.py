@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -139,13 +140,14 @@ def test_digits_as_png_copies_unseen_and_a_mix_read_1_0_to_0_02_and_0_30_as_eval
     from genmem.data import ArrayDataset
     from genmem.evaluation import evaluate_samples
     from genmem.jobs.audit import report_points
+    from genmem.jobs.audit import table as audit_table
     from genmem.tracking import finished_runs
 
     root, train, heldout, sets, folders = digits_exports
-    memorised = {}
+    memorised, ct = {}, {}
     for name, v in sets.items():
         result = _audit({"samples": folders[name], "train": "digits", "heldout": str(root / "heldout.npy")})
-        memorised[name] = result["memorised_fraction"]
+        memorised[name], ct[name] = result["memorised_fraction"], result.get("ct")
         if name != "mix":
             continue
         # evaluate's library call on the same arrays, rows in the folder's (path) order
@@ -155,12 +157,21 @@ def test_digits_as_png_copies_unseen_and_a_mix_read_1_0_to_0_02_and_0_30_as_eval
             assert result[key.removeprefix("eval/")] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     assert memorised["copies"] == 1.0 and memorised["unseen"] <= 0.02, memorised  # measured 1.0, 0.0, 0.30
     assert memorised["mix"] == pytest.approx(0.30, abs=0.03), memorised
+    # C_T with held-out data as its reference: copies far below 0, unseen digits near it, as the null control reads
+    assert ct["copies"] < -5 and abs(ct["unseen"]) < 2.5 and ct["mix"] < ct["unseen"], ct
+    # the null's halves (79 and 80 rows) fill no cell past C_T's 20 samples: its global Z_U is the reference
+    assert "null/ct" not in result and abs(result["null/zu"]) < 2.5 and result["null/authpct"] > 30
+    assert result["memorised_fraction_lo"] <= memorised["mix"] <= result["memorised_fraction_hi"]
 
     client = MlflowClient(tracking)
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["eval/memorised_fraction"] == memorised["mix"]
     assert run.data.tags["heldout"].endswith("heldout.npy") and "heldout_contrast" not in run.data.tags
-    assert {"memorised_pairs.png", "most_memorised.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"memorised_pairs.png", "most_memorised.json", "copy_tests.parquet"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    per_sample = pq.read_table(client.download_artifacts(run.info.run_id, "copy_tests.parquet", str(storage))).to_pydict()
+    assert len(per_sample["path"]) == len(sets["mix"]) and all(p.endswith(".png") for p in per_sample["path"])
+    assert 100 * np.mean(per_sample["authentic"]) == pytest.approx(run.data.metrics["eval/authpct"])
+    assert "null control" in audit_table(result) and "C_T" in audit_table(result)
     worst = result["most_memorised"][0]  # a copy, traced to its file and its training row
     assert worst["d1"] < 8 / 255 and worst["path"].endswith(".png")  # 8-bit rounding: at most 1/255 on each of 64 pixels
     copied = int(Path(worst["path"]).stem.removeprefix("img"))

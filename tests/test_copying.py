@@ -154,3 +154,35 @@ def test_sizes_that_cannot_hold_the_cells_are_one_sentence(settings, heldout, ma
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match=match):
         CopyReference.build(torch.randn(400, 4, generator=gen), torch.randn(heldout, 4, generator=gen), settings)
+
+
+def test_kid_bootstrap_counts_match_the_duplicate_free_mmd_computed_directly():
+    """kid_interval scores a resample through counts (c'Kc - sum c^2 K_uu); the direct computation
+    on the resampled rows, leaving out pairs of one row with itself, is the same number."""
+    from genmem.metrics.frechet import _poly_kernel, kid, kid_interval
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 5)), rng.normal(size=(40, 5)) + 0.3
+    idx, xs = rng.integers(0, 40, 30), x[:30]
+    kxx, kyy, kxy = _poly_kernel(xs, xs), _poly_kernel(y[idx], y[idx]), _poly_kernel(xs, y[idx])
+    direct = (kxx.sum() - np.trace(kxx)) / (30 * 29) + kyy[idx[:, None] != idx[None, :]].mean() - 2 * kxy.mean()
+    c, k, k_xy = np.bincount(idx, minlength=40).astype(float), _poly_kernel(y, y), _poly_kernel(xs, y)
+    by_counts = (kxx.sum() - np.trace(kxx)) / (30 * 29) + (c @ k @ c - (c**2) @ np.diag(k)) / (900 - (c**2).sum()) \
+        - 2 * (c @ k_xy.sum(0)) / 900
+    assert by_counts == pytest.approx(direct, rel=1e-12)
+    lo, hi = kid_interval(x, y, draws=400, subset_size=40, seed=0)
+    assert lo < kid(x, y, subset_size=40, seed=0)[0] < hi and lo > -0.5
+
+
+def test_fd_interval_holds_the_estimate_and_narrows_with_more_samples():
+    from genmem.metrics.frechet import fd_interval, frechet_distance, gaussian_stats
+
+    gen = torch.Generator().manual_seed(0)
+    ref = gaussian_stats(torch.randn(5000, 8, generator=gen))
+    widths = []
+    for n in (200, 2000):
+        y = torch.randn(n, 8, generator=gen) + 0.3
+        lo, hi = fd_interval(y, ref, draws=200, seed=0)
+        assert lo <= frechet_distance(gaussian_stats(y), ref) <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # about 1/sqrt(10) of it

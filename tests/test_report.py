@@ -52,6 +52,25 @@ def test_a_point_takes_the_best_quality_measure_its_run_holds():
     assert point("r", {"eval/fd_pixels": 1.0}, "eval/", method="m", setting="s") is None
 
 
+def test_the_ct_and_authenticity_axes_count_larger_values_as_less_copying():
+    """C_T: negative copies, so the front keeps the largest C_T at each quality; authPct likewise.
+    A point without the measure (a run from before the copy tests) is left out of that axis."""
+    from genmem.report import measured
+
+    pts = [_p(0.5, 1.0, ct=-8.0, authpct=5.0), _p(0.1, 2.0, ct=1.0, authpct=60.0), _p(0.2, 3.0, ct=0.5, authpct=70.0),
+           _p(0.3, 1.5)]
+    assert len(measured(pts, "ct")) == 3 and len(measured(pts, "fraction")) == 4
+    scored = measured(pts, "ct")
+    assert pareto_front(scored, "ct") == [True, True, False]  # C_T 0.5 at quality 3 is beaten by C_T 1.0 at quality 2
+    assert pareto_front(scored, "authenticity") == [True, True, True]  # 70% authentic at quality 3: nothing dominates it
+    assert point("r", {"eval/memorised_fraction": 0.2, "eval/fd_pixels": 1.0, "eval/ct": -3.0, "eval/authpct": 12.0}, "eval/",
+                 method="m", setting="s").ct == -3.0
+    picture = chart(scored, "ct")
+    assert picture.ndim == 3
+    rows = list(csv.DictReader(io.StringIO(to_csv(scored, "ct"))))
+    assert [float(r["ct"]) for r in rows] == [1.0, 0.5, -8.0]  # least copying first
+
+
 def test_csv_and_html_hold_every_point_and_the_chart():
     pts = [_p(0.5, 1.0, base=True), _p(0.1, 30.0, method="posterior/riemannian", setting="τ=1"), _p(0.0, 900.0, over_budget=True)]
     picture = chart(pts)
@@ -114,6 +133,12 @@ def test_the_report_reads_every_arm_and_setting_back_from_mlflow(measured_runs, 
     assert {a.path for a in client.list_artifacts(report_run.info.run_id)} >= {"report.png", "report.csv", "report.html"}
     assert report_run.data.metrics["report/points"] == len(expected)
     assert "posterior/euclidean" in table(result) and "retrain θ*" in table(result)
+    # the same runs on authenticity: every point carries it (θ*, arms, generations, the evaluation)
+    by_auth = report_job(ReportConfig(runs=[evaluated["mlflow_run_id"], posterior["mlflow_run_id"]], sweep=sweep["mlflow_run_id"],
+                                      memorisation="authenticity"), Context())
+    assert len(by_auth["points"]) == len(expected) and all(0 <= r["authpct"] <= 100 for r in by_auth["points"])
+    assert [r["authpct"] for r in by_auth["points"] if r["method"] == "evaluate"] == [pytest.approx(evaluated["authpct"], rel=1e-9)]
+    assert "authentic%" in table(by_auth).splitlines()[0]
 
 
 def test_an_unreachable_server_or_an_empty_experiment_gives_one_sentence(tracking, monkeypatch):

@@ -46,6 +46,15 @@ def test_collapse_needs_a_sustained_rise_beyond_the_factor():
     assert collapse_generation([1.0, 2.0, 3.0], 1.5, patience=1) == 1
 
 
+def test_collapse_needs_the_fd_interval_wholly_above_generation_0s():
+    """moons at λ = 0.25 read FD 0.0024 -> 0.0081 from sampling noise alone: with intervals, a
+    rise whose interval overlaps generation 0's is not a collapse."""
+    fd = [0.0024, 0.0050, 0.0081]
+    assert collapse_generation(fd, 1.5) == 2
+    assert collapse_generation(fd, 1.5, intervals=[(0.0, 0.009), (0.001, 0.011), (0.004, 0.014)]) is None
+    assert collapse_generation(fd, 1.5, intervals=[(0.001, 0.004), (0.003, 0.007), (0.006, 0.010)]) == 2
+
+
 def _records(tmp_path: Path, n: int) -> list[dict]:
     return [{"checkpoint": str(tmp_path / f"ckpt{g}"), "synthetic": str(tmp_path / f"syn{g}")} for g in range(n)]
 

@@ -109,12 +109,21 @@ def copy_settings(cfg: MetricsConfig) -> CopySettings:
                         seed=cfg.seed)
 
 
-def check_copy_sizes(cfg: MetricsConfig, n_train: int, n_heldout: int) -> None:
-    """One sentence, before any work, where the training or held-out set cannot hold C_T's cells."""
+def check_metrics(cfg: MetricsConfig, train: ArrayDataset, heldout: ArrayDataset) -> None:
+    """One sentence, before any work, where the data cannot take what ``cfg`` measures: a
+    training or held-out set that cannot hold C_T's cells, a feature space that does not fit the
+    data (the classifier without labels, Inception without images)."""
     try:
-        check_sizes(n_train, n_heldout if n_heldout >= 2 else None, copy_settings(cfg))
+        check_sizes(len(train), len(heldout) if len(heldout) >= 2 else None, copy_settings(cfg))
     except ValueError as exc:
         raise DataError(str(exc)) from None
+    names = feature_names(cfg.features, train)
+    if "classifier" in names and train.labels is None:
+        raise DataError("features=classifier needs class labels in the training data, which has none: use features=pixels "
+                        "or inception, or give labelled data")
+    if "inception" in names and (len(train.shape) != 3 or train.shape[0] not in (1, 3)):
+        raise DataError(f"features=inception needs images of 1 or 3 channels, but the data has shape {train.shape}: "
+                        "use features=pixels (or classifier for labelled data)")
 
 
 def _cells_that_fit(cfg: MetricsConfig, n_train: int, n_heldout: int) -> int | None:
@@ -283,20 +292,23 @@ def _per_sample(evidence: CopyEvidence, generated: ArrayDataset, train: ArrayDat
 
 
 def memorisation_probe(cfg, train: ArrayDataset, heldout: ArrayDataset):
-    """``probe(model, device)`` for the training loop: the memorised fraction of ``cfg.eval_n``
-    fresh samples (fixed seed, so successive probes differ only by the weights)."""
+    """``probe(model, device)`` for the training loop: the cheap copy tests on ``cfg.eval_n``
+    fresh samples (fixed seed, so successive probes differ only by the weights): the memorised
+    fraction with its Wilson interval, authPct, and the held-out d1 gap. C_T and the size-matched
+    gap's subsamples are left to the evaluation after training."""
     from genmem.generative import build_process, generate
 
     process = build_process(cfg.process)
-    ho = heldout.x if len(heldout) >= 2 else None
+    settings = CopySettings(cells=None, gap_draws=1, bootstrap=0)
+    ref = CopyReference.build(train.x, heldout.x if len(heldout) >= 2 else None, settings)
 
     def probe(model, device) -> dict[str, float]:
         x = generate(model, process, cfg.sampler, tuple(train.shape), range(cfg.eval_n), seed=_PROBE_SEED, device=device)
-        report = memorisation(x, train.x, ho)
-        out = {"eval/memorised_fraction": report.memorised_fraction, "eval/d1_q50": float(report.d1.median())}
-        if report.heldout_memorised_fraction is not None:
-            out["eval/heldout_memorised_fraction"] = report.heldout_memorised_fraction
-            out["eval/d1_gap_q50"] = float(report.heldout_d1.median() - report.d1.median())
+        ev = ref.measure(x.cpu())
+        out = {f"eval/{k}": v for k, v in ev.headline().items() if k != "gap_spread"}
+        out["eval/d1_q50"] = float(ev.report.d1.median())
+        if ev.report.heldout_d1 is not None:
+            out["eval/d1_gap_q50"] = float(ev.report.heldout_d1.median() - ev.report.d1.median())
         return out
 
     return probe

@@ -44,6 +44,29 @@ class Point:
     experiment: str = ""
     base: bool = False
     over_budget: bool = False
+    ct: float = math.nan  # Meehan et al.'s C_T of the same samples, where measured
+    authpct: float = math.nan  # Alaa et al.'s authentic percentage, where measured
+
+    def copying(self, axis: str = "fraction") -> float:
+        """This point's memorisation on ``axis`` (see :data:`AXES`)."""
+        return getattr(self, AXES[axis].field)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A memorisation measure the report can draw: the Point field, its label, and whether a
+    larger value means more copying."""
+
+    field: str
+    label: str
+    larger_copies: bool
+
+
+AXES = {
+    "fraction": Axis("memorised_fraction", "memorised fraction (d1/d2 < 1/3)", True),
+    "ct": Axis("ct", "C_T (negative: copies; positive: underfits)", False),
+    "authenticity": Axis("authpct", "authentic % (lower: copies)", False),
+}
 
 
 def quality_of(metrics: dict[str, float], prefix: str = "") -> tuple[str, float] | None:
@@ -62,7 +85,8 @@ def point(run_id: str, metrics: dict[str, float], prefix: str = "", **fields_: o
     quality = quality_of(metrics, prefix)
     if memorised is None or not math.isfinite(memorised) or quality is None:
         return None
-    return Point(run_id=run_id, memorised_fraction=float(memorised), quality=quality[1], quality_key=quality[0], **fields_)
+    extra = {k: float(metrics[prefix + k]) for k in ("ct", "authpct") if prefix + k in metrics}
+    return Point(run_id=run_id, memorised_fraction=float(memorised), quality=quality[1], quality_key=quality[0], **extra, **fields_)
 
 
 def before_and_after(metrics: dict[str, float], prefix: str) -> tuple[dict[str, float], dict[str, float]]:
@@ -74,43 +98,52 @@ def before_and_after(metrics: dict[str, float], prefix: str) -> tuple[dict[str, 
     return before, after
 
 
-def pareto_front(points: list[Point]) -> list[bool]:
+def measured(points: list[Point], axis: str) -> list[Point]:
+    """The points that carry the ``axis`` measure."""
+    return [p for p in points if math.isfinite(p.copying(axis))]
+
+
+def pareto_front(points: list[Point], axis: str = "fraction") -> list[bool]:
     """Whether each point is on the front of its quality measure: no other point of that measure
-    has both a memorised fraction and a quality value at most its own, one of them lower."""
+    copies no more on ``axis`` and has no worse quality, with one of the two strictly better."""
+    sign = 1.0 if AXES[axis].larger_copies else -1.0
+    copies = [sign * p.copying(axis) for p in points]
     on = []
-    for p in points:
-        same = [q for q in points if q.quality_key == p.quality_key and q is not p]
-        on.append(not any(q.memorised_fraction <= p.memorised_fraction and q.quality <= p.quality
-                          and (q.memorised_fraction < p.memorised_fraction or q.quality < p.quality) for q in same))
+    for i, p in enumerate(points):
+        same = [j for j, q in enumerate(points) if q.quality_key == p.quality_key and j != i]
+        on.append(not any(copies[j] <= copies[i] and points[j].quality <= p.quality
+                          and (copies[j] < copies[i] or points[j].quality < p.quality) for j in same))
     return on
 
 
 _COLUMNS = [f.name for f in fields(Point)] + ["pareto"]
 
 
-def rows(points: list[Point]) -> list[dict[str, object]]:
-    """The table's rows: each point's fields and whether it is on the front, sorted by measure,
-    memorised fraction, quality."""
-    out = [{**asdict(p), "pareto": front} for p, front in zip(points, pareto_front(points))]
-    return sorted(out, key=lambda r: (r["quality_key"], r["memorised_fraction"], r["quality"]))
+def rows(points: list[Point], axis: str = "fraction") -> list[dict[str, object]]:
+    """The table's rows: each point's fields and whether it is on the front, sorted by quality
+    measure, copying on ``axis`` (least first), quality."""
+    sign = 1.0 if AXES[axis].larger_copies else -1.0
+    out = [{**asdict(p), "pareto": front} for p, front in zip(points, pareto_front(points, axis))]
+    return sorted(out, key=lambda r: (r["quality_key"], sign * r[AXES[axis].field], r["quality"]))
 
 
-def to_csv(points: list[Point]) -> str:
+def to_csv(points: list[Point], axis: str = "fraction") -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows(points))
+    writer.writerows(rows(points, axis))
     return buf.getvalue()
 
 
-def format_table(points: list[Point]) -> str:
+def format_table(points: list[Point], axis: str = "fraction") -> str:
     """What `genmem report` prints: one line per point, θ* marked ``*``, the front ``P``,
-    over-budget runs ``!``."""
-    head = f"{'method':<24}{'setting':<26}{'memorised':>10}{'quality':>12}  {'measure':<14}{'model':<12}{'':>4}  run"
+    over-budget runs ``!``; the memorisation column is ``axis``'s."""
+    name = {"fraction": "memorised", "ct": "C_T", "authenticity": "authentic%"}[axis]
+    head = f"{'method':<24}{'setting':<26}{name:>10}{'quality':>12}  {'measure':<14}{'model':<12}{'':>4}  run"
     lines = [head, "-" * len(head)]
-    for r in rows(points):
+    for r in rows(points, axis):
         marks = ("*" if r["base"] else "") + ("P" if r["pareto"] else "") + ("!" if r["over_budget"] else "")
-        lines.append(f"{str(r['method'])[:23]:<24}{str(r['setting'])[:25]:<26}{r['memorised_fraction']:>10.3f}{r['quality']:>12.4g}  "
+        lines.append(f"{str(r['method'])[:23]:<24}{str(r['setting'])[:25]:<26}{r[AXES[axis].field]:>10.3f}{r['quality']:>12.4g}  "
                      f"{r['quality_key']:<14}{str(r['model'])[:11]:<12}{marks:>4}  {r['run_id'][:8]}")
     lines.append("* θ* of a base model   P on the Pareto front (less copying for no worse quality)   ! over its memorisation budget")
     return "\n".join(lines)
@@ -119,10 +152,11 @@ def format_table(points: list[Point]) -> str:
 _MARKERS = "os^Dv<>Ph*Xd"
 
 
-def chart(points: list[Point]) -> np.ndarray:
-    """Memorised fraction against quality, one panel per quality measure: one marker shape per
-    method, one colour per setting, θ* as a black star, over-budget points ringed red, the Pareto
-    front as a dashed step line; log axes where values span decades."""
+def chart(points: list[Point], axis: str = "fraction") -> np.ndarray:
+    """Memorisation on ``axis`` against quality, one panel per quality measure: one marker shape
+    per method, one colour per setting, θ* as a black star, over-budget points ringed red, the
+    Pareto front as a dashed step line; log axes where values span decades; for C_T, whose sign
+    is the verdict, a line at 0 with the copying side shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,23 +169,28 @@ def chart(points: list[Point]) -> np.ndarray:
     methods = sorted({p.method for p in points if not p.base})
     settings = sorted({p.setting for p in points if not p.base})
     colours = plt.get_cmap("tab10" if len(settings) <= 10 else "tab20")
-    front = pareto_front(points)
+    front = pareto_front(points, axis)
     for ax, key in zip(axes[0], keys):
         mine = [(p, f) for p, f in zip(points, front) if p.quality_key == key]
         for p, _ in mine:
+            y = p.copying(axis)
             if p.base:
-                ax.scatter(p.quality, p.memorised_fraction, marker="*", s=160, c="k", zorder=4, clip_on=False)
+                ax.scatter(p.quality, y, marker="*", s=160, c="k", zorder=4, clip_on=False)
             else:
-                ax.scatter(p.quality, p.memorised_fraction, marker=_MARKERS[methods.index(p.method) % len(_MARKERS)], s=50,
+                ax.scatter(p.quality, y, marker=_MARKERS[methods.index(p.method) % len(_MARKERS)], s=50,
                            color=colours(settings.index(p.setting) % colours.N), edgecolors="k", linewidths=0.4, zorder=3, clip_on=False)
             if p.over_budget:
-                ax.scatter(p.quality, p.memorised_fraction, marker="o", s=260, facecolors="none", edgecolors="#d62728", zorder=2)
-        steps = sorted((p.quality, p.memorised_fraction) for p, f in mine if f)
+                ax.scatter(p.quality, y, marker="o", s=260, facecolors="none", edgecolors="#d62728", zorder=2)
+        steps = sorted((p.quality, p.copying(axis)) for p, f in mine if f)
         if steps:
             ax.step([s[0] for s in steps], [s[1] for s in steps], where="post", ls="--", c="0.4", lw=1, zorder=1)
-        log_where_decades(ax, xs=[p.quality for p, _ in mine], ys=[p.memorised_fraction for p, _ in mine])
+        log_where_decades(ax, xs=[p.quality for p, _ in mine], ys=[p.copying(axis) for p, _ in mine] if axis != "ct" else None)
+        if axis == "ct":
+            ax.axhline(0, c="0.3", lw=0.8)
+            ax.axhspan(min(0.0, *(p.ct for p, _ in mine)) - 1, 0, color="#d62728", alpha=0.06, zorder=0)
+            ax.text(0.99, 0.02, "copies", transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="#d62728")
         ax.set_xlabel(f"{key} (lower is better quality)")
-        ax.set_ylabel("memorised fraction")
+        ax.set_ylabel(AXES[axis].label)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], ls="", marker="*", ms=12, c="k", label="θ* (base model)")]
     handles += [plt.Line2D([], [], ls="", marker=_MARKERS[i % len(_MARKERS)], ms=7, mfc="w", mec="k", label=m) for i, m in enumerate(methods)]
@@ -160,11 +199,11 @@ def chart(points: list[Point]) -> np.ndarray:
     if any(p.over_budget for p in points):
         handles.append(plt.Line2D([], [], ls="", marker="o", ms=12, mfc="none", mec="#d62728", label="over memorisation budget"))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
-    fig.suptitle("memorisation against quality, every run")
+    fig.suptitle(f"{AXES[axis].label} against quality, every run")
     return figure_to_array(fig)
 
 
-def to_html(points: list[Point], picture: np.ndarray, *, title: str = "genmem memorisation report") -> str:
+def to_html(points: list[Point], picture: np.ndarray, *, title: str = "genmem memorisation report", axis: str = "fraction") -> str:
     """A static page, the chart embedded as a PNG data URI and the table below it: one file that
     MLflow's artifact viewer (or any browser) opens."""
     from PIL import Image
@@ -172,7 +211,7 @@ def to_html(points: list[Point], picture: np.ndarray, *, title: str = "genmem me
     buf = io.BytesIO()
     Image.fromarray(picture).save(buf, format="PNG")
     src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    body = rows(points)
+    body = rows(points, axis)
     head = "".join(f"<th>{html_lib.escape(c)}</th>" for c in _COLUMNS)
     lines = []
     for r in body:
@@ -187,5 +226,5 @@ def to_html(points: list[Point], picture: np.ndarray, *, title: str = "genmem me
             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}tr.front{background:#eef6ee}img{max-width:100%}"
             f"</style></head><body><h1>{html_lib.escape(title)}</h1><p>{len(body)} points from "
             f"{len({r['run_id'] for r in body})} runs; rows on the Pareto front are shaded.</p>"
-            f"<img alt=\"memorised fraction against quality\" src=\"{src}\">"
+            f"<img alt=\"{html_lib.escape(AXES[axis].label)} against quality\" src=\"{src}\">"
             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table></body></html>\n")

@@ -19,7 +19,7 @@ from genmem.data.errors import DataError
 from genmem.data.inputs import align, read_input
 from genmem.distributed.images import decoder
 from genmem.distributed.neighbours import neighbour_search
-from genmem.evaluation import evaluate_samples, feature_names, min_samples
+from genmem.evaluation import check_metrics, evaluate_samples, feature_names, min_samples
 from genmem.jobs.base import Context, Flag, Job
 from genmem.jobs.evaluate import log_evaluation
 from genmem.metrics.outliers import range_warning
@@ -73,6 +73,8 @@ def read_sets(cfg: AuditConfig) -> dict[str, ArrayDataset]:
         if len(ds) < need and name != "held-out set":
             raise DataError(f"{len(ds)} rows in the {name} are too few for the k-NN metrics (k up to {need - 1}): "
                             f"give at least {need}, or lower lid_k")
+    train = sets["training set"]
+    check_metrics(cfg, train, sets.get("held-out set", train.take(torch.arange(0))))
     return sets
 
 
@@ -103,17 +105,33 @@ def run(cfg: AuditConfig, ctx: Context) -> dict[str, Any]:
             "most_memorised": result.most_memorised[:3]}
 
 
+COPY_TESTS = (("memorised_fraction", "memorised (d1/d2 < 1/3)"), ("authpct", "authentic % (Alaa et al.)"),
+              ("ct", "C_T (< 0 copies, > 0 underfits)"), ("zu", "Z_U, all cells"), ("gap", "held-out gap, size-matched"))
+
+
 def table(result: dict[str, Any]) -> str:
-    """The headline figures, one per line."""
-    keys = ["memorised_fraction", "heldout_memorised_fraction", "d1_q50", "fd_classifier", "fd_classifier_heldout",
-            "fd_pixels", "fd_pixels_heldout", "fid", "precision", "recall", "density", "coverage", "lid_mle", "lid_twonn"]
+    """The copy tests beside the null control (held-out data measured as samples), then quality."""
+    keys = ["d1_q50", "fd_classifier", "fd_classifier_heldout", "fd_pixels", "fd_pixels_heldout", "fid", "precision", "recall",
+            "density", "coverage", "lid_mle", "lid_twonn"]
     lines = [f"audit of {result['samples']} samples against {result['train']} training rows"
-             + (f" and {result['heldout']} held-out rows" if result["heldout"] else " (no held-out set)")]
-    lines += [f"  {k:<28}{result[k]:.4g}" for k in keys if k in result]
+             + (f" and {result['heldout']} held-out rows" if result["heldout"] else " (no held-out set)"),
+             f"  {'':<34}{'samples':>26}{'null control':>26}"]
+    for key, label in COPY_TESTS:
+        if key in result:
+            lines.append(f"  {label:<34}{_with_interval(result, key):>26}{_with_interval(result, 'null/' + key):>26}")
+    lines += [f"  {k:<34}{_with_interval(result, k):>26}" for k in keys if k in result]
     for row in result["most_memorised"]:
         where = row.get("path", f"row {row['sample_row']}")
         lines.append(f"  most memorised: {where} -> training {row.get('train_path', row['train_index'])} (d1/d2 {row['ratio']:.3f})")
     return "\n".join(lines)
+
+
+def _with_interval(result: dict[str, Any], key: str) -> str:
+    """``value [lo, hi]`` where the interval was measured, ``value`` alone, or "-" where not measured."""
+    if key not in result:
+        return "-"
+    text = f"{result[key]:.4g}"
+    return f"{text} [{result[key + '_lo']:.3g}, {result[key + '_hi']:.3g}]" if key + "_lo" in result else text
 
 
 def report_points(run: RunView) -> list[Point]:

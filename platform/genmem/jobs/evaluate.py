@@ -19,7 +19,7 @@ from genmem.config import MetricsConfig, to_yaml
 from genmem.data import read_shards
 from genmem.distributed.sampling import sample
 from genmem.distributed.neighbours import neighbour_search
-from genmem.evaluation import Evaluation, evaluate_samples, feature_names, training_data
+from genmem.evaluation import Evaluation, check_metrics, evaluate_samples, feature_names, training_data
 from genmem.jobs.base import Context, Flag, Job
 from genmem.metrics.outliers import range_warning
 from genmem.storage import ensure_writable, storage_root
@@ -39,6 +39,7 @@ class EvaluateConfig(MetricsConfig):
 def run(cfg: EvaluateConfig, ctx: Context) -> dict[str, Any]:
     check_reachable()
     meta, train, heldout = training_data(cfg.checkpoint)
+    check_metrics(cfg, train, heldout)
     tags = {"checkpoint": str(cfg.checkpoint), "checkpoint_id": meta["checkpoint_id"],
             "features": ",".join(feature_names(cfg.features, train)), **ctx.tags}
     if meta.get("mlflow_run_id"):

@@ -118,7 +118,8 @@ def _weight_sample_task(cfg_json: dict, state: dict | None, train_x: torch.Tenso
     return {"seed": seed, **cost}
 
 
-_KEYS = ("memorised_fraction", "heldout_memorised_fraction", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage")
+_KEYS = ("memorised_fraction", "memorised_fraction_lo", "memorised_fraction_hi", "heldout_memorised_fraction", "authpct", "ct", "zu",
+         "gap", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage")
 
 
 def _arm_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -259,12 +260,17 @@ def _scale_figure(rows: list[dict[str, Any]], fd_key: str) -> np.ndarray:
 def format_table(result: dict[str, Any]) -> str:
     """The arms side by side, as the quickstart prints them."""
     fd = result["fd_key"]
-    head = f"{'arm':<12}{'scale':>8}{'memorised':>11}{fd:>15}{'precision':>11}{'recall':>8}{'loss +':>10}{'grad+HVP':>10}{'s/sample':>10}"
+    head = (f"{'arm':<12}{'scale':>8}{'memorised':>11}{'95% interval':>16}{'C_T':>8}{'auth %':>8}{fd:>15}{'precision':>11}{'recall':>8}"
+            f"{'loss +':>10}{'grad+HVP':>10}{'s/sample':>10}")
     lines = [head, "-" * len(head)]
+    nan = float("nan")
     for r in result["arms"]:
-        lines.append(f"{r['arm']:<12}{r['scale']:>8g}{r['memorised_fraction']:>11.3f}{r.get(fd, float('nan')):>15.2f}"
-                     f"{r.get('precision', float('nan')):>11.3f}{r.get('recall', float('nan')):>8.3f}"
+        span = f"[{r.get('memorised_fraction_lo', nan):.3f}, {r.get('memorised_fraction_hi', nan):.3f}]"
+        lines.append(f"{r['arm']:<12}{r['scale']:>8g}{r['memorised_fraction']:>11.3f}{span:>16}{r.get('ct', nan):>8.2f}{r.get('authpct', nan):>8.1f}"
+                     f"{r.get(fd, nan):>15.2f}{r.get('precision', nan):>11.3f}{r.get('recall', nan):>8.3f}"
                      f"{r['loss_increase']:>10.1f}{r['grad_evals']:>10.0f}{r['seconds_per_sample']:>10.1f}")
+    lines.append("C_T < 0: samples closer to train than held-out data is (copying); > 0: farther (underfitting). "
+                 "auth %: samples outside every training point's own neighbourhood.")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ Usage::
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -26,7 +26,7 @@ from genmem.config import Strict
 from genmem.errors import TrackingError
 from genmem.jobs import registry
 from genmem.jobs.base import Context, Flag, Job
-from genmem.report import Point, chart, format_table, pareto_front, rows, to_csv, to_html
+from genmem.report import AXES, Point, chart, format_table, measured, pareto_front, rows, to_csv, to_html
 from genmem.tracking import finished_runs, job_run, tracking_uri
 
 
@@ -38,6 +38,7 @@ class ReportConfig(Strict):
     sweep: str | None = None
     runs: list[str] = Field(default_factory=list)
     name: str = Field("report", pattern=r"^[A-Za-z0-9_.-]+$")
+    memorisation: Literal["fraction", "ct", "authenticity"] = "fraction"  # the memorisation axis
 
 
 def gather(cfg: ReportConfig) -> tuple[list[Point], int]:
@@ -59,21 +60,27 @@ def run(cfg: ReportConfig, ctx: Context) -> dict[str, Any]:
     if not points:
         raise TrackingError(f"no finished run among {_sources(cfg)} at {tracking_uri()} measured both memorisation and quality "
                             f"({n_runs} finished runs read): run evaluate, posterior, retrain, unlearn, finetune or memorisation first")
-    picture = chart(points)
-    front = pareto_front(points)
+    axis = cfg.memorisation
+    points = measured(points, axis)
+    if not points:
+        raise TrackingError(f"none of the runs among {_sources(cfg)} measured {AXES[axis].label}: runs from before the copy "
+                            "tests carry the memorised fraction alone; use --memorisation fraction or evaluate them again")
+    picture = chart(points, axis)
+    front = pareto_front(points, axis)
     with job_run("report", f"{cfg.name}-{uuid.uuid4().hex[:6]}", params={**cfg.model_dump(mode="json"), "sources": _sources(cfg)},
                  tags={"report_runs": ",".join(sorted({p.run_id for p in points}))[:5000], **ctx.tags},
                  parent_run_id=ctx.parent_run_id) as tracker:
         tracker.image("report", picture)
-        tracker.text(to_csv(points), "report.csv")
-        tracker.text(to_html(points, picture), "report.html")
+        tracker.text(to_csv(points, axis), "report.csv")
+        tracker.text(to_html(points, picture, axis=axis), "report.html")
         tracker.metrics({"report/points": len(points), "report/runs": len({p.run_id for p in points}), "report/pareto": sum(front)})
-    return {"mlflow_run_id": tracker.run_id, "sources": _sources(cfg), "runs_read": n_runs, "points": rows(points)}
+    return {"mlflow_run_id": tracker.run_id, "sources": _sources(cfg), "runs_read": n_runs, "memorisation": axis,
+            "points": rows(points, axis)}
 
 
 def table(result: dict[str, Any]) -> str:
     points = [Point(**{k: v for k, v in r.items() if k != "pareto"}) for r in result["points"]]
-    return f"{format_table(points)}\nreport run {result['mlflow_run_id']}: report.png, report.csv, report.html in genmem/report"
+    return f"{format_table(points, result['memorisation'])}\nreport run {result['mlflow_run_id']}: report.png, report.csv, report.html in genmem/report"
 
 
 JOB = Job(
@@ -86,6 +93,8 @@ JOB = Job(
         Flag("--experiment", "experiments", nargs="+", help="genmem experiments (posterior or genmem/posterior); default all"),
         Flag("--sweep", "sweep", help="a sweep's parent run id: its trials"),
         Flag("--run", "runs", nargs="+", help="run ids"),
+        Flag("--memorisation", "memorisation", choices=["fraction", "ct", "authenticity"],
+             help="the memorisation axis: memorised fraction, Meehan et al.'s C_T, or authentic %% (default fraction)"),
     ),
     table=table,
     summary=lambda r: {"mlflow_run_id": r["mlflow_run_id"], "runs_read": r["runs_read"], "points": len(r["points"])},

@@ -157,8 +157,7 @@ class _Loop:
         if g < cfg.generations and self.k > 0:
             synthetic = uri_of(select_synthetic(samples, self.k, derive_seed(cfg.seed, _SELECT, g), gen_dir / "synthetic",
                                                 generation=g, checkpoint=checkpoint))
-        fds = [h["metrics"]["fd"] for h in self.history] + [metrics["fd"]]
-        metrics["collapsed"] = float(collapse_generation(fds, cfg.collapse_factor, cfg.collapse_patience) is not None)
+        metrics["collapsed"] = float(_collapse(cfg, [h["metrics"] for h in self.history] + [metrics]) is not None)
         return {"generation": g, "checkpoint": checkpoint, "samples": samples, "synthetic": synthetic,
                 "mlflow_run_id": trained["mlflow_run_id"], "fd_key": fd_key, "n_real": n_real, "n_synthetic": n_syn,
                 "memorisation_budget": trained["memorisation_budget"],  # a generation over its budget: flagged or stopped early
@@ -175,7 +174,16 @@ class _Loop:
         fd_key = primary_fd(result.metrics)
         metrics = {name.removeprefix("eval/"): v for name, v in result.metrics.items()}
         metrics["fd"] = result.metrics[fd_key]
+        if f"{fd_key}_lo" in result.metrics:
+            metrics["fd_lo"], metrics["fd_hi"] = result.metrics[f"{fd_key}_lo"], result.metrics[f"{fd_key}_hi"]
         return metrics, fd_key.removeprefix("eval/")
+
+
+def _collapse(cfg: RetrainConfig, generations: list[dict[str, float]]) -> int | None:
+    """The collapse generation from each generation's FD and, where every one has it, its interval."""
+    spans = [(m["fd_lo"], m["fd_hi"]) for m in generations if "fd_lo" in m]
+    return collapse_generation([m["fd"] for m in generations], cfg.collapse_factor, cfg.collapse_patience,
+                               intervals=spans if len(spans) == len(generations) else None)
 
 
 def _generation_report(record: dict[str, Any]) -> dict[str, float]:
@@ -206,7 +214,7 @@ def run(cfg: RetrainConfig, ctx: Context) -> dict[str, Any]:
                   f"sample variance {m['sample_variance']:.4g}", flush=True)
             ctx.emit(_generation_report(record))
         fds = [h["metrics"]["fd"] for h in loop.history]
-        collapsed_at = collapse_generation(fds, cfg.collapse_factor, cfg.collapse_patience)
+        collapsed_at = _collapse(cfg, [h["metrics"] for h in loop.history])
         tracker.tags({"collapsed": str(collapsed_at is not None), "collapse_generation": str(collapsed_at)})
         tracker.text(json.dumps(loop.history, indent=2), "generations.json")
     return {"run_name": loop.run_name, "mlflow_run_id": tracker.run_id, "synthetic_ratio": cfg.synthetic_ratio,
@@ -259,13 +267,15 @@ def report_points(run: RunView) -> list[Point]:
     if "retrain/memorised_fraction" not in run.metrics or found is None:
         return []  # a generation's own training run, or a loop that measured no memorisation
     memorised, quality = run.history("retrain/memorised_fraction"), run.history(f"retrain/{found[0]}")
+    copying = {k: run.history(f"retrain/{k}") for k in ("ct", "authpct") if f"retrain/{k}" in run.metrics}
     steps = sorted(set(memorised) & set(quality))
     ratio = run.params.get("synthetic_ratio", "?")
     out = []
     for g in dict.fromkeys([steps[0], steps[-1]]):
         fields = (dict(method="retrain θ*", setting="generation 0", base=True) if g == 0
                   else dict(method="retrain", setting=f"synthetic_ratio={ratio} (gen {g})"))
-        p = run.point({"memorised_fraction": memorised[g], found[0]: quality[g]}, model=run.run_name, **fields)
+        measures = {"memorised_fraction": memorised[g], found[0]: quality[g], **{k: h[g] for k, h in copying.items() if g in h}}
+        p = run.point(measures, model=run.run_name, **fields)
         if p:
             out.append(p)
     return out

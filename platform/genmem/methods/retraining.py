@@ -21,12 +21,16 @@ from genmem.viz import line_panels
 CURVES = ("fd", "precision", "recall", "memorised_fraction", "sample_variance", "mmd")
 
 
-def collapse_generation(fd: list[float], factor: float, patience: int = 2) -> int | None:
+def collapse_generation(fd: list[float], factor: float, patience: int = 2, *,
+                        intervals: list[tuple[float, float]] | None = None) -> int | None:
     """The first generation g whose FD rose at each of the last ``patience`` generations and
-    exceeds ``factor`` x the FD of generation 0; None when the loop has not collapsed."""
+    exceeds ``factor`` x the FD of generation 0, and, given each generation's FD ``intervals``
+    (lo, hi), whose interval lies wholly above generation 0's: a rise within sampling noise is
+    not a collapse. None when the loop has not collapsed."""
     for g in range(patience, len(fd)):
         rising = all(fd[i] > fd[i - 1] for i in range(g - patience + 1, g + 1))
-        if rising and fd[g] > factor * fd[0]:
+        beyond_noise = intervals is None or intervals[g][0] > intervals[0][1]
+        if rising and fd[g] > factor * fd[0] and beyond_noise:
             return g
     return None
 
