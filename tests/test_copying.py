@@ -186,3 +186,15 @@ def test_fd_interval_holds_the_estimate_and_narrows_with_more_samples():
         assert lo <= frechet_distance(gaussian_stats(y), ref) <= hi
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2  # about 1/sqrt(10) of it
+
+
+def test_a_reference_rebuilt_from_its_state_measures_the_same(digits):
+    """What depends on the training and held-out sets alone is stored (evaluation caches it) and
+    reused: no neighbour search while rebuilding, and the same numbers after."""
+    tr, ho = digits
+    ref = CopyReference.build(tr, ho, CopySettings(cells=10))
+    calls = []
+    again = CopyReference.build(tr, ho, CopySettings(cells=10), search=lambda *a: calls.append(a) or knn(*a), state=ref.state())
+    assert calls == []
+    samples = tr[:300] + 0.1 * torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    assert again.measure(samples).summary() == ref.measure(samples).summary()

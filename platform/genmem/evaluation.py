@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from genmem.checkpoint import read_meta
 from genmem.config import MetricsConfig, TrainConfig
@@ -32,6 +34,7 @@ from genmem.metrics import (
 from genmem.metrics.evidence import CopyEvidence, CopyReference, CopySettings, check_sizes
 from genmem.metrics.frechet import fd_interval, kid_interval
 from genmem.metrics.outliers import out_of_range_fraction
+from genmem.storage import atomic_write_bytes, pull
 from genmem.viz import pairs_grid, ratio_histograms, sample_picture
 
 
@@ -159,7 +162,8 @@ def evaluate_samples(
     metrics["eval/out_of_range_fraction"] = out_of_range_fraction(gen, float(tr.min()), float(tr.max()))
 
     search = search or partial(knn, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device)
-    evidence = _copy_tests(gen, tr, ho, cfg, search, "pixels", metrics)
+    evidence = _copy_tests(gen, tr, ho, cfg, search, "pixels", metrics, cache_dir=cache_dir,
+                           key=f"{train.manifest.sha256[:16]}-{heldout.manifest.sha256[:16]}-pixels")
     mem = evidence.report
     ref_rows = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.reference_max]
     metrics.update(_feature_metrics(gen, train, heldout, ref_rows, cfg, cache_dir=cache_dir, device=device,
@@ -176,12 +180,13 @@ def evaluate_samples(
 
 
 def _copy_tests(gen: torch.Tensor, tr: torch.Tensor, ho: torch.Tensor | None, cfg: MetricsConfig, search, space: str,
-                metrics: dict[str, float]) -> CopyEvidence:
+                metrics: dict[str, float], *, cache_dir: Path | None = None, key: str = "") -> CopyEvidence:
     """Every copy test in one space into ``metrics`` (pixels as ``eval/<name>``, another space as
     ``eval/<space>/<name>``, the headline figures alone; the null control's headline as
-    ``null/...``), returning the samples' evidence."""
+    ``null/...``), returning the samples' evidence. ``key`` names the two sets and the space: what
+    depends on them alone is kept under ``cache_dir``."""
     cells = _cells_that_fit(cfg, len(tr), 0 if ho is None else len(ho))
-    ref = CopyReference.build(tr, ho, replace(copy_settings(cfg), cells=cells), search=search)
+    ref = _reference(tr, ho, replace(copy_settings(cfg), cells=cells), search, cache_dir, f"{key}-c{cells}-s{cfg.seed}")
     evidence = ref.measure(gen)
     name = "" if space == "pixels" else f"{space}/"
     figures = evidence.summary() if space == "pixels" else evidence.headline()  # the quantiles once, in pixels
@@ -190,6 +195,21 @@ def _copy_tests(gen: torch.Tensor, tr: torch.Tensor, ho: torch.Tensor | None, cf
     if null is not None:
         metrics.update({f"null/{name}{k}": float(v) for k, v in null.headline().items()})
     return evidence
+
+
+def _reference(tr: torch.Tensor, ho: torch.Tensor | None, settings: CopySettings, search, cache_dir: Path | None, key: str) -> CopyReference:
+    """The copy tests' reference, its training-set neighbour distances and cells cached as
+    ``cache_dir/copy-<key>.safetensors`` (recomputed where the cached sizes do not match)."""
+    if cache_dir is None:
+        return CopyReference.build(tr, ho, settings, search=search)
+    file = pull(Path(cache_dir) / f"copy-{key}.safetensors")
+    state = load_file(file) if file.is_file() else None
+    if state is not None and len(state["train_nn"]) != len(tr):
+        state = None
+    ref = CopyReference.build(tr, ho, settings, search=search, state=state)
+    if state is None:
+        atomic_write_bytes(file, save_safetensors(ref.state()))
+    return ref
 
 
 def _feature_metrics(gen: torch.Tensor, train: ArrayDataset, heldout: ArrayDataset, ref_rows: torch.Tensor, cfg: MetricsConfig, *,
@@ -221,7 +241,8 @@ def _feature_metrics(gen: torch.Tensor, train: ArrayDataset, heldout: ArrayDatas
             metrics[f"eval/kid_{name}_lo"], metrics[f"eval/kid_{name}_hi"] = kid_interval(
                 real, fake, draws=cfg.bootstrap, subset_size=min(1000, len(real), len(fake)), seed=cfg.seed, level=cfg.interval_level)
         if name != "pixels":  # pixels: measured on the samples themselves, with the job's neighbour search
-            _copy_tests(fake, extractor(tr), None if ho is None else extractor(ho), cfg, None, name, metrics)
+            _copy_tests(fake, extractor(tr), None if ho is None else extractor(ho), cfg, None, name, metrics, cache_dir=cache_dir,
+                        key=f"{train.manifest.sha256[:16]}-{heldout.manifest.sha256[:16]}-{extractor.fingerprint}")
         if name == primary and len(real) > 5:  # density/coverage's k = 5: a smaller training set (a size study) goes without
             scores = prdc(real, fake, chunk_size=cfg.chunk_size, device=device)
             metrics.update({f"eval/{k}": float(v) for k, v in scores.items()})

@@ -101,7 +101,9 @@ class CopyEvidence:
 class CopyReference:
     """The training and held-out sets of one space with what every measurement reuses: each
     training point's distance to its nearest other one (authenticity), the held-out rows'
-    distances to train (Z_U) and the k-means cells (C_T)."""
+    distances to train (Z_U), the k-means cells (C_T) and each training row's cell. They depend
+    on the two sets alone: :meth:`state` gives them to store, ``build(..., state=...)`` reuses them
+    (a training set of 60,000 rows costs its own 60,000 x 60,000 neighbour search)."""
 
     train: Tensor
     heldout: Tensor | None
@@ -110,22 +112,45 @@ class CopyReference:
     train_nn: Tensor
     heldout_d: Tensor | None
     cells: Cells | None
+    train_cells: Tensor | None
 
     @classmethod
     def build(cls, train: Tensor, heldout: Tensor | None, settings: CopySettings = CopySettings(), *,
-              search: Search | None = None) -> CopyReference:
-        """Check the sizes (one sentence each), then measure what every sample set is compared with.
+              search: Search | None = None, state: dict[str, Tensor] | None = None) -> CopyReference:
+        """Check the sizes (one sentence each), then measure what every sample set is compared with,
+        or take it from ``state`` (:meth:`state` of a reference of the same sets and settings).
         ``search``: an exact k-NN with :func:`knn`'s contract (default: this process's)."""
         tr = train.detach().flatten(1).float()
         ho = heldout.detach().flatten(1).float() if heldout is not None and len(heldout) >= 2 else None
         check_sizes(len(tr), None if ho is None else len(ho), settings)
         search = search or partial(knn)
+        if state is None:
+            state = cls._measure_sets(tr, ho, settings, search)
+        cells = Cells(state["centres"], float(state["inertia"])) if "centres" in state else None
+        return cls(tr, ho, settings, search, state["train_nn"], state.get("heldout_d"), cells, state.get("train_cells"))
+
+    @staticmethod
+    def _measure_sets(tr: Tensor, ho: Tensor | None, settings: CopySettings, search: Search) -> dict[str, Tensor]:
         # The second neighbour of a training point among the training set is its nearest other point
         # (itself, or a duplicate of it, at 0 is the first).
-        train_nn = search(tr, tr, 2)[0][:, 1].to(torch.float64).cpu()
-        heldout_d = search(ho, tr, 1)[0][:, 0].to(torch.float64).cpu() if ho is not None else None
-        cells = kmeans(tr, settings.cells, seed=settings.seed) if ho is not None and settings.cells else None
-        return cls(tr, ho, settings, search, train_nn, heldout_d, cells)
+        state = {"train_nn": search(tr, tr, 2)[0][:, 1].to(torch.float64).cpu()}
+        if ho is not None:
+            state["heldout_d"] = search(ho, tr, 1)[0][:, 0].to(torch.float64).cpu()
+            if settings.cells:
+                cells = kmeans(tr, settings.cells, seed=settings.seed)
+                state.update(centres=cells.centres, inertia=torch.tensor(cells.inertia, dtype=torch.float64),
+                             train_cells=cells.assign(tr))
+        return state
+
+    def state(self) -> dict[str, Tensor]:
+        """What :meth:`build` measured, as tensors to store and pass back as ``state``."""
+        out = {"train_nn": self.train_nn}
+        if self.heldout_d is not None:
+            out["heldout_d"] = self.heldout_d
+        if self.cells is not None:
+            out.update(centres=self.cells.centres, inertia=torch.tensor(self.cells.inertia, dtype=torch.float64),
+                       train_cells=self.train_cells)
+        return {k: v.contiguous() for k, v in out.items()}
 
     def measure(self, generated: Tensor) -> CopyEvidence:
         """Every test of ``generated`` against this reference."""
@@ -148,7 +173,7 @@ class CopyReference:
         flags = authentic(d1, nearest, self.train_nn)
         test = gap = labels = None
         if ho is not None and self.cells is not None:
-            labels = [self.cells.assign(t) for t in (gen, ho, self.train)]
+            labels = [self.cells.assign(gen), self.cells.assign(ho), self.train_cells]
             test = ct_statistic(gen, ho, self.train, *labels, k=self.cells.k, min_samples=s.min_samples, alpha=s.alpha,
                                 zu=mann_whitney_z(d1, ho_d))
         if ho is not None:
