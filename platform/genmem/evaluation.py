@@ -25,7 +25,6 @@ from genmem.metrics import (
     knn,
     lid_mle,
     lid_twonn,
-    memorisation,
     mmd_rbf,
     prdc,
     reference_stats,
@@ -164,7 +163,6 @@ def evaluate_samples(
     search = search or partial(knn, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device)
     evidence = _copy_tests(gen, tr, ho, cfg, search, "pixels", metrics, cache_dir=cache_dir,
                            key=f"{train.manifest.sha256[:16]}-{heldout.manifest.sha256[:16]}-pixels")
-    mem = evidence.report
     ref_rows = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.reference_max]
     metrics.update(_feature_metrics(gen, train, heldout, ref_rows, cfg, cache_dir=cache_dir, device=device,
                                     feature_data=feature_data or train))
@@ -275,10 +273,14 @@ def _worst_pairs(evidence: CopyEvidence, generated: ArrayDataset, train: ArrayDa
     return figures, rows
 
 
+# What regenerates (or finds) a sample: model id, seed and index, or the file an image folder's row came from.
+PROVENANCE = ("model_id", "seed", "index", "path")
+
+
 def _provenance(generated: ArrayDataset, j: int) -> dict[str, Any]:
-    """What regenerates (or finds) sample ``j``: model id, seed and index, or the file it came from."""
+    """What regenerates (or finds) sample ``j``: its :data:`PROVENANCE` columns."""
     row = {}
-    for col in ("model_id", "seed", "index", "path"):  # path: the file an image folder's row came from
+    for col in PROVENANCE:
         if col in generated.meta:
             value = generated.meta[col][j]
             row[col] = value.item() if hasattr(value, "item") else value
@@ -303,7 +305,7 @@ def _copying_cells(evidence: CopyEvidence, gen: torch.Tensor, tr: torch.Tensor, 
 def _per_sample(evidence: CopyEvidence, generated: ArrayDataset, train: ArrayDataset) -> dict[str, np.ndarray]:
     """Each sample's provenance beside its nearest training row, d1, d1/d2, authenticity and C_T cell."""
     mem = evidence.report
-    columns = {col: np.asarray(generated.meta[col]) for col in ("model_id", "seed", "index", "path") if col in generated.meta}
+    columns = {col: np.asarray(generated.meta[col]) for col in PROVENANCE if col in generated.meta}
     columns.setdefault("index", generated.index.numpy())
     columns.update(d1=mem.d1.cpu().numpy(), ratio=mem.ratio.cpu().numpy(), train_index=train.index[mem.nearest.cpu()].numpy(),
                    authentic=evidence.authentic.cpu().numpy())
