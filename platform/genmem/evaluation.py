@@ -191,8 +191,12 @@ def _copy_tests(gen: torch.Tensor, tr: torch.Tensor, ho: torch.Tensor | None, cf
     metrics.update({f"eval/{name}{k}": float(v) for k, v in figures.items()})
     null = ref.null() if cfg.null_control else None
     if null is not None:
-        metrics.update({f"null/{name}{k}": float(v) for k, v in null.headline().items()})
+        metrics.update({f"null/{name}{k}": float(v) for k, v in null.headline().items() if k.removesuffix("_lo").removesuffix("_hi") in NULL_KEYS})
     return evidence
+
+
+# What the null control logs: each test's figure and interval, the reference a reader compares with.
+NULL_KEYS = ("memorised_fraction", "authpct", "ct", "zu", "gap")
 
 
 def _reference(tr: torch.Tensor, ho: torch.Tensor | None, settings: CopySettings, search, cache_dir: Path | None, key: str) -> CopyReference:

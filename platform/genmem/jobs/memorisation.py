@@ -193,7 +193,8 @@ def run(cfg: MemorisationConfig, ctx: Context) -> dict[str, Any]:
             "images": train_cfg.images, "samples": uri_of(root / "samples"), "train_run_id": trained["mlflow_run_id"], "metrics": metrics}
 
 
-_TABLE = (("memorised", "memorised_fraction"), ("held-out", "heldout_memorised_fraction"), ("FD", "fd"), ("precision", "precision"),
+_TABLE = (("memorised", "memorised_fraction"), ("held-out", "heldout_memorised_fraction"), ("authentic %", "authpct"),
+          ("C_T", "ct"), ("FD", "fd"), ("precision", "precision"),
           ("recall", "recall"), ("dim (train)", "train_q50"), ("dim (held-out)", "heldout_q50"), ("LID MLE", "lid_mle"),
           ("LID TwoNN", "lid_twonn"))
 
@@ -209,7 +210,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_PHASE = {"memorised fraction": "memorised_fraction", "FD to the held-out data": "fd", "learned dimension (median, training points)": "train_q50"}
+_PHASE = {"memorised fraction": "memorised_fraction", "authentic % (lower: copies)": "authpct", "FD to the held-out data": "fd",
+          "learned dimension (median, training points)": "train_q50"}
 
 
 def _by_size(rows: list[dict[str, Any]], key: str) -> dict[str, tuple[list[float], list[float]]]:
@@ -255,7 +257,7 @@ def sweep_figure(space, rows: list[dict[str, Any]]):
     return phase_plot(panels, "training-set size", threshold=threshold, emm=emm)
 
 
-REPORTS = ("memorised_fraction", "heldout_memorised_fraction", "fd", "precision", "recall", "lid_mle", "lid_twonn", "train_q50",
+REPORTS = ("memorised_fraction", "heldout_memorised_fraction", "authpct", "fd", "precision", "recall", "lid_mle", "lid_twonn", "train_q50",
            "heldout_q50", "train_size", "images", "emm_threshold")
 
 def report_points(run: RunView) -> list[Point]:
