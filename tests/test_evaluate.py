@@ -72,6 +72,12 @@ def test_memorisation_is_watched_during_training(digits_run, mlflow_server):
     _, train, heldout = training_data(digits_run["checkpoint"])
     again = memorisation_probe(ckpt.config, train, heldout)(ckpt.model, "cpu")
     assert history[-1].value == pytest.approx(again["eval/memorised_fraction"], abs=1e-9)
+    # the probe's cheap copy tests beside it: authPct and the fraction's interval, at every probe
+    client = MlflowClient(mlflow_server)
+    for key in ("eval/authpct", "eval/memorised_fraction_lo", "eval/memorised_fraction_hi"):
+        steps = client.get_metric_history(digits_run["mlflow_run_id"], key)
+        assert [m.step for m in steps] == [3200, 6400, 9600, 12800, 16000], key
+    assert again["eval/memorised_fraction_lo"] <= again["eval/memorised_fraction"] <= again["eval/memorised_fraction_hi"]
 
 
 def test_evaluate_job_logs_metrics_and_figures(digits_run, tracking, ray_local):

@@ -34,7 +34,7 @@ from genmem.metrics.evidence import CopyEvidence, CopyReference, CopySettings, c
 from genmem.metrics.frechet import fd_interval, kid_interval
 from genmem.metrics.outliers import out_of_range_fraction
 from genmem.storage import atomic_write_bytes, pull
-from genmem.viz import pairs_grid, ratio_histograms, sample_picture
+from genmem.viz import labelled_rows, pairs_grid, ratio_histograms, sample_picture
 
 
 @dataclass
@@ -294,16 +294,16 @@ def _provenance(generated: ArrayDataset, j: int) -> dict[str, Any]:
 
 
 def _copying_cells(evidence: CopyEvidence, gen: torch.Tensor, tr: torch.Tensor, cells: int = 3, per_cell: int = 4) -> np.ndarray:
-    """The most-copying C_T cells: in each, its samples nearest to train beside their nearest
-    training points (generated | nearest training), the lowest-z cell first."""
+    """The most-copying C_T cells, one row each, lowest z first: the cell's samples nearest to
+    train, each beside its nearest training point."""
     test, mem = evidence.copy_test, evidence.report
-    labels = evidence.cell
-    picks = []
+    pictures, labels = [], []
     for c in test.most_copying(cells).tolist():
-        members = torch.nonzero(labels == c).flatten()
-        picks.append(members[mem.d1[members].argsort(stable=True)[:per_cell]])
-    rows = torch.cat(picks)
-    return pairs_grid(gen[rows], tr[mem.nearest[rows]])
+        members = torch.nonzero(evidence.cell == c).flatten()
+        rows = members[mem.d1[members].argsort(stable=True)[:per_cell]]
+        pictures.append(pairs_grid(gen[rows], tr[mem.nearest[rows]]))
+        labels.append(f"cell {c}\nz = {float(test.z[c]):.1f}\n{int(test.generated[c])} samples")
+    return labelled_rows(pictures, labels, "C_T's most-copying cells: generated | nearest training, side by side")
 
 
 def _per_sample(evidence: CopyEvidence, generated: ArrayDataset, train: ArrayDataset) -> dict[str, np.ndarray]:

@@ -102,6 +102,27 @@ def pairs_grid(generated: torch.Tensor, nearest: torch.Tensor) -> np.ndarray:
     return figure_to_array(fig)
 
 
+def labelled_rows(pictures: list[np.ndarray], labels: list[str], title: str) -> np.ndarray:
+    """Pictures stacked one per row, each with its label on the left, under a title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(p.shape[1] for p in pictures)
+    heights = [p.shape[0] for p in pictures]
+    fig, axes = plt.subplots(len(pictures), 1, figsize=(2.2 + width / 100, 0.6 + sum(heights) / 100), dpi=100,
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, picture, label in zip(axes[:, 0], pictures, labels):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    return figure_to_array(fig)
+
+
 def ratio_histograms(train: torch.Tensor, heldout: torch.Tensor | None, threshold: float, label: str = "d1/d2") -> np.ndarray:
     """Histograms of a nearest-neighbour statistic against the training and held-out sets."""
     import matplotlib

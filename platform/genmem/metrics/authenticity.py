@@ -5,8 +5,7 @@ training point lies to its own nearest other training point: it sits inside the 
 neighbourhood, where no other real datum reaches. authPct is the percentage of authentic samples.
 The pairing is the paper's and dgm-eval's (``compute_authpct``): the generated sample's nearest
 training point, compared with that point's nearest other training point; a tie counts as
-inauthentic, as there. (synthcity indexes the training set by the generated sample's position
-instead, a different pairing.)
+inauthentic, as there.
 """
 
 from __future__ import annotations

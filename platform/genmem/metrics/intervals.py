@@ -56,11 +56,13 @@ def fraction(flags: Tensor, level: float = LEVEL) -> tuple[float, float]:
     n = len(flags)
     if not n:
         return float("nan"), float("nan")
-    p = float(flags.to(torch.float64).mean())
+    k = int(flags.sum())
+    p = k / n
     z = float(torch.special.ndtri(torch.tensor(1 - (1 - level) / 2, dtype=torch.float64)))
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At k = 0 (or n) the bound is 0 (or 1) exactly; the formula leaves round-off there.
+    return 0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)
 
 
 def statistic(n: int, fn: Callable[[Tensor], float], draws: int, seed: int) -> Tensor:
