@@ -89,6 +89,8 @@ def test_exact_copies_read_as_copying_everywhere(digits):
     assert s["ct"] < -8 and s["zu"] < -20 and s["ct_copying_share"] == 1.0
     assert s["authpct"] == 0.0 and s["memorised_fraction"] == 1.0
     assert s["gap_lo"] > 1.0
+    cells = ev.copy_test.cells()
+    assert len(cells) == 10 and all(c["copies"] for c in cells if c["used"]) and sum(c["generated"] for c in cells) == 1000
 
 
 def test_heldout_as_samples_reads_as_not_copying_whatever_the_sizes(digits):

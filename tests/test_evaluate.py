@@ -96,7 +96,8 @@ def test_evaluate_job_logs_metrics_and_figures(digits_run, tracking, ray_local):
     assert metrics["eval/fd_classifier"] > 0.0
     assert run.data.tags["train_run_id"] == digits_run["mlflow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    for figure in ("memorised_pairs.png", "ratio_histogram.png", "samples.png", "most_memorised.json", "copy_tests.parquet"):
+    for figure in ("memorised_pairs.png", "ratio_histogram.png", "samples.png", "most_memorised.json", "copy_tests.parquet",
+                   "ct_cells.json"):
         assert figure in artifacts, artifacts
     # every copy test in pixels and in the classifier's features, with intervals and the null control beside them
     for key in ("eval/authpct", "eval/gap", "eval/zu", "eval/memorised_fraction_lo", "eval/fd_classifier_lo", "eval/kid_pixels_hi",

@@ -43,6 +43,7 @@ class Evaluation:
     figures: dict[str, np.ndarray] = field(default_factory=dict)
     most_memorised: list[dict[str, Any]] = field(default_factory=list)  # provenance to regenerate each
     per_sample: dict[str, np.ndarray] = field(default_factory=dict)  # one row per sample: provenance and each test's verdict
+    ct_cells: list[dict[str, Any]] = field(default_factory=list)  # C_T's cells in pixel space: z, counts, used, copies
 
 
 def training_data(checkpoint: str | Path) -> tuple[dict[str, Any], ArrayDataset, ArrayDataset]:
@@ -174,7 +175,8 @@ def evaluate_samples(
         metrics["eval/mmd"] = mmd_rbf(gen[:2000], ho[:2000])
         metrics["eval/sliced_wasserstein"] = sliced_wasserstein(gen, ho)
     figures, rows = _worst_pairs(evidence, generated, train, cfg)
-    return Evaluation(metrics=metrics, figures=figures, most_memorised=rows, per_sample=_per_sample(evidence, generated, train))
+    return Evaluation(metrics=metrics, figures=figures, most_memorised=rows, per_sample=_per_sample(evidence, generated, train),
+                      ct_cells=evidence.copy_test.cells() if evidence.copy_test is not None else [])
 
 
 def _copy_tests(gen: torch.Tensor, tr: torch.Tensor, ho: torch.Tensor | None, cfg: MetricsConfig, search, space: str,

@@ -63,11 +63,14 @@ def run(cfg: EvaluateConfig, ctx: Context) -> dict[str, Any]:
 
 def log_evaluation(tracker: Tracker, result: Evaluation, cfg: MetricsConfig, *, step: int = 0, figure_step: int | None = None) -> None:
     """An evaluation into a run: metrics at ``step``, the figures (by ``figure_step`` when given),
-    the most memorised samples with their provenance, and the metric settings."""
+    the most memorised samples with their provenance, every sample's copy-test verdicts
+    (``copy_tests.parquet``), C_T's cells (``ct_cells.json``), and the metric settings."""
     tracker.metrics(result.metrics, step=step)
     for name, picture in result.figures.items():
         tracker.image(name, picture, step=figure_step)
     tracker.text(json.dumps(result.most_memorised, indent=2), "most_memorised.json")
+    if result.ct_cells:
+        tracker.text(json.dumps(result.ct_cells, indent=1), "ct_cells.json")
     if result.per_sample and tracker.enabled:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "copy_tests.parquet"

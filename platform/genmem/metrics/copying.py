@@ -64,6 +64,14 @@ class CopyTest:
         cells = torch.nonzero(self.used).flatten()
         return cells[self.z[cells].argsort(stable=True)][:n]
 
+    def cells(self) -> list[dict[str, float | int | bool | None]]:
+        """One record per cell: its z (None where not computed), generated and held-out counts,
+        whether it is in C_T, and whether it copies significantly."""
+        crit = self.critical_z
+        return [{"cell": c, "z": None if math.isnan(z) else z, "generated": int(g), "heldout": int(h), "used": bool(u),
+                 "copies": bool(u) and z < crit}
+                for c, (z, g, h, u) in enumerate(zip(self.z.tolist(), self.generated, self.heldout, self.used))]
+
     def summary(self) -> dict[str, float]:
         """Scalars to log: ``ct``, ``zu``, ``ct_cells_used`` and ``ct_copying_share``."""
         return {"ct": self.ct, "zu": self.zu, "ct_cells_used": float(self.used.sum()), "ct_copying_share": self.copying_share}
