@@ -86,7 +86,7 @@ def main() -> None:
 
     from genmem.config import TrainConfig
     from genmem.data import load_dataset
-    from genmem.jobs.train import train_model
+    from genmem.runs.training import train_model
 
     cfg = TrainConfig.model_validate(dict(
         name="bench", data=dict(source="digits"), model=dict(kind="unet", channels=32),

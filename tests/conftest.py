@@ -334,7 +334,7 @@ def toy_checkpoint(mlflow_server):
     """A 2-layer MLP flow trained on 16 moons points (memorising), tracked on the session's server;
     shared by the posterior and report tests."""
     from genmem.config import TrainConfig
-    from genmem.jobs.train import train_model
+    from genmem.runs.training import train_model
 
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server

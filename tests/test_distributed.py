@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from genmem.checkpoint import load_checkpoint
 from genmem.config import TrainConfig
 from genmem.distributed.sampling import sample
-from genmem.jobs.train import train_model
+from genmem.runs.training import train_model
 from genmem.data import read_shards
 from genmem.errors import ClusterError, StorageError, TrackingError
 

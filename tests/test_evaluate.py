@@ -15,7 +15,7 @@ from genmem.evaluation import memorisation_probe, training_data
 from genmem.jobs.base import Context
 from genmem.jobs.evaluate import EvaluateConfig
 from genmem.jobs.evaluate import run as evaluate_job
-from genmem.jobs.train import train_model
+from genmem.runs.training import train_model
 from genmem.metrics import memorisation
 
 

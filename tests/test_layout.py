@@ -65,9 +65,23 @@ def test_execution_layer_imports_no_tracking_and_no_method():
     assert _offending(_files("distributed"), forbidden) == []
 
 
-def test_only_jobs_import_tracking():
-    everything = [p for p in PACKAGE.rglob("*.py") if "jobs" not in p.relative_to(PACKAGE).parts and p.name != "tracking.py"]
+def test_only_jobs_and_runs_import_tracking():
+    parts = lambda p: p.relative_to(PACKAGE).parts  # noqa: E731
+    everything = [p for p in PACKAGE.rglob("*.py") if not {"jobs", "runs"} & set(parts(p)) and p.name != "tracking.py"]
     assert _offending(everything, ("genmem.tracking",)) == []
+
+
+def test_no_job_imports_another_and_runs_import_no_job():
+    """The jobs share what they need through runs/; a job reaches another only through the registry."""
+    jobs = [p for p in _files("jobs") if p.name not in ("__init__.py", "base.py", "registry.py")]
+    names = [f"genmem.jobs.{p.stem}" for p in jobs]
+    bad = [f"{p.stem} imports {m}" for p in jobs for m in _imports(p)
+           if any(m == n or m.startswith(n + ".") for n in names if n != f"genmem.jobs.{p.stem}")]
+    # `from genmem.jobs import train` names the module too
+    bad += [f"{p.stem} imports genmem.jobs.{a.name}" for p in jobs for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module == "genmem.jobs" for a in node.names if a.name not in ("registry", "base")]
+    assert bad == []
+    assert _offending(_files("runs"), ("genmem.jobs", "genmem.cli")) == []
 
 
 def test_the_layering_check_sees_a_violation(tmp_path):

@@ -16,7 +16,7 @@ from ray.cluster_utils import Cluster
 
 from genmem.config import TrainConfig
 from genmem.distributed.train import ray_storage
-from genmem.jobs.train import train_model
+from genmem.runs.training import train_model
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]  # a simulated three-node cluster

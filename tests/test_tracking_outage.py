@@ -16,7 +16,7 @@ from genmem.checkpoint import load_checkpoint
 from genmem.config import TrainConfig
 from genmem.distributed.train import latest_checkpoint, ray_storage
 from genmem.errors import TrackingUnavailable
-from genmem.jobs.train import train_model
+from genmem.runs.training import train_model
 from genmem.storage import join
 
 pytestmark = pytest.mark.slow

@@ -199,3 +199,23 @@ def test_resuming_a_run_at_its_end_trains_no_further(storage, tmp_path):
     assert again.step == 4 and again.images_seen == 256 * 4
     a, b = load_file(done.checkpoint / "model.safetensors"), load_file(again.checkpoint / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_worker_spec_is_checked_on_the_driver_and_frozen():
+    """What a training worker receives is one typed record: a wrong field fails where the run is
+    built, not on a Ray worker."""
+    import dataclasses
+
+    from genmem.config import TrainConfig
+    from genmem.runs.training import WorkerSpec
+
+    good = dict(config=TrainConfig(), run_id="r", tracking_uri="sqlite:///x.db", storage={}, run_dir="/tmp/run")
+    spec = WorkerSpec(**good)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.run_id = "other"
+    with pytest.raises(TypeError, match="TrainConfig"):
+        WorkerSpec(**{**good, "config": TrainConfig().model_dump()})
+    with pytest.raises(ValueError, match="run_id"):
+        WorkerSpec(**{**good, "run_id": ""})
+    with pytest.raises(TypeError, match="callable"):
+        WorkerSpec(**good, hooks=("not a function",))

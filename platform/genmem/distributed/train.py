@@ -65,15 +65,15 @@ class FitResult:
 
 
 def fit_workers(
-    worker_fn: Callable[[dict[str, Any]], None],
-    loop_config: dict[str, Any],
+    worker_fn: Callable[[Any], None],
+    spec: Any,
     scaling: ScalingConfig,
     run_name: str,
     *,
     callbacks: Sequence[Any] = (),
     report_to_tune: bool = False,
 ) -> FitResult:
-    """Run ``worker_fn(loop_config)`` on ``scaling.num_workers`` Ray Train workers under the run
+    """Run ``worker_fn(spec)`` on ``scaling.num_workers`` Ray Train workers under the run
     name ``run_name`` (an existing run of that name resumes from its last checkpoint), checkpoints
     bounded by ``scaling.num_to_keep``, group restarts by ``scaling.max_failures``. Inside a Tune
     trial, ``report_to_tune`` forwards every worker report to Tune.
@@ -88,15 +88,15 @@ def fit_workers(
     if scaling.num_workers == 0:
         if callbacks:
             raise ValueError("Ray Train callbacks need workers: num_workers=0 runs no Ray Train controller to call them")
-        return _fit_in_process(worker_fn, loop_config, _InProcess(join(storage, run_name), scaling.num_to_keep, report_to_tune))
+        return _fit_in_process(worker_fn, spec, _InProcess(join(storage, run_name), scaling.num_to_keep, report_to_tune))
     callbacks = list(callbacks)
     if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
-        worker_fn,
-        train_loop_config=loop_config,
+        _receiving(worker_fn),
+        train_loop_config={_SPEC: spec},
         scaling_config=RayScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                         resources_per_worker=worker_bundle(scaling), placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(name=run_name, **storage_options(storage),
@@ -140,11 +140,24 @@ class _InProcess:
 _IN_PROCESS: contextvars.ContextVar[_InProcess | None] = contextvars.ContextVar("genmem_in_process", default=None)
 
 
-def _fit_in_process(worker_fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], run: _InProcess) -> FitResult:
+# Ray Train hands its worker function one dict; the spec (any picklable record) rides under this key.
+_SPEC = "spec"
+
+
+def _receiving(worker_fn: Callable[[Any], None]) -> Callable[[dict[str, Any]], None]:
+    """The function Ray Train runs on each worker: ``worker_fn`` of the spec."""
+
+    def train_fn_per_worker(config: dict[str, Any]) -> None:
+        worker_fn(config[_SPEC])
+
+    return train_fn_per_worker
+
+
+def _fit_in_process(worker_fn: Callable[[Any], None], spec: Any, run: _InProcess) -> FitResult:
     saved = dict(os.environ)  # a worker function sets its storage and tracking variables: this process keeps its own
     token = _IN_PROCESS.set(run)
     try:
-        worker_fn(loop_config)
+        worker_fn(spec)
     finally:
         _IN_PROCESS.reset(token)
         for key in set(os.environ) - set(saved):

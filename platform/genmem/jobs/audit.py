@@ -21,9 +21,9 @@ from genmem.distributed.images import decoder
 from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import check_metrics, evaluate_samples, feature_names, min_samples
 from genmem.jobs.base import Context, Flag, Job
-from genmem.jobs.evaluate import log_evaluation
 from genmem.metrics.outliers import range_warning
 from genmem.report import Point
+from genmem.runs.evaluations import log_evaluation
 from genmem.storage import storage_root
 from genmem.tracking import RunView, check_reachable, job_run
 

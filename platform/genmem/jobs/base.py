@@ -6,33 +6,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
 from genmem.distributed.cluster import Footprint
-
-
-@dataclass
-class Context:
-    """How a job was started. From the CLI: all defaults. From a Tune trial: the sweep's parent
-    MLflow run and tags, a deterministic ``key`` (a restored trial reopens the same Ray and
-    MLflow runs instead of starting new ones) and ``report``, which sends metrics to Tune."""
-
-    parent_run_id: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    key: str | None = None
-    report: Callable[[dict[str, float]], None] | None = None
-
-    @property
-    def under_tune(self) -> bool:
-        return self.report is not None
-
-    def emit(self, metrics: dict[str, float]) -> None:
-        """Progress metrics for Tune (nothing outside a sweep)."""
-        if self.report is not None:
-            self.report(metrics)
+from genmem.runs.context import Context
 
 
 class Flag:
@@ -54,7 +34,7 @@ class Job:
     a space gives ``max_t`` and ``grace_period``) and ``budget(cfg)`` its value at the end;
     ``table(result)`` is what the CLI prints, ``summary(result)`` its JSON (default: the result);
     ``sweep_figure(space, trials)`` draws the sweep parent run's ``sweep_summary`` image from the
-    finished trials (``{"params", "reports"}`` each; :func:`genmem.jobs.sweep.grouped` helps);
+    finished trials (``{"params", "reports"}`` each; :func:`genmem.runs.curves.grouped` helps);
     default: the sweep metric against each swept key; ``sweep_metrics(space, trials)``: numbers
     about the whole sweep logged into that run and returned as the sweep's ``summary``;
     ``report_points(run)``: the (memorised fraction, quality) points a finished run of this job

@@ -3,28 +3,23 @@ against the checkpoint's own training and held-out data, and one MLflow run with
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
 import uuid
-from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pydantic import Field
 
-from genmem.config import MetricsConfig, to_yaml
+from genmem.config import MetricsConfig
 from genmem.data import read_shards
 from genmem.distributed.sampling import sample
 from genmem.distributed.neighbours import neighbour_search
-from genmem.evaluation import Evaluation, check_metrics, evaluate_samples, feature_names, training_data
+from genmem.evaluation import check_metrics, evaluate_samples, feature_names, training_data
 from genmem.jobs.base import Context, Flag, Job
 from genmem.metrics.outliers import range_warning
 from genmem.storage import ensure_writable, storage_root
 from genmem.report import Point
-from genmem.tracking import RunView, Tracker, check_reachable, job_run
+from genmem.runs.evaluations import log_evaluation
+from genmem.tracking import RunView, check_reachable, job_run
 
 
 class EvaluateConfig(MetricsConfig):
@@ -59,24 +54,6 @@ def run(cfg: EvaluateConfig, ctx: Context) -> dict[str, Any]:
         if warning:
             print(f"[genmem evaluate] {warning}", file=sys.stderr, flush=True)
     return {"mlflow_run_id": tracker.run_id, "samples": str(samples_path), **{k.removeprefix("eval/"): v for k, v in result.metrics.items()}}
-
-
-def log_evaluation(tracker: Tracker, result: Evaluation, cfg: MetricsConfig, *, step: int = 0, figure_step: int | None = None) -> None:
-    """An evaluation into a run: metrics at ``step``, the figures (by ``figure_step`` when given),
-    the most memorised samples with their provenance, every sample's copy-test verdicts
-    (``copy_tests.parquet``), C_T's cells (``ct_cells.json``), and the metric settings."""
-    tracker.metrics(result.metrics, step=step)
-    for name, picture in result.figures.items():
-        tracker.image(name, picture, step=figure_step)
-    tracker.text(json.dumps(result.most_memorised, indent=2), "most_memorised.json")
-    if result.ct_cells:
-        tracker.text(json.dumps(result.ct_cells, indent=1), "ct_cells.json")
-    if result.per_sample and tracker.enabled:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "copy_tests.parquet"
-            pq.write_table(pa.table(result.per_sample), path)
-            tracker.artifact(path)
-    tracker.text(to_yaml(cfg), "evaluate.yaml")
 
 
 def report_points(run: RunView) -> list[Point]:

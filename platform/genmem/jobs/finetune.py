@@ -38,9 +38,7 @@ from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError
 from genmem.evaluation import training_data
 from genmem.generative import build_process, derive_seed, generate
-from genmem.jobs import train as train_job
 from genmem.jobs.base import Context, Flag, Job, numeric
-from genmem.jobs.sweep import curves_against
 from genmem.methods.finetune import (
     DIVERGENCES,
     AdjointMatching,
@@ -65,6 +63,8 @@ from genmem.metrics.prdc import prdc
 from genmem.metrics.two_d import mmd_rbf
 from genmem.storage import check_storage, ensure_writable, storage_root, storage_uri, uri_of
 from genmem.report import Point, before_and_after
+from genmem.runs.curves import curves_against
+from genmem.runs.training import derived_tree, footprint, train_model
 from genmem.tracking import RunView, Tracker, check_reachable, job_run
 from genmem.viz import densities, line_panels, side_by_side
 
@@ -236,7 +236,7 @@ class ProbeFactory:
 
 
 def _train_config(cfg: FinetuneConfig, base: dict[str, Any], run_name: str) -> TrainConfig:
-    tree = train_job.derived_tree(base["config"], name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed,
+    tree = derived_tree(base["config"], name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed,
                                   images=cfg.images, batch_size=cfg.batch_size, lr=cfg.lr, scaling=cfg.scaling)
     tree.update(init_from=cfg.base, eval_every_images=cfg.eval_every_images, eval_n=cfg.probe_n)
     return TrainConfig.model_validate(tree)
@@ -312,7 +312,7 @@ def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
             raise ConfigError(str(err)) from err
         measure = _Measure(cfg, train, heldout, reward, before, c)
         tracker.metrics({"finetune/normaliser": c})
-        trained = train_job.train_model(_train_config(cfg, base, run_name), Context(parent_run_id=tracker.run_id, tags={"finetune": run_name}),
+        trained = train_model(_train_config(cfg, base, run_name), Context(parent_run_id=tracker.run_id, tags={"finetune": run_name}),
                                         kind="finetune", objective_factory=ObjectiveFactory(cfg, c),
                                         probe_factory=ProbeFactory(cfg, c, before))
         after = sample_once(trained["checkpoint"], cfg.eval_n, root / "after", seed=derive_seed(cfg.seed, _EVAL), scaling=cfg.scaling)
@@ -388,7 +388,7 @@ JOB = Job(
     example="alpha=0.5",
     flags=(Flag("--base", "base", help="the base checkpoint"), Flag("--alpha", "alpha", type=float, help="α: the regulariser's weight"),
            Flag("--divergence", "divergence", help=f"the regulariser: {', '.join(DIVERGENCES)}")),
-    footprint=lambda cfg: train_job.footprint(TrainConfig(scaling=cfg.scaling, batch_size=cfg.batch_size)),
+    footprint=lambda cfg: footprint(TrainConfig(scaling=cfg.scaling, batch_size=cfg.batch_size)),
     preflight=preflight,
     metrics=REPORTS,
     final_report=lambda r: {**numeric(r["metrics"]), "alpha": r["alpha"]},

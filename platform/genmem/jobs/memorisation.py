@@ -41,15 +41,16 @@ from genmem.errors import ConfigError
 from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import evaluate_samples, primary_fd
 from genmem.generative import build_process, derive_seed
-from genmem.jobs import train as train_job
 from genmem.jobs.base import Context, Flag, Job, numeric
-from genmem.jobs.evaluate import log_evaluation
-from genmem.jobs.sweep import grouped
 from genmem.metrics.dimension import DimensionReport, learned_dimension, tangent_kept
 from genmem.metrics.flipd import convolution_score
 from genmem.metrics.memorisation import effective_memorisation
 from genmem.storage import ensure_writable, storage_root, uri_of
 from genmem.report import Point
+from genmem.runs.curves import grouped
+from genmem.runs.evaluations import log_evaluation
+from genmem.runs.training import footprint, train_model
+from genmem.runs.training import preflight as train_preflight
 from genmem.tracking import RunView, job_run
 from genmem.viz import phase_plot, spectrum_plot
 
@@ -110,7 +111,7 @@ def training_config(cfg: MemorisationConfig, size: int, run_name: str) -> TrainC
 
 def _checked(cfg: MemorisationConfig) -> tuple[ArrayDataset, ArrayDataset]:
     """Tracking, storage, the data at its size and the per-direction report's needs, before any Ray work."""
-    train_job.preflight(training_config(cfg, 1, "check"))
+    train_preflight(training_config(cfg, 1, "check"))
     train, heldout = load_dataset(cfg.data)  # a size beyond the split fails here, naming both
     if cfg.study.dimension.per_direction and "F" not in train.manifest.extra:
         raise ConfigError(f"study.dimension.per_direction needs linear-manifold data with known directions (data.source=manifold), "
@@ -175,7 +176,7 @@ def run(cfg: MemorisationConfig, ctx: Context) -> dict[str, Any]:
                  key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
         tracker.text(to_yaml(cfg), "memorisation.yaml")
         print(f"[genmem memorisation] {size} training points, {train_cfg.images} images of training", flush=True)
-        trained = train_job.train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"memorisation": run_name}), kind="memorisation")
+        trained = train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"memorisation": run_name}), kind="memorisation")
         sample_once(trained["checkpoint"], cfg.study.n, root / "samples", seed=derive_seed(cfg.seed, _SAMPLE), scaling=cfg.scaling)
         result = evaluate_samples(read_shards(root / "samples"), train, heldout, cfg.study.metrics, cache_dir=storage_root() / "features",
                                   search=neighbour_search(cfg.study.metrics, len(train)), feature_data=_whole_split(cfg))
@@ -276,7 +277,7 @@ JOB = Job(
     run=run,
     example="data.train_size=64",
     flags=(Flag("--train-size", "data.train_size", type=int, help="training points (a seeded subset of the training split)"),),
-    footprint=lambda cfg: train_job.footprint(cfg),
+    footprint=lambda cfg: footprint(cfg),
     preflight=preflight,
     metrics=REPORTS,
     final_report=lambda r: numeric(r["metrics"]),

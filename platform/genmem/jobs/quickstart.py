@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from genmem.config import Strict, TrainConfig
-from genmem.jobs import posterior, report, train
+from genmem.jobs import registry
 from genmem.jobs.base import Context, Flag, Job
 
 
@@ -22,19 +22,20 @@ class QuickstartConfig(Strict):
     def _check_posterior(self) -> "QuickstartConfig":
         """The posterior half's settings, checked before the training half runs (its checkpoint
         does not exist yet, so a placeholder stands in)."""
-        posterior.PosteriorConfig(checkpoint="<trained>", scales=self.scales, samples=self.samples, n=self.n)
+        registry.get("posterior").config(checkpoint="<trained>", scales=self.scales, samples=self.samples, n=self.n)
         return self
 
 
 def run(cfg: QuickstartConfig, ctx: Context) -> dict[str, Any]:
+    """The three jobs in turn, each reached through the registry as the CLI reaches it."""
+    train, posterior, report = (registry.get(name) for name in ("train", "posterior", "report"))
     trained = train.run(cfg.train, ctx)
-    post_cfg = posterior.PosteriorConfig(checkpoint=trained["checkpoint"], scales=cfg.scales, samples=cfg.samples, n=cfg.n)
-    arms = posterior.run(post_cfg, ctx)
-    return {"train": trained, "posterior": arms, "report": report.run(report.ReportConfig(runs=[arms["mlflow_run_id"]], name="quickstart"), ctx)}
+    arms = posterior.run(posterior.config(checkpoint=trained["checkpoint"], scales=cfg.scales, samples=cfg.samples, n=cfg.n), ctx)
+    return {"train": trained, "posterior": arms, "report": report.run(report.config(runs=[arms["mlflow_run_id"]], name="quickstart"), ctx)}
 
 
 def table(result: dict[str, Any]) -> str:
-    return (posterior.format_table(result["posterior"]) + "\n\n" + report.table(result["report"])
+    return (registry.get("posterior").table(result["posterior"]) + "\n\n" + registry.get("report").table(result["report"])
             + "\nMLflow: `make mlflow-ui`, then experiments genmem/train, genmem/posterior and genmem/report at http://127.0.0.1:5000")
 
 

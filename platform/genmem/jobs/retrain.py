@@ -28,10 +28,7 @@ from genmem.errors import ConfigError
 from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import evaluate_samples, primary_fd, training_data
 from genmem.generative import derive_seed
-from genmem.jobs import train as train_job
 from genmem.jobs.base import Context, Job, numeric
-from genmem.jobs.evaluate import log_evaluation
-from genmem.jobs.sweep import grouped
 from genmem.methods.retraining import CURVES, collapse_generation, curves, select_synthetic
 from genmem.storage import (
     atomic_write_text,
@@ -41,6 +38,10 @@ from genmem.storage import (
     uri_of,
 )
 from genmem.report import Point, quality_of
+from genmem.runs.curves import grouped
+from genmem.runs.evaluations import log_evaluation
+from genmem.runs.training import footprint, train_model
+from genmem.runs.training import preflight as train_preflight
 from genmem.tracking import RunView, Tracker, job_run
 from genmem.viz import line_panels
 
@@ -124,7 +125,7 @@ class _Loop:
     """One loop's fixed facts: the real data, λ's row count, where it lives and how it is tracked."""
 
     def __init__(self, cfg: RetrainConfig, ctx: Context):
-        train_job.preflight(cfg.train)  # tracking, storage and the real data, before any Ray work
+        train_preflight(cfg.train)  # tracking, storage and the real data, before any Ray work
         self.cfg, self.ctx = cfg, ctx
         self.n_real = len(load_real(cfg.train.data)[0])
         self.k = self.n_real if cfg.fully_synthetic else synthetic_count(float(cfg.synthetic_ratio), self.n_real)
@@ -146,7 +147,7 @@ class _Loop:
         n_syn = 0 if g == 0 else (self.k * (g if cfg.accumulate else 1))
         n_real = self.n_real if gen_cfg.data.real else 0
         print(f"[genmem retrain] generation {g}/{cfg.generations}: {n_real} real + {n_syn} synthetic rows", flush=True)
-        trained = train_job.train_model(gen_cfg, Context(parent_run_id=tracker.run_id, tags={"generation": str(g), "loop": self.run_name}),
+        trained = train_model(gen_cfg, Context(parent_run_id=tracker.run_id, tags={"generation": str(g), "loop": self.run_name}),
                                         kind="retrain")
         checkpoint, gen_dir = trained["checkpoint"], self.root / f"g{g}"
         s = cfg.train.scaling
@@ -287,8 +288,8 @@ JOB = Job(
     config=RetrainConfig,
     run=run,
     example="synthetic_ratio=0.5",
-    footprint=lambda cfg: train_job.footprint(cfg.train),
-    preflight=lambda cfg: train_job.preflight(cfg.train),
+    footprint=lambda cfg: footprint(cfg.train),
+    preflight=lambda cfg: train_preflight(cfg.train),
     metrics=REPORTS,
     time_attr="generation",
     budget=lambda cfg: cfg.generations,

@@ -32,9 +32,7 @@ from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError, DataError
 from genmem.evaluation import training_data
 from genmem.generative import build_process, derive_seed
-from genmem.jobs import train as train_job
 from genmem.jobs.base import Context, Flag, Job, numeric
-from genmem.jobs.sweep import curves_against
 from genmem.methods.unlearning import (
     WeightedObjective,
     copies_of,
@@ -51,6 +49,8 @@ from genmem.metrics.memorisation import memorisation
 from genmem.metrics.two_d import mmd_rbf
 from genmem.storage import check_storage, ensure_writable, storage_root, storage_uri, uri_of
 from genmem.report import Point, before_and_after
+from genmem.runs.curves import curves_against
+from genmem.runs.training import derived_tree, footprint, train_model
 from genmem.tracking import RunView, check_reachable, job_run
 from genmem.viz import before_after
 
@@ -154,7 +154,7 @@ def _proxy_logits(cfg: UnlearnConfig, train: ArrayDataset, base_x: torch.Tensor,
 
 
 def _train_config(cfg: UnlearnConfig, base: dict[str, Any], base_samples: str, run_name: str) -> TrainConfig:
-    tree = train_job.derived_tree(base["config"], name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed,
+    tree = derived_tree(base["config"], name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed,
                                   images=cfg.images, batch_size=cfg.batch_size, lr=cfg.lr, scaling=cfg.scaling)
     tree["data"] = {**tree["data"], "synthetic": [base_samples], "real": False}  # trained on base samples, measured on the real data
     if cfg.mode == "finetune":
@@ -237,7 +237,7 @@ def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
                          "unlearn/targets": float(len(targets)) if targets is not None else 0.0})
         train_cfg = _train_config(cfg, base, uri_of(root / "base_samples"), run_name)
         factory = WeightsFactory(w, float(x1.double().sum()), source)
-        trained = train_job.train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"unlearn": run_name}),
+        trained = train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"unlearn": run_name}),
                                         kind="unlearn", objective_factory=factory)
         after = sample_once(trained["checkpoint"], cfg.eval_n, root / "after", seed=derive_seed(cfg.seed, _EVAL), scaling=cfg.scaling)
         measure = _Measure(cfg, train, heldout, forget, targets)
@@ -295,7 +295,7 @@ JOB = Job(
     run=run,
     example="lam=5",
     flags=(Flag("--base", "base", help="the base checkpoint"), Flag("--lam", "lam", type=float, help="λ: 0 keeps the base")),
-    footprint=lambda cfg: train_job.footprint(TrainConfig(scaling=cfg.scaling, batch_size=cfg.batch_size)),
+    footprint=lambda cfg: footprint(TrainConfig(scaling=cfg.scaling, batch_size=cfg.batch_size)),
     preflight=preflight,
     metrics=REPORTS,
     final_report=lambda r: {**numeric(r["metrics"]), "lam": r["lam"]},
