@@ -117,3 +117,18 @@ def test_functions_stay_short():
                 if lines > MAX_LINES and where not in LONG_FUNCTIONS:
                     long.append(f"{where} ({lines} lines)")
     assert long == []
+
+
+def test_no_code_outside_generative_branches_on_the_process_class():
+    """Processes carry their coefficients and conversions (Process.alpha_sigma, score, memoryless,
+    ...): a third process then works everywhere, instead of failing in an isinstance chain."""
+    bad = []
+    for path in PACKAGE.rglob("*.py"):
+        if "generative" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+                names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} if len(node.args) > 1 else set()
+                if names & {"FlowMatching", "VPDiffusion"}:
+                    bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert bad == []

@@ -16,12 +16,13 @@ exact Gaussian transitions of DDPM (the posterior q(x_b | x_a, x1_hat)) and DDIM
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from genmem.generative.process import PathSample, Process, per_sample_mse
+from genmem.generative.process import ChainCoefficients, PathSample, Process, ScoreFn, per_sample_mse, t_batch
 
 _COSINE_OFFSET = 0.008  # Nichol & Dhariwal 2021, eq. 17
 _BETA_MIN, _BETA_MAX = 0.1, 20.0  # Song et al. 2021, VP SDE
@@ -41,6 +42,8 @@ class VPDiffusion(Process):
     # Sampling starts where alpha = 0.01, not at alpha = 0 where alpha'/alpha is infinite; the
     # marginal there differs from N(0, I) by 1e-4 in variance.
     alpha_start: float = 0.01
+    default_grid = "edm"
+    stochastic = True
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = 1.0 - t.double()  # diffusion time: 0 data, 1 noise
@@ -75,11 +78,6 @@ class VPDiffusion(Process):
             a, _ = self.alpha_sigma(torch.tensor([mid], dtype=torch.float64))
             lo, hi = (mid, hi) if a.item() < self.alpha_start else (lo, mid)
         return hi
-
-    def noise_ratio(self, t: torch.Tensor) -> torch.Tensor:
-        """sigma / alpha: EDM's sigma for this path, decreasing in t."""
-        alpha, sigma = self.alpha_sigma(t)
-        return sigma / alpha.clamp(min=1e-12)
 
     def path(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> PathSample:
         alpha, sigma = self.alpha_sigma(t)
@@ -133,6 +131,34 @@ class VPDiffusion(Process):
             return (2.0 * self.dlog_alpha(t)).sqrt()
 
         return drift, g
+
+    def for_sampling(self, clip: float | None) -> VPDiffusion:
+        return dataclasses.replace(self, clip=clip)
+
+    def score(self, model, t: float) -> ScoreFn:
+        """score = -eps_hat / sigma (the model predicts eps or v, either giving eps_hat)."""
+        sigma = self.alpha_sigma(torch.tensor([t], dtype=torch.float64))[1].item()
+        if not sigma > 0:
+            raise ValueError(f"the VP score needs sigma(t) > 0, got sigma({t}) = {sigma}")
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            return -self.denoise(model, x, t_batch(t, x))[1] / sigma
+
+        return score
+
+    def memoryless(self, steps: int) -> ChainCoefficients:
+        """DDPM's posterior between any two times (Kingma et al. 2021): the forward
+        x_a = (α_a/α_b) x_b + N(0, σ_ab²), σ_ab² = σ_a² - (α_a/α_b)² σ_b²; m = a x1_hat + b x."""
+        t = torch.linspace(self.t_start, self.t_end, steps + 1, dtype=torch.float64)
+        alpha, sigma = self.alpha_sigma(t)
+        a_a, s_a, a_b, s_b = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
+        a_ab = a_a / a_b
+        var_ab = (s_a**2 - a_ab**2 * s_b**2).clamp(min=0)
+        return ChainCoefficients(t=t, a=a_b * var_ab / s_a**2, b=a_ab * s_b**2 / s_a**2, v=torch.zeros(steps, dtype=torch.float64),
+                                 c=(var_ab * s_b**2 / s_a**2).sqrt())
+
+    def chain_mean(self, model, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return a * self.denoise(model, x, t)[0] + b * x
 
 
 def ddim_step(process: VPDiffusion, model, x: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor, eta: float,

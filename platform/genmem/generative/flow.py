@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from genmem.generative.process import PathSample, Process, per_sample_mse
+from genmem.generative.process import ChainCoefficients, PathSample, Process, ScoreFn, per_sample_mse, t_batch
 
 
 @dataclass(frozen=True)
@@ -49,3 +49,27 @@ class FlowMatching(Process):
 
     def velocity(self, model):
         return model
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return t, 1 - t
+
+    def score(self, model, t: float) -> ScoreFn:
+        """Tweedie on x_t = (1 - t) x0 + t x1, v = E[x1 - x0 | x_t]: E[x0 | x_t] = x - t v, and
+        the score is -E[x0 | x_t] / (1 - t) = (t v - x) / (1 - t)."""
+        if not 0.0 <= t < 1.0:
+            raise ValueError(f"the flow-matching score needs 0 <= t < 1 (the data end has no noise), got {t}")
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            return (t * model(x, t_batch(t, x)) - x) / (1.0 - t)
+
+        return score
+
+    def memoryless(self, steps: int) -> ChainCoefficients:
+        """Euler-Maruyama on t_k = (k+1)/(K+1): m = x + h (2v - x/t), c² = 2 h (1-t)/t."""
+        t_all = torch.arange(1, steps + 2, dtype=torch.float64) / (steps + 1)
+        t, h = t_all[:-1], 1.0 / (steps + 1)
+        return ChainCoefficients(t=t_all, a=torch.zeros(steps, dtype=torch.float64), b=1 - h / t,
+                                 v=torch.full((steps,), 2 * h, dtype=torch.float64), c=(2 * h * (1 - t) / t).sqrt())
+
+    def chain_mean(self, model, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return b * x + v * model(x, t)

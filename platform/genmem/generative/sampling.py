@@ -6,8 +6,6 @@ Each sample draws its starting noise (and, for the SDE, its Brownian increments)
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 from torch import nn
@@ -60,20 +58,13 @@ class StepNoise:
         return self._values[:, i % self.block]
 
 
-def _ratio(process: Process, t: torch.Tensor) -> torch.Tensor:
-    """sigma/alpha of the path at t (flow matching: (1 - t) / t), decreasing in t."""
-    if isinstance(process, VPDiffusion):
-        return process.noise_ratio(t)
-    return (1 - t) / t.clamp(min=1e-12)
-
-
 def _time_of_ratio(process: Process, ratios: torch.Tensor) -> torch.Tensor:
     """t in [t_start, t_end] with ratio(t) = ratios (bisection: the ratio is monotone)."""
     lo = torch.full_like(ratios, process.t_start)
     hi = torch.full_like(ratios, process.t_end)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        above = _ratio(process, mid) > ratios  # still too noisy: go later
+        above = process.noise_ratio(mid) > ratios  # still too noisy: go later
         lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
     return 0.5 * (lo + hi)
 
@@ -85,7 +76,7 @@ def time_grid(process: Process, steps: int, grid: str = "uniform", rho: float = 
     if grid == "uniform":
         return torch.linspace(process.t_start, process.t_end, steps + 1, dtype=torch.float64)
     ends = torch.tensor([process.t_start, process.t_end], dtype=torch.float64)
-    r_max, r_min = _ratio(process, ends).clamp(*EDM_RATIO_RANGE).tolist()
+    r_max, r_min = process.noise_ratio(ends).clamp(*EDM_RATIO_RANGE).tolist()
     i = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ratios = (r_max ** (1 / rho) + i * (r_min ** (1 / rho) - r_max ** (1 / rho))) ** rho
     t = _time_of_ratio(process, ratios)
@@ -94,8 +85,8 @@ def time_grid(process: Process, steps: int, grid: str = "uniform", rho: float = 
 
 
 def sampling_grid(process: Process, sampler: SamplerConfig) -> torch.Tensor:
-    """The grid ``sampler`` asks for; "auto" is edm for diffusion, uniform for flow matching."""
-    kind = sampler.grid if sampler.grid != "auto" else ("edm" if isinstance(process, VPDiffusion) else "uniform")
+    """The grid ``sampler`` asks for; "auto" is the process's own (edm for diffusion, uniform for flow matching)."""
+    kind = sampler.grid if sampler.grid != "auto" else process.default_grid
     return time_grid(process, sampler.steps, kind, sampler.rho)
 
 
@@ -117,7 +108,7 @@ def _ancestral(process: VPDiffusion, model, x: torch.Tensor, grid: torch.Tensor,
 
 def _solve(model, process: Process, sampler: SamplerConfig, x: torch.Tensor, grid: torch.Tensor, noise) -> torch.Tensor:
     if sampler.method in ("sde", "ddpm", "ddim"):
-        if not isinstance(process, VPDiffusion):
+        if not process.stochastic:
             raise ValueError(f"sampler.method={sampler.method} needs process.kind=diffusion")
         if sampler.method == "sde":
             drift, g = process.sde_drift_diffusion(model)
@@ -143,10 +134,8 @@ class Chained(nn.Module):
 def _prepared(process: Process, sampler: SamplerConfig) -> tuple[Process, torch.Tensor]:
     """The process with its clipping resolved, and the sampler's time grid."""
     grid = sampling_grid(process, sampler)
-    if isinstance(process, VPDiffusion):  # "auto" unresolved (no training data at hand): off
-        clip = sampler.clip_denoised if sampler.clip_denoised != "auto" else None
-        process = dataclasses.replace(process, clip=clip)
-    return process, grid
+    clip = sampler.clip_denoised if sampler.clip_denoised != "auto" else None  # "auto" unresolved (no training data at hand): off
+    return process.for_sampling(clip), grid
 
 
 @torch.no_grad()

@@ -42,21 +42,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from genmem.generative.diffusion import VPDiffusion
-from genmem.generative.flow import FlowMatching
 from genmem.generative.process import Process
 from genmem.generative.sampling import derive_seed
 
 Reward = Callable[[Tensor], Tensor]  # r(x) -> (batch,), differentiable in x
 
 _NOISE_STREAM, _STEPS_STREAM = 41, 42
-
-
-def path_coefficients(process: Process, t: Tensor) -> tuple[Tensor, Tensor]:
-    """(α_t, σ_t) of x_t = α_t x1 + σ_t x0, read off the process's own path (float64)."""
-    t = t.double().reshape(-1)
-    one, zero = torch.ones(len(t), 1, dtype=torch.float64), torch.zeros(len(t), 1, dtype=torch.float64)
-    return process.path(zero, one, t).x_t.squeeze(1), process.path(one, zero, t).x_t.squeeze(1)
 
 
 class Memoryless:
@@ -71,31 +62,15 @@ class Memoryless:
         if steps < 2:
             raise ValueError(f"the memoryless chain needs at least 2 steps, got {steps}")
         self.process, self.steps = process, steps
-        if isinstance(process, FlowMatching):
-            # Euler-Maruyama on t_k = (k+1)/(K+1): m = x + h (2v - x/t), c² = 2 h (1-t)/t
-            self.t = torch.arange(1, steps + 2, dtype=torch.float64) / (steps + 1)
-            t, h = self.t[:-1], 1.0 / (steps + 1)
-            self.a, self.b, self.v = torch.zeros(steps, dtype=torch.float64), 1 - h / t, torch.full((steps,), 2 * h, dtype=torch.float64)
-            self.c = (2 * h * (1 - t) / t).sqrt()
-        elif isinstance(process, VPDiffusion):
-            # DDPM's posterior between any two times (Kingma et al. 2021): the forward
-            # x_a = (α_a/α_b) x_b + N(0, σ_ab²), σ_ab² = σ_a² - (α_a/α_b)² σ_b²; m = a x1_hat + b x
-            self.t = torch.linspace(process.t_start, process.t_end, steps + 1, dtype=torch.float64)
-            alpha, sigma = path_coefficients(process, self.t)
-            a_a, s_a, a_b, s_b = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
-            a_ab = a_a / a_b
-            var_ab = (s_a**2 - a_ab**2 * s_b**2).clamp(min=0)
-            self.a, self.b, self.v = a_b * var_ab / s_a**2, a_ab * s_b**2 / s_a**2, torch.zeros(steps, dtype=torch.float64)
-            self.c = (var_ab * s_b**2 / s_a**2).sqrt()
-        else:
-            raise TypeError(f"no memoryless chain for process {type(process).__name__}: expected FlowMatching or VPDiffusion")
+        coefficients = process.memoryless(steps)
+        self.t, self.a, self.b, self.v, self.c = (coefficients.t, coefficients.a, coefficients.b, coefficients.v, coefficients.c)
         if (self.c <= 0).any():  # a control needs noise to act through (and would divide by c)
             raise ValueError(f"the chain of {type(process).__name__} has a deterministic step at {steps} steps: use fewer steps")
 
     def start(self, noise: Tensor) -> Tensor:
         """The chain's first state from standard normal ``noise`` (the path's marginal at t_0,
         up to its data term, which the first step forgets)."""
-        return float(path_coefficients(self.process, self.t[:1])[1]) * noise
+        return float(self.process.alpha_sigma(self.t[:1])[1]) * noise
 
     def mean(self, model: nn.Module, x: Tensor, k: int | Tensor) -> Tensor:
         """m_k(x): the transition mean of step ``k`` from x under ``model``; ``k`` may be one
@@ -107,9 +82,7 @@ class Memoryless:
             return c[k].to(x.device, x.dtype).view(shape)
 
         t = self.t[k].to(x.device, x.dtype)
-        if isinstance(self.process, FlowMatching):
-            return coef(self.b) * x + coef(self.v) * model(x, t)
-        return coef(self.a) * self.process.denoise(model, x, t)[0] + coef(self.b) * x
+        return self.process.chain_mean(model, x, t, coef(self.a), coef(self.b), coef(self.v))
 
     @torch.no_grad()
     def sample(self, model: nn.Module, noise0: Tensor, noise: Callable[[int], Tensor]) -> tuple[list[Tensor], Tensor]:

@@ -20,8 +20,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from genmem.generative.diffusion import VPDiffusion
-from genmem.generative.flow import FlowMatching
 from genmem.generative.process import Process
 
 ScoreFn = Callable[[Tensor], Tensor]
@@ -131,12 +129,9 @@ def lid_spectral(score_fn: ScoreFn, x: Tensor) -> Tensor:
     return sv.shape[1] - above
 
 
-def _t_batch(t: float, x: Tensor) -> Tensor:
-    return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-
-
 def flow_score(model, process: Process, t: float) -> ScoreFn:
-    """The score of p_t at flow time ``t`` (genmem: t = 0 noise, t = 1 data) from a trained model.
+    """The score of p_t at flow time ``t`` (genmem: t = 0 noise, t = 1 data) from a trained model,
+    as the process computes it (:meth:`genmem.generative.process.Process.score`):
 
     - FlowMatching (x_t = (1 - t) x0 + t x1, v = E[x1 - x0 | x_t]): Tweedie gives
       E[x0 | x_t] = x - t v, and the score is -E[x0 | x_t] / (1 - t) = (t v - x) / (1 - t).
@@ -148,32 +143,12 @@ def flow_score(model, process: Process, t: float) -> ScoreFn:
         score = flow_score(model, FlowMatching(), t=0.99)
         s = score(x_t)  # same shape as x_t
     """
-    if isinstance(process, FlowMatching):
-        if not 0.0 <= t < 1.0:
-            raise ValueError(f"the flow-matching score needs 0 <= t < 1 (the data end has no noise), got {t}")
-
-        def score(x: Tensor) -> Tensor:
-            return (t * model(x, _t_batch(t, x)) - x) / (1.0 - t)
-
-        return score
-    if isinstance(process, VPDiffusion):
-        tt = torch.tensor([t], dtype=torch.float64)
-        sigma = process.alpha_sigma(tt)[1].item()
-        if not sigma > 0:
-            raise ValueError(f"the VP score needs sigma(t) > 0, got sigma({t}) = {sigma}")
-
-        def score(x: Tensor) -> Tensor:
-            return -process.denoise(model, x, _t_batch(t, x))[1] / sigma
-
-        return score
-    raise TypeError(f"no score for process {type(process).__name__}: expected FlowMatching or VPDiffusion")
+    return process.score(model, t)
 
 
 def _alpha_sigma(process: Process, t: float) -> tuple[float, float]:
-    # Every genmem path is x_t = alpha_t x1 + sigma_t x0; read both coefficients off the path itself.
-    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
-    tt = torch.tensor([t], dtype=torch.float64)
-    return process.path(zero, one, tt).x_t.item(), process.path(one, zero, tt).x_t.item()
+    alpha, sigma = process.alpha_sigma(torch.tensor([t], dtype=torch.float64))
+    return alpha.item(), sigma.item()
 
 
 def noise_to_time(process: Process, t_noise: float) -> float:
