@@ -55,9 +55,11 @@ class HeldoutGap:
 
 
 def size_matched_gap(generated: Tensor, train: Tensor, heldout: Tensor, *, draws: int = 5, seed: int = 0,
-                     search: Search | None = None) -> HeldoutGap:
+                     search: Search | None = None, measured: dict[str, Tensor] | None = None) -> HeldoutGap:
     """The held-out gap of ``generated`` with the larger of ``train``/``heldout`` subsampled to the
-    smaller's size ``draws`` times (seeded). ``search``: an exact k-NN with :func:`knn`'s contract.
+    smaller's size ``draws`` times (seeded). ``search``: an exact k-NN with :func:`knn`'s contract;
+    ``measured``: each sample's distance to the whole ``"train"`` or ``"heldout"`` set where the
+    caller has it (the smaller set is used whole, so it is not searched again).
 
     Usage::
 
@@ -70,7 +72,7 @@ def size_matched_gap(generated: Tensor, train: Tensor, heldout: Tensor, *, draws
     size = min(len(train), len(heldout))
     gen = torch.Generator().manual_seed(seed)
     to_ho, to_tr = [], []
-    full = {}
+    full = dict(measured or {})
     for _ in range(draws):
         for name, ref, out in (("heldout", heldout, to_ho), ("train", train, to_tr)):
             if len(ref) == size:  # the smaller set is used whole: measured once

@@ -177,7 +177,9 @@ class CopyReference:
             test = ct_statistic(gen, ho, self.train, *labels, k=self.cells.k, min_samples=s.min_samples, alpha=s.alpha,
                                 zu=mann_whitney_z(d1, ho_d))
         if ho is not None:
-            gap = size_matched_gap(gen, self.train, ho, draws=s.gap_draws, seed=s.seed, search=self.search)
+            known = {"train": report.d1, "heldout": report.heldout_d1}  # the ratio test's distances to the whole sets
+            gap = size_matched_gap(gen, self.train, ho, draws=s.gap_draws, seed=s.seed, search=self.search,
+                                   measured={k: v.cpu() for k, v in known.items() if v is not None})
         spans = {"memorised_fraction": intervals.fraction(report.ratio < s.threshold, s.level),
                  "authpct": tuple(100 * v for v in intervals.fraction(flags, s.level))}
         if gap is not None and s.bootstrap:
