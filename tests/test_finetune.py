@@ -12,11 +12,11 @@ from torch import nn
 
 from genmem.config import SamplerConfig
 from genmem.generative import FlowMatching, VPDiffusion, generate
+from genmem.generative.analytic import GaussianMixtureFlow
 from genmem.methods.finetune import (
     DIVERGENCES,
     AdjointMatching,
     FinetuneObjective,
-    GaussianMixtureFlow,
     Linear,
     Memoryless,
     Surrogate,
@@ -244,7 +244,8 @@ def test_a_class_reward_on_digits_trades_diversity_for_reward_as_alpha_falls(tmp
     from genmem.config import TrainConfig
     from genmem.data import load_dataset
     from genmem.generative import build_process
-    from genmem.methods.finetune import ClassLogProb, pairwise_distance
+    from genmem.methods.finetune import ClassLogProb
+    from genmem.metrics.diversity import pairwise_distance
     from genmem.metrics.features import ClassifierFeatures
     from genmem.training import LocalReporter, train_loop
 

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "platform" / "genmem"
 
 MATHS = ("data", "models", "generative", "posterior", "metrics", "methods")
 # Library modules beside the maths packages: they too run without a cluster or a tracking server.
-LIBRARY = ("checkpoint.py", "config.py", "errors.py", "evaluation.py", "space.py", "storage.py", "training.py", "viz.py")
+LIBRARY = ("checkpoint.py", "config.py", "errors.py", "evaluation.py", "seeds.py", "space.py", "storage.py", "training.py", "viz.py")
 # A function longer than this many lines needs a reason here.
 MAX_LINES = 60
 LONG_FUNCTIONS: dict[str, str] = {}
@@ -132,3 +132,59 @@ def test_no_code_outside_generative_branches_on_the_process_class():
                 if names & {"FlowMatching", "VPDiffusion"}:
                     bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert bad == []
+
+
+# Where genmem may write os.environ, and why: nowhere else (library code reads the environment only).
+ENVIRONMENT_WRITERS = {
+    "distributed/cluster.py": "enter_environment (a Ray worker or trial takes the driver's storage and tracking) and set_verbose (the CLI's --verbose, inherited by the processes Ray starts)",
+    "distributed/tune.py": "Tune reads a stopped trial's grace from the driver's environment",
+}
+
+
+def _environment_writes(path: Path) -> list[int]:
+    """Lines that write ``os.environ``: item assignment or deletion, or a mutating method."""
+    def is_environ(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            lines += [node.lineno for t in targets if isinstance(t, ast.Subscript) and is_environ(t.value)]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("update", "setdefault", "pop", "popitem", "clear") and is_environ(node.func.value):
+                lines.append(node.lineno)
+            elif node.func.attr == "putenv":
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_only_the_execution_layer_writes_the_environment():
+    bad = [f"{p.relative_to(PACKAGE)}:{line}" for p in PACKAGE.rglob("*.py") if str(p.relative_to(PACKAGE)) not in ENVIRONMENT_WRITERS
+           for line in _environment_writes(p)]
+    assert bad == []
+
+
+def test_the_environment_check_sees_a_write(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nos.environ['A'] = '1'\nos.environ.update({})\ndel os.environ['A']\nx = os.environ.get('B')\n")
+    assert _environment_writes(probe) == [2, 3, 4]
+
+
+def test_the_readme_layout_names_every_file():
+    """The README's Layout table puts every module of the package on one layer."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Layout"):]
+    table = section[: section.index("\n\n", section.index("| layer |"))]
+    rows = {line.split("|")[1].strip(" *"): line for line in table.splitlines() if line.startswith("| **")}
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if rel.name == "__init__.py":
+            continue
+        name = rel.stem if rel.parts[0] == "jobs" and len(rel.parts) == 2 and rel.name not in ("base.py", "registry.py") else rel.name
+        folder = f"`{rel.parts[0]}/`" if len(rel.parts) > 1 else None
+        rows_with = [layer for layer, line in rows.items() if f"`{name}`" in line and (folder is None or folder in line)]
+        if not rows_with:
+            missing.append(str(rel))
+    assert missing == [], f"README Layout does not name {missing}"

@@ -209,7 +209,7 @@ def test_a_worker_spec_is_checked_on_the_driver_and_frozen():
     from genmem.config import TrainConfig
     from genmem.runs.training import WorkerSpec
 
-    good = dict(config=TrainConfig(), run_id="r", tracking_uri="sqlite:///x.db", storage={}, run_dir="/tmp/run")
+    good = dict(config=TrainConfig(), run_id="r", run_dir="/tmp/run")
     spec = WorkerSpec(**good)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.run_id = "other"

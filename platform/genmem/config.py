@@ -249,11 +249,23 @@ class MetricsConfig(Strict):
 C = TypeVar("C", bound=BaseModel)
 
 
-def _describe(err: ValidationError) -> str:
+def _key(loc: tuple[Any, ...], tree: Any) -> str:
+    """The dotted key of an error's location, without the tags pydantic inserts for a section
+    chosen by its ``kind`` (``reward.linear.a`` is the user's ``reward.a``)."""
+    keys, node = [], tree
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue
+        keys.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(keys) or "config"
+
+
+def _describe(err: ValidationError, tree: Any = None) -> str:
     """One sentence per pydantic error, naming the dotted key."""
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+        key = _key(e["loc"], tree)
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown config key '{key}': check its spelling against the documented keys")
         elif e["type"] == "value_error":
@@ -288,7 +300,7 @@ def validate(cls: type[C], tree: dict[str, Any]) -> C:
     try:
         return cls.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
+        raise ConfigError(_describe(err, tree)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type[C] = TrainConfig) -> C:

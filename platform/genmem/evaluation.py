@@ -33,6 +33,7 @@ from genmem.metrics import (
 from genmem.metrics.evidence import CopyEvidence, CopyReference, CopySettings, check_sizes
 from genmem.metrics.frechet import fd_interval, kid_interval
 from genmem.metrics.outliers import out_of_range_fraction
+from genmem.seeds import Training
 from genmem.storage import atomic_write_bytes, pull
 from genmem.viz import labelled_rows, pairs_grid, ratio_histograms, sample_picture
 
@@ -332,7 +333,7 @@ def memorisation_probe(cfg, train: ArrayDataset, heldout: ArrayDataset):
     ref = CopyReference.build(train.x, heldout.x if len(heldout) >= 2 else None, settings)
 
     def probe(model, device) -> dict[str, float]:
-        x = generate(model, process, cfg.sampler, tuple(train.shape), range(cfg.eval_n), seed=_PROBE_SEED, device=device)
+        x = generate(model, process, cfg.sampler, tuple(train.shape), range(cfg.eval_n), seed=Training.PROBE, device=device)
         ev = ref.measure(x.cpu())
         out = {f"eval/{k}": v for k, v in ev.headline().items() if k != "gap_spread"}
         out["eval/d1_q50"] = float(ev.report.d1.median())
@@ -342,5 +343,3 @@ def memorisation_probe(cfg, train: ArrayDataset, heldout: ArrayDataset):
 
     return probe
 
-
-_PROBE_SEED = 7_700_001

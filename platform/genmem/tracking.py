@@ -9,6 +9,7 @@ the rank-0 worker (or the driver) ever writes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import time
@@ -74,6 +75,11 @@ def _client(uri: str | None = None):
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
     return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def numeric(d: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a record, as floats (what Tune and MLflow metrics take)."""
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

@@ -42,6 +42,7 @@ from genmem.data import ArrayDataset
 from genmem.errors import TrainingError
 from genmem.generative import Process, build_process, data_clip, derive_seed, generate
 from genmem.models import build_model, count_parameters
+from genmem.seeds import Training as Stream
 from genmem.viz import sample_picture, save_png
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "TrainingError", "global_noise", "global_positions", "train_loop",
 ]
 
-_DATA_STREAM, _NOISE_STREAM, _TORCH_STREAM, _INIT_STREAM, _GRID_SEED = 1, 2, 3, 4, 20_240_101
 
 
 class Engine:
@@ -201,7 +201,7 @@ class TrainResult:
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     # Cached: every step of an epoch reads the same permutation (read-only, never mutated).
-    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, _DATA_STREAM, epoch)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, Stream.DATA, epoch)))
 
 
 def global_positions(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
@@ -221,7 +221,7 @@ def global_positions(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
 
 def global_noise(shape: tuple[int, ...], step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, t) for the whole global batch at ``step``."""
-    g = torch.Generator().manual_seed(derive_seed(seed, _NOISE_STREAM, step))
+    g = torch.Generator().manual_seed(derive_seed(seed, Stream.NOISE, step))
     return torch.randn((batch, *shape), generator=g), torch.rand(batch, generator=g)
 
 
@@ -257,7 +257,7 @@ def restore_state(cfg: TrainConfig, shape: tuple[int, ...], engine: Engine, *,
     ``use_ema=False, with_optimizer=True``), or ``init`` (weights and EMA start a fresh run:
     fine-tuning; ignored when resuming)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))  # same initial weights on every rank
+        torch.manual_seed(derive_seed(cfg.seed, Stream.INIT))  # same initial weights on every rank
         model = build_model(cfg.model, shape)
     start = resume if resume is not None else init
     if start is not None:
@@ -426,7 +426,7 @@ class _Run:
         if self.engine.is_main:
             cfg, shape = self.cfg, tuple(self.train.shape)
             x = generate(self.sampling_model(), self.process, cfg.sampler, shape, range(cfg.grid_size),
-                         _GRID_SEED, device=self.engine.device)
+                         Stream.GRID, device=self.engine.device)
             self.grid = sample_picture(x, self.train.x[:2000], f"{self.seen} images")
             self.reporter.picture(self.state.step, self.seen, "samples", self.grid)
 
@@ -492,7 +492,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
     state.model.train()
     while state.step < total_steps:
         if cfg.model.dropout > 0:  # dropout masks from (seed, step, rank): resumable, worker-count aware
-            torch.manual_seed(derive_seed(cfg.seed, _TORCH_STREAM, state.step, engine.rank))
+            torch.manual_seed(derive_seed(cfg.seed, Stream.TORCH, state.step, engine.rank))
         window.add(train_step(state, draw_batch(x_all, cfg, state.step, engine), objective, cfg, engine, beta), batch)
         due = schedule.due(run.seen)
         if stop_at_budget:  # the checkpoints come at probes under budget, so the latest one is always under it

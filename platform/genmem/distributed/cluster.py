@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import ray
@@ -23,6 +24,13 @@ def set_verbose(verbose: bool) -> None:
 
 def verbose() -> bool:
     return os.environ.get("GENMEM_VERBOSE", "0") == "1"
+
+
+def enter_environment(env: Mapping[str, str]) -> None:
+    """The driver's storage and tracking variables, set in a Ray worker or trial process that
+    may have inherited others: the one place genmem writes a worker's environment (a Ray Train
+    worker, a Tune trial), called first by the functions Ray runs, never in the driver."""
+    os.environ.update(env)
 
 
 def _quiet_ray_logs() -> None:

@@ -39,8 +39,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(config: dict[str, Any]) -> None:
-    import os
-
     import ray.train
 
     from genmem.checkpoint import load_checkpoint
@@ -49,7 +47,6 @@ def _worker(config: dict[str, Any]) -> None:
     from genmem.generative import build_process
     from genmem.posterior import LaplacePosterior
 
-    os.environ.update(config["storage"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     loaded = load_checkpoint(config["checkpoint"])
@@ -91,8 +88,8 @@ def posterior_on_workers(checkpoint: str, *, samples: list[dict[str, Any]], scal
     from genmem.storage import pull, storage_env
 
     config = {"checkpoint": str(checkpoint), "samples": list(samples), "laplace": laplace or {}, "solver": solver or {},
-              "optimize_prior": optimize_prior, "storage": storage_env()}
-    fitted = fit_workers(_worker, config, scaling, run_name or f"posterior-group-{uuid.uuid4().hex[:8]}")
+              "optimize_prior": optimize_prior}
+    fitted = fit_workers(_worker, config, scaling, run_name or f"posterior-group-{uuid.uuid4().hex[:8]}", env=storage_env())
     folder = pull(fitted.checkpoint)
     tensors = load_file(str(folder / "posterior.safetensors"))
     meta = json.loads((folder / "meta.json").read_text())

@@ -10,7 +10,7 @@ import contextvars
 import datetime
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
 from genmem.config import ScalingConfig
-from genmem.distributed.cluster import check_placeable, ensure_ray, verbose
+from genmem.distributed.cluster import check_placeable, ensure_ray, enter_environment, verbose
 from genmem.storage import atomic_folder, is_remote, join, listdir, local_path, pull, remote, remove, storage_uri
 
 
@@ -70,13 +70,15 @@ def fit_workers(
     scaling: ScalingConfig,
     run_name: str,
     *,
+    env: Mapping[str, str] | None = None,
     callbacks: Sequence[Any] = (),
     report_to_tune: bool = False,
 ) -> FitResult:
     """Run ``worker_fn(spec)`` on ``scaling.num_workers`` Ray Train workers under the run
     name ``run_name`` (an existing run of that name resumes from its last checkpoint), checkpoints
     bounded by ``scaling.num_to_keep``, group restarts by ``scaling.max_failures``. Inside a Tune
-    trial, ``report_to_tune`` forwards every worker report to Tune.
+    trial, ``report_to_tune`` forwards every worker report to Tune. ``env``: the driver's storage
+    and tracking variables, set on each worker before ``worker_fn`` (this process has them).
 
     ``num_workers=0`` is Ray Train's local mode: ``worker_fn`` runs in this process as rank 0 of
     one, with no worker actors to start (a controller, a worker and four helper actors a fit:
@@ -95,7 +97,7 @@ def fit_workers(
 
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
-        _receiving(worker_fn),
+        _receiving(worker_fn, dict(env or {})),
         train_loop_config={_SPEC: spec},
         scaling_config=RayScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                         resources_per_worker=worker_bundle(scaling), placement_strategy=scaling.placement_strategy),
@@ -144,25 +146,22 @@ _IN_PROCESS: contextvars.ContextVar[_InProcess | None] = contextvars.ContextVar(
 _SPEC = "spec"
 
 
-def _receiving(worker_fn: Callable[[Any], None]) -> Callable[[dict[str, Any]], None]:
-    """The function Ray Train runs on each worker: ``worker_fn`` of the spec."""
+def _receiving(worker_fn: Callable[[Any], None], env: dict[str, str]) -> Callable[[dict[str, Any]], None]:
+    """The function Ray Train runs on each worker: the driver's ``env``, then ``worker_fn`` of the spec."""
 
     def train_fn_per_worker(config: dict[str, Any]) -> None:
+        enter_environment(env)
         worker_fn(config[_SPEC])
 
     return train_fn_per_worker
 
 
 def _fit_in_process(worker_fn: Callable[[Any], None], spec: Any, run: _InProcess) -> FitResult:
-    saved = dict(os.environ)  # a worker function sets its storage and tracking variables: this process keeps its own
-    token = _IN_PROCESS.set(run)
+    token = _IN_PROCESS.set(run)  # the worker is this process: its environment is already the driver's
     try:
         worker_fn(spec)
     finally:
         _IN_PROCESS.reset(token)
-        for key in set(os.environ) - set(saved):
-            del os.environ[key]
-        os.environ.update(saved)
     if run.checkpoint is None:
         raise RuntimeError(f"training run {run.run_dir} ended without reporting a checkpoint")
     return FitResult(run.checkpoint, run.metrics, run.run_dir)

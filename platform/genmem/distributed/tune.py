@@ -4,13 +4,15 @@ function it is given. The sweep job supplies that function and what it records."
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
 
+from genmem.distributed.cluster import enter_environment
 from genmem.distributed.train import storage_options
 from genmem.space import Space
 
@@ -64,12 +66,14 @@ def run_tuner(
     driver: dict[str, float],
     time_attr: str = "training_iteration",
     budget: int | None = None,
+    env: Mapping[str, str] | None = None,
     **trial_kwargs: Any,
 ) -> list[TrialOutcome]:
     """Run ``trial_fn(point, **trial_kwargs)`` for every point of ``space``, up to
     ``concurrency`` at a time, each reserving ``driver``; with ``resume`` restore the sweep
-    ``name`` from ``storage`` and finish its unfinished and errored trials."""
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, **trial_kwargs), driver)
+    ``name`` from ``storage`` and finish its unfinished and errored trials. ``env``: the driver's
+    storage and tracking variables, set in each trial's process before ``trial_fn``."""
+    trainable = tune.with_resources(tune.with_parameters(_in_environment(trial_fn, dict(env or {})), **trial_kwargs), driver)
     # A trial the scheduler stops is blocked in its TorchTrainer.fit(), which Tune's graceful stop
     # does not interrupt: Tune kills it after this grace (default 600 s, holding its workers).
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOP_GRACE_S))
@@ -87,3 +91,15 @@ def run_tuner(
         )
     return [TrialOutcome((r.metrics or {}).get("trial_id", ""), r.path, None if r.error is None else str(r.error),
                          dict(r.metrics or {}), dict(r.config or {})) for r in tuner.fit()]
+
+
+def _in_environment(trial_fn: Callable[..., None], env: dict[str, str]) -> Callable[..., None]:
+    """What Tune runs in a trial's process: the driver's ``env``, then the trial (under the
+    trial function's own name, which Tune records and a restored sweep finds again)."""
+
+    @functools.wraps(trial_fn)
+    def trial(point: dict[str, Any], **kwargs: Any) -> None:
+        enter_environment(env)
+        trial_fn(point, **kwargs)
+
+    return trial

@@ -3,7 +3,6 @@ and to Tune. Every job module defines one :class:`Job` named ``JOB``; the regist
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +12,9 @@ from pydantic import BaseModel
 
 from genmem.distributed.cluster import Footprint
 from genmem.runs.context import Context
+from genmem.tracking import numeric
+
+__all__ = ["Context", "Flag", "Job", "numeric"]
 
 
 class Flag:
@@ -63,8 +65,3 @@ class Job:
     @property
     def sweepable(self) -> bool:
         return self.footprint is not None
-
-
-def numeric(d: dict[str, Any]) -> dict[str, float]:
-    """The finite numbers of a record, as floats (what Tune and MLflow metrics take)."""
-    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}

@@ -36,25 +36,24 @@ from genmem.checkpoint import load_checkpoint
 from genmem.config import MetricsConfig, Strict, TrainConfig, to_yaml
 from genmem.data import ArrayDataset, load_dataset
 from genmem.data.shards import read_shards
+from genmem.distributed.neighbours import neighbour_search
 from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError
-from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import evaluate_samples, primary_fd
 from genmem.generative import build_process, derive_seed
 from genmem.jobs.base import Context, Flag, Job, numeric
 from genmem.metrics.dimension import DimensionReport, learned_dimension, tangent_kept
 from genmem.metrics.flipd import convolution_score
 from genmem.metrics.memorisation import effective_memorisation
-from genmem.storage import ensure_writable, storage_root, uri_of
 from genmem.report import Point
 from genmem.runs.curves import grouped
 from genmem.runs.evaluations import log_evaluation
 from genmem.runs.training import footprint, train_model
 from genmem.runs.training import preflight as train_preflight
+from genmem.seeds import SizeStudy as Stream
+from genmem.storage import ensure_writable, storage_root, uri_of
 from genmem.tracking import RunView, job_run
 from genmem.viz import phase_plot, spectrum_plot
-
-_SAMPLE, _POINTS = 1, 2
 
 
 class DimensionConfig(Strict):
@@ -149,7 +148,7 @@ def dimension_study(cfg: MemorisationConfig, checkpoint: str, train: ArrayDatase
     score = convolution_score(loaded.model.eval(), build_process(loaded.config.process), dc.noise)
     dim = int(np.prod(train.shape))
     chunk = max(1, 4096 // dim)  # chunk x D rows go through the network at once
-    reports = {where: learned_dimension(score, _points(ds, dc.points, derive_seed(cfg.seed, _POINTS, i)), dc.noise, chunk=chunk)
+    reports = {where: learned_dimension(score, _points(ds, dc.points, derive_seed(cfg.seed, Stream.POINTS, i)), dc.noise, chunk=chunk)
                for i, (where, ds) in enumerate((("train", train), ("heldout", heldout)))}
     metrics: dict[str, float] = {}
     for where, rep in reports.items():
@@ -177,7 +176,7 @@ def run(cfg: MemorisationConfig, ctx: Context) -> dict[str, Any]:
         tracker.text(to_yaml(cfg), "memorisation.yaml")
         print(f"[genmem memorisation] {size} training points, {train_cfg.images} images of training", flush=True)
         trained = train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"memorisation": run_name}), kind="memorisation")
-        sample_once(trained["checkpoint"], cfg.study.n, root / "samples", seed=derive_seed(cfg.seed, _SAMPLE), scaling=cfg.scaling)
+        sample_once(trained["checkpoint"], cfg.study.n, root / "samples", seed=derive_seed(cfg.seed, Stream.SAMPLE), scaling=cfg.scaling)
         result = evaluate_samples(read_shards(root / "samples"), train, heldout, cfg.study.metrics, cache_dir=storage_root() / "features",
                                   search=neighbour_search(cfg.study.metrics, len(train)), feature_data=_whole_split(cfg))
         log_evaluation(tracker, result, cfg.study.metrics)

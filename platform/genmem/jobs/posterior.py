@@ -24,21 +24,25 @@ from genmem.checkpoint import Checkpoint, load_checkpoint
 from genmem.config import FEATURES, MetricsConfig, ScalingConfig, Strict, to_yaml
 from genmem.data import ArrayDataset, read_shards, seal_shards, write_part
 from genmem.distributed.cluster import Footprint, ensure_ray
+from genmem.distributed.neighbours import neighbour_search
 from genmem.distributed.sampling import sample, split_ranges
 from genmem.distributed.tasks import map_tasks
-from genmem.distributed.neighbours import neighbour_search
 from genmem.distributed.train import worker_bundle
 from genmem.errors import ConfigError
 from genmem.evaluation import evaluate_samples, primary_fd, training_data
 from genmem.generative import build_process, derive_seed, generate
 from genmem.jobs.base import Context, Flag, Job, numeric
-from genmem.posterior import LaplacePosterior, default_subset, select_parameters, with_weights
-from genmem.storage import ensure_writable, remove, storage_root, uri_of
+from genmem.posterior import (
+    LaplacePosterior,
+    default_subset,
+    select_parameters,
+    with_weights,
+)
 from genmem.report import Point
+from genmem.seeds import Posterior as Stream
+from genmem.storage import ensure_writable, remove, storage_root, uri_of
 from genmem.tracking import RunView, check_reachable, job_run
 from genmem.viz import figure_to_array, log_where_decades
-
-_WEIGHT_SEEDS = 17  # derive_seed(seed, 17, k): the k-th weight sample of every arm
 
 
 class PosteriorConfig(Strict):
@@ -173,7 +177,7 @@ class _Arms:
 
 def weight_seeds(cfg: PosteriorConfig) -> list[int]:
     """The seed of the k-th weight sample of every arm (the same initial velocities across methods)."""
-    return [derive_seed(cfg.seed, _WEIGHT_SEEDS, k) for k in range(cfg.samples)]
+    return [derive_seed(cfg.seed, Stream.WEIGHTS, k) for k in range(cfg.samples)]
 
 
 def _solve_on_workers(cfg: PosteriorConfig, tracker) -> tuple[float, dict]:

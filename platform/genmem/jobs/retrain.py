@@ -23,13 +23,24 @@ from pydantic import Field, model_validator
 
 from genmem.config import FEATURES, MetricsConfig, Strict, TrainConfig, to_yaml
 from genmem.data import load_real, read_shards, synthetic_count
+from genmem.distributed.neighbours import neighbour_search
 from genmem.distributed.sampling import sample
 from genmem.errors import ConfigError
-from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import evaluate_samples, primary_fd, training_data
 from genmem.generative import derive_seed
 from genmem.jobs.base import Context, Job, numeric
-from genmem.methods.retraining import CURVES, collapse_generation, curves, select_synthetic
+from genmem.methods.retraining import (
+    CURVES,
+    collapse_generation,
+    curves,
+    select_synthetic,
+)
+from genmem.report import Point, quality_of
+from genmem.runs.curves import grouped
+from genmem.runs.evaluations import log_evaluation
+from genmem.runs.training import footprint, train_model
+from genmem.runs.training import preflight as train_preflight
+from genmem.seeds import Retrain as Stream
 from genmem.storage import (
     atomic_write_text,
     ensure_writable,
@@ -37,16 +48,10 @@ from genmem.storage import (
     storage_root,
     uri_of,
 )
-from genmem.report import Point, quality_of
-from genmem.runs.curves import grouped
-from genmem.runs.evaluations import log_evaluation
-from genmem.runs.training import footprint, train_model
-from genmem.runs.training import preflight as train_preflight
 from genmem.tracking import RunView, Tracker, job_run
 from genmem.viz import line_panels
 
 # Streams of derive_seed(loop seed, stream, generation): independent randomness per purpose.
-_TRAIN, _SAMPLE, _SELECT = 1, 2, 3
 FULLY_SYNTHETIC = "fully_synthetic"
 
 
@@ -95,7 +100,7 @@ def generation_config(cfg: RetrainConfig, run_name: str, g: int, history: list[d
     tree = cfg.train.model_dump(mode="json")
     tree["name"] = f"{cfg.name}-g{g}"
     tree["run_name"] = f"{run_name}-g{g}"  # deterministic: a killed generation resumes its Ray run
-    tree["seed"] = derive_seed(cfg.seed, _TRAIN, g)
+    tree["seed"] = derive_seed(cfg.seed, Stream.TRAIN, g)
     tree["init_from"] = history[-1]["checkpoint"] if cfg.warm_start and g > 0 else None
     folders = [h["synthetic"] for h in history if h.get("synthetic")]
     tree["data"]["synthetic"] = [] if g == 0 else (folders if cfg.accumulate else folders[-1:])
@@ -151,12 +156,12 @@ class _Loop:
                                         kind="retrain")
         checkpoint, gen_dir = trained["checkpoint"], self.root / f"g{g}"
         s = cfg.train.scaling
-        samples = sample(checkpoint, self.n_samples, gen_dir / "samples", seed=derive_seed(cfg.seed, _SAMPLE, g), tasks=s.num_workers,
+        samples = sample(checkpoint, self.n_samples, gen_dir / "samples", seed=derive_seed(cfg.seed, Stream.SAMPLE, g), tasks=s.num_workers,
                          cpus_per_task=s.cpus_per_worker, gpus_per_task=s.gpus_per_worker if s.use_gpu else 0.0)["samples"]
         metrics, fd_key = self._score(checkpoint, samples, trained["mlflow_run_id"])
         synthetic = None
         if g < cfg.generations and self.k > 0:
-            synthetic = uri_of(select_synthetic(samples, self.k, derive_seed(cfg.seed, _SELECT, g), gen_dir / "synthetic",
+            synthetic = uri_of(select_synthetic(samples, self.k, derive_seed(cfg.seed, Stream.SELECT, g), gen_dir / "synthetic",
                                                 generation=g, checkpoint=checkpoint))
         metrics["collapsed"] = float(_collapse(cfg, [h["metrics"] for h in self.history] + [metrics]) is not None)
         return {"generation": g, "checkpoint": checkpoint, "samples": samples, "synthetic": synthetic,

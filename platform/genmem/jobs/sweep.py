@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +55,9 @@ class SweepConfig(Strict):
     resume: bool = False  # continue an interrupted sweep; finished trials are not rerun
 
 
-def _trial(point: dict[str, Any], *, job_name: str, base: dict[str, Any], env: dict[str, str], sweep: str,
-           parent_run_id: str, done_dir: str) -> None:
-    """One trial: the job's ``run`` on the base config with this trial's point applied."""
-    os.environ.update(env)  # the sweep driver's storage and tracking, whatever this worker inherited
+def _trial(point: dict[str, Any], *, job_name: str, base: dict[str, Any], sweep: str, parent_run_id: str, done_dir: str) -> None:
+    """One trial: the job's ``run`` on the base config with this trial's point applied (in a
+    process that has the sweep driver's storage and tracking: :func:`genmem.distributed.tune.run_tuner`)."""
     job = registry.get(job_name)
     trial_id = tuning.trial_id()
     done = pull(local_path(done_dir) / f"{trial_id}.json")  # done_dir is a URI under a remote store

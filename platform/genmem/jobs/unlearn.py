@@ -18,19 +18,15 @@ Usage::
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from genmem.checkpoint import read_meta
-from genmem.config import ModelConfig, ScalingConfig, Strict, TrainConfig, to_yaml
+from genmem.config import ModelConfig, ScalingConfig, Strict, TrainConfig
 from genmem.data import TOYS, ArrayDataset, toy_regions
-from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError, DataError
-from genmem.evaluation import training_data
 from genmem.generative import build_process, derive_seed
 from genmem.jobs.base import Context, Flag, Job, numeric
 from genmem.methods.unlearning import (
@@ -47,14 +43,12 @@ from genmem.metrics.features import get_extractor
 from genmem.metrics.frechet import frechet_distance, gaussian_stats
 from genmem.metrics.memorisation import memorisation
 from genmem.metrics.two_d import mmd_rbf
-from genmem.storage import check_storage, ensure_writable, storage_root, storage_uri, uri_of
-from genmem.report import Point, before_and_after
+from genmem.runs.before_after import Base, BeforeAfter, check_base, format_table, report_points, reported
 from genmem.runs.curves import curves_against
-from genmem.runs.training import derived_tree, footprint, train_model
-from genmem.tracking import RunView, check_reachable, job_run
+from genmem.runs.training import footprint
+from genmem.seeds import Unlearn as Stream
+from genmem.storage import storage_root
 from genmem.viz import before_after
-
-_BASE, _SOURCE, _EVAL, _PROXY = 1, 2, 3, 4
 
 
 class TargetConfig(Strict):
@@ -107,19 +101,11 @@ def _labels_to_forget(cfg: UnlearnConfig, train: ArrayDataset) -> list[int]:
     return sorted(set(out))
 
 
-def _checked(cfg: UnlearnConfig) -> tuple[dict[str, Any], ArrayDataset, ArrayDataset, list[int]]:
+def _checked(cfg: UnlearnConfig) -> tuple[Base, list[int]]:
     """Tracking, storage, the base checkpoint and its data, and the target, before any Ray work:
-    the base's meta, its training and held-out data, and the labels to forget."""
-    check_reachable()
-    check_storage(storage_uri())
-    base = read_meta(cfg.base)  # a clear error for a missing or foreign folder
-    _, train, heldout = training_data(cfg.base)
-    if tuple(base["shape"]) != tuple(train.shape):
-        raise ConfigError(f"base checkpoint {cfg.base} generates shape {tuple(base['shape'])} but its data has shape {train.shape}")
-    forget = _labels_to_forget(cfg, train) if cfg.target.kind != "copies" else []
-    if cfg.batch_size % cfg.scaling.ranks:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by scaling.num_workers {cfg.scaling.num_workers}")
-    return base, train, heldout, forget
+    the checked base and the labels to forget."""
+    base = check_base(cfg.base, cfg.batch_size, cfg.scaling)
+    return base, _labels_to_forget(cfg, base.train) if cfg.target.kind != "copies" else []
 
 
 def preflight(cfg: UnlearnConfig) -> None:
@@ -149,22 +135,19 @@ def _proxy_logits(cfg: UnlearnConfig, train: ArrayDataset, base_x: torch.Tensor,
                               f"(d1/d2 < {cfg.target.threshold:.3g}): there is nothing to unlearn")
         return copy_logits(report, targets), targets
     retain = ~torch.isin(train.labels, torch.tensor(forget))
-    proxy = fit_proxy(train.x, retain, seed=derive_seed(cfg.seed, _PROXY), steps=cfg.proxy_steps)
+    proxy = fit_proxy(train.x, retain, seed=derive_seed(cfg.seed, Stream.PROXY), steps=cfg.proxy_steps)
     return proxy.logits(base_x), None
 
 
-def _train_config(cfg: UnlearnConfig, base: dict[str, Any], base_samples: str, run_name: str) -> TrainConfig:
-    tree = derived_tree(base["config"], name=f"{cfg.name}-train", run_name=f"{run_name}-train", seed=cfg.seed,
-                                  images=cfg.images, batch_size=cfg.batch_size, lr=cfg.lr, scaling=cfg.scaling)
-    tree["data"] = {**tree["data"], "synthetic": [base_samples], "real": False}  # trained on base samples, measured on the real data
+def _train_config(change: BeforeAfter, cfg: UnlearnConfig, base: Base) -> TrainConfig:
+    """Trained on the base samples, measured on the real data: ``finetune`` starts from the base's
+    weights; ``flow`` trains a new flow from base samples (its source) to base samples."""
+    data = {"synthetic": [change.uri("base_samples")], "real": False}
     if cfg.mode == "finetune":
-        tree["init_from"] = cfg.base
-    else:
-        tree.update(source_checkpoint=cfg.base, process={"kind": "flow"},
-                    sampler={"method": "heun", "steps": 16} if base["config"]["process"]["kind"] != "flow" else tree["sampler"])
-        if cfg.model is not None:
-            tree["model"] = cfg.model.model_dump()
-    return TrainConfig.model_validate(tree)
+        return change.train_config(base, cfg, data=data, init_from=cfg.base)
+    sampler = {"method": "heun", "steps": 16} if base.meta["config"]["process"]["kind"] != "flow" else None
+    return change.train_config(base, cfg, data=data, source_checkpoint=cfg.base, process={"kind": "flow"}, sampler=sampler,
+                               model=cfg.model.model_dump() if cfg.model is not None else None)
 
 
 class _Measure:
@@ -172,7 +155,13 @@ class _Measure:
     independent classifier (classes: the ``classifier`` feature extractor, another seed and
     architecture), the exact nearest-neighbour test (memorisation, copies of the targets)."""
 
-    def __init__(self, cfg: UnlearnConfig, train: ArrayDataset, heldout: ArrayDataset, forget: list[int], targets: torch.Tensor | None):
+    names = ("memorised_fraction", "mmd", "mmd_kept", "fd_classifier", "copies_of_targets")
+    # how far the unlearned model moved from the base (λ = 0 should not move it), and the forgetting table
+    compared = ("mmd_to_base", "fd_to_base", "forget_mass", "forget_mass_before", "forget_ratio", "retained_mass",
+                "retained_mass_before", "retention/")
+
+    def __init__(self, cfg: UnlearnConfig, base: Base, forget: list[int], targets: torch.Tensor | None):
+        train, heldout = base.train, base.heldout
         self.cfg, self.train, self.forget, self.targets = cfg, train, forget, targets
         # FD's reference: every real image of the kept classes (train and held-out; 32 training
         # images alone would give a singular covariance)
@@ -180,9 +169,8 @@ class _Measure:
         labels = torch.cat([train.labels, heldout.labels]) if len(heldout) and train.labels is not None else train.labels
         self.reference = real if not forget else real[~torch.isin(labels, torch.tensor(forget))]
         self.toy = train.manifest.source in TOYS
-        self.images = train.x.dim() == 4
         self.extractor = None
-        if self.images and train.labels is not None:
+        if train.x.dim() == 4 and train.labels is not None:
             self.extractor = get_extractor("classifier", train=train, cache_dir=storage_root() / "features")
 
     def labels(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -190,12 +178,12 @@ class _Measure:
             return torch.as_tensor(toy_regions(self.train.manifest.source, x.numpy()))
         return self.extractor.predict(x) if self.extractor is not None else None
 
-    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
         report = memorisation(x, self.train.x, threshold=self.cfg.target.threshold)
         out = {"memorised_fraction": report.memorised_fraction}
         if self.toy:
             out["mmd"] = retained_mmd(x, self.train.x, self.train.labels, self.forget)
-            kept = ~torch.isin(labels, torch.tensor(self.forget))  # what the model generates in the kept regions
+            kept = ~torch.isin(self.labels(x), torch.tensor(self.forget))  # what the model generates in the kept regions
             out["mmd_kept"] = retained_mmd(x[kept], self.train.x, self.train.labels, self.forget) if kept.sum() > 1 else float("nan")
         if self.extractor is not None:
             out["fd_classifier"] = frechet_distance(gaussian_stats(self.extractor(x.clamp(-3, 3))), gaussian_stats(self.extractor(self.reference)))
@@ -203,62 +191,47 @@ class _Measure:
             out["copies_of_targets"] = copies_of(report, self.targets)
         return out
 
-    def compare(self, before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
-        """``<metric>_before`` and ``<metric>`` (after) for each measure, and the forgetting table."""
-        lb, la = self.labels(before), self.labels(after)
-        b, a = self(before, lb), self(after, la)
-        out = {**{f"{k}_before": v for k, v in b.items()}, **a}
-        # How far the unlearned model moved from the base (λ = 0 should not move it)
+    def compare(self, before: torch.Tensor, after: torch.Tensor, checkpoint: str) -> dict[str, float]:
+        out = {}
         if self.toy:
             out["mmd_to_base"] = mmd_rbf(after[:2000], before[:2000], bandwidth=1.0)
         if self.extractor is not None:
             out["fd_to_base"] = frechet_distance(gaussian_stats(self.extractor(after.clamp(-3, 3))), gaussian_stats(self.extractor(before.clamp(-3, 3))))
+        lb = self.labels(before)
         if self.forget and lb is not None:
             n_labels = len(self.train.manifest.extra.get("label_names") or []) or int(self.train.labels.max()) + 1
-            out.update(forgetting(lb, la, self.forget, n_labels))
+            out.update(forgetting(lb, self.labels(after), self.forget, n_labels))
         return out
 
 
 def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
-    base, train, heldout, forget = _checked(cfg)
-    run_name = cfg.run_name or ctx.key or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
-    root = ensure_writable(storage_root() / "unlearn" / run_name)
-    with job_run("unlearn", run_name, params=cfg.model_dump(mode="json"), tags={"base_checkpoint": str(cfg.base), **ctx.tags},
-                 parent_run_id=ctx.parent_run_id, key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
-        tracker.text(to_yaml(cfg), "unlearn.yaml")
+    base, forget = _checked(cfg)
+    seed = lambda stream: derive_seed(cfg.seed, stream)  # noqa: E731
+    with BeforeAfter.open("unlearn", cfg, ctx) as change:
         print(f"[genmem unlearn] {cfg.n_base} base samples, proxy for target {cfg.target.kind}", flush=True)
-        x1 = sample_once(cfg.base, cfg.n_base, root / "base_samples", seed=derive_seed(cfg.seed, _BASE), scaling=cfg.scaling)
+        x1 = change.samples(cfg.base, cfg.n_base, "base_samples", seed(Stream.BASE))
         # first the proxy: a base that copies nothing stops here, before any other sampling
-        logits, targets = _proxy_logits(cfg, train, x1, forget)
-        source = sample_once(cfg.base, cfg.n_base, root / "source_samples", seed=derive_seed(cfg.seed, _SOURCE), scaling=cfg.scaling) if cfg.mode == "flow" else None
-        before = sample_once(cfg.base, cfg.eval_n, root / "before", seed=derive_seed(cfg.seed, _EVAL), scaling=cfg.scaling)
+        logits, targets = _proxy_logits(cfg, base.train, x1, forget)
+        source = change.samples(cfg.base, cfg.n_base, "source_samples", seed(Stream.SOURCE)) if cfg.mode == "flow" else None
+        before = change.samples(cfg.base, cfg.eval_n, "before", seed(Stream.EVAL))
         w = weights(logits, cfg.lam)
-        tracker.metrics({"unlearn/weight_mean": w.mean().item(), "unlearn/weight_min": w.min().item(),
-                         "unlearn/targets": float(len(targets)) if targets is not None else 0.0})
-        train_cfg = _train_config(cfg, base, uri_of(root / "base_samples"), run_name)
-        factory = WeightsFactory(w, float(x1.double().sum()), source)
-        trained = train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"unlearn": run_name}),
-                                        kind="unlearn", objective_factory=factory)
-        after = sample_once(trained["checkpoint"], cfg.eval_n, root / "after", seed=derive_seed(cfg.seed, _EVAL), scaling=cfg.scaling)
-        measure = _Measure(cfg, train, heldout, forget, targets)
-        metrics = measure.compare(before, after)
-        tracker.metrics({f"unlearn/{k}": v for k, v in numeric(metrics).items()})
-        mask = torch.isin(train.labels, torch.tensor(forget)) if forget else None
-        tracker.image("before_after", before_after(before, after, train.x if before.dim() == 2 else None, mask,
-                                                   titles=("base", f"unlearned ({cfg.mode}, λ={cfg.lam:g})")))
-        tracker.tags({"checkpoint_uri": str(trained["checkpoint"]), "train_run_id": trained["mlflow_run_id"]})
-    return {"run_name": run_name, "mlflow_run_id": tracker.run_id, "checkpoint": trained["checkpoint"], "mode": cfg.mode, "lam": cfg.lam,
-            "target": cfg.target.kind, "forget": forget, "targets": targets.tolist() if targets is not None else None,
-            "base_samples": uri_of(root / "base_samples"), "before": uri_of(root / "before"), "after": uri_of(root / "after"),
-            "metrics": metrics}
+        change.tracker.metrics({"unlearn/weight_mean": w.mean().item(), "unlearn/weight_min": w.min().item(),
+                                "unlearn/targets": float(len(targets)) if targets is not None else 0.0})
+        trained = change.train(_train_config(change, cfg, base), objective_factory=WeightsFactory(w, float(x1.double().sum()), source))
+        after = change.samples(trained["checkpoint"], cfg.eval_n, "after", seed(Stream.EVAL))
+        metrics = change.measure(_Measure(cfg, base, forget, targets), before, after, trained["checkpoint"])
+        mask = torch.isin(base.train.labels, torch.tensor(forget)) if forget else None
+        change.tracker.image("before_after", before_after(before, after, base.train.x if before.dim() == 2 else None, mask,
+                                                          titles=("base", f"unlearned ({cfg.mode}, λ={cfg.lam:g})")))
+        change.finish(trained)
+    return {"run_name": change.run_name, "mlflow_run_id": change.tracker.run_id, "checkpoint": trained["checkpoint"], "mode": cfg.mode,
+            "lam": cfg.lam, "target": cfg.target.kind, "forget": forget, "targets": targets.tolist() if targets is not None else None,
+            "base_samples": change.uri("base_samples"), "before": change.uri("before"), "after": change.uri("after"), "metrics": metrics}
 
 
-def format_table(result: dict[str, Any]) -> str:
-    m = result["metrics"]
-    names = sorted({k.removesuffix("_before") for k in m if k.endswith("_before")})
-    lines = [f"{'':<22}{'base':>12}{'unlearned':>12}"] + [f"{k:<22}{m[k + '_before']:>12.4g}{m[k]:>12.4g}" for k in names]
-    lines += [f"{k:<22}{'':>12}{v:>12.4g}" for k, v in m.items() if k.startswith(("forget_ratio", "retention/"))]
-    return "\n".join(lines + [f"target {result['target']} {result['forget'] or result['targets']}, mode {result['mode']}, λ={result['lam']:g}"])
+def table(result: dict[str, Any]) -> str:
+    return format_table(result["metrics"], "unlearned", f"target {result['target']} {result['forget'] or result['targets']}, "
+                        f"mode {result['mode']}, λ={result['lam']:g}")
 
 
 # The sweep figure's panels: title -> how to read it from a trial's final report.
@@ -273,19 +246,7 @@ _CURVES = {
 }
 
 
-REPORTS = ("forget_mass", "forget_mass_before", "forget_ratio", "retained_mass", "retained_mass_before", "mmd", "mmd_before",
-           "mmd_kept", "mmd_kept_before",
-           "fd_classifier", "fd_classifier_before", "memorised_fraction", "memorised_fraction_before", "copies_of_targets",
-           "copies_of_targets_before", "mmd_to_base", "fd_to_base", "lam")
-
-def report_points(run: RunView) -> list[Point]:
-    """The base model's samples (its θ*) and the unlearned model's."""
-    before, after = before_and_after(run.metrics, "unlearn/")
-    model = run.tags.get("base_checkpoint", "")
-    setting = f"λ={float(run.params.get('lam', 'nan')):g}"
-    points = [run.point(before, method="unlearn θ*", setting="base", model=model, base=True),
-              run.point(after, method="unlearn", setting=setting, model=model)]
-    return [p for p in points if p]
+REPORTS = reported(_Measure, "lam")
 
 
 JOB = Job(
@@ -299,7 +260,7 @@ JOB = Job(
     preflight=preflight,
     metrics=REPORTS,
     final_report=lambda r: {**numeric(r["metrics"]), "lam": r["lam"]},
-    table=format_table,
-    report_points=report_points,
+    table=table,
+    report_points=lambda run: report_points(run, "unlearn", f"λ={float(run.params.get('lam', 'nan')):g}"),
     sweep_figure=lambda space, rows: curves_against(space, rows, "lam", _CURVES, "λ"),
 )

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from genmem.generative import Process, derive_seed
 from genmem.metrics.memorisation import MemorisationReport
 from genmem.metrics.two_d import mmd_rbf
+from genmem.seeds import UnlearningProxy as Stream
 from genmem.training import Batch, global_positions
 
-_PAIR_STREAM, _PROXY_STREAM = 11, 12
 COPY_SHARPNESS = 4.0  # logit slope in log(d1/d2): a copy at half the threshold has F ≈ 2.8
 
 
@@ -60,7 +60,7 @@ class WeightedObjective:
         if w.dim() != 1 or not torch.isfinite(w).all() or (w < 0).any():
             raise ValueError("weights must be one finite, non-negative value per training row")
         self.process, self.w, self.batch_size, self.seed, self.source = process, w.double(), batch_size, seed, source
-        g = torch.Generator().manual_seed(derive_seed(seed, _PAIR_STREAM))
+        g = torch.Generator().manual_seed(derive_seed(seed, Stream.PAIR))
         self.offset = torch.randint(len(source), (len(w),), generator=g) if source is not None else None
         self.device = torch.device("cpu")
 
@@ -71,7 +71,7 @@ class WeightedObjective:
         return self
 
     def source_rows(self, rows: Tensor, step: int) -> Tensor:
-        shift = derive_seed(self.seed, _PAIR_STREAM, step) % len(self.source)
+        shift = derive_seed(self.seed, Stream.PAIR, step) % len(self.source)
         return (self.offset[rows.cpu()] + shift) % len(self.source)
 
     def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
@@ -119,9 +119,9 @@ def fit_proxy(x: Tensor, retain: Tensor, *, seed: int, hidden: int = 64, steps: 
     if retain.min() == retain.max():
         raise ValueError("the proxy needs points to retain and points to forget: the labels hold only one kind")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, _PROXY_STREAM))
+        torch.manual_seed(derive_seed(seed, Stream.PROXY))
         proxy = RetainClassifier(tuple(x.shape[1:]), hidden)
-        g = torch.Generator().manual_seed(derive_seed(seed, _PROXY_STREAM, 1))
+        g = torch.Generator().manual_seed(derive_seed(seed, Stream.PROXY, 1))
         opt = torch.optim.Adam(proxy.parameters(), lr=lr)
         for _ in range(steps):
             rows = torch.randint(len(x), (batch_size,), generator=g)

@@ -126,15 +126,14 @@ class RayReporter:
 @dataclass(frozen=True)
 class WorkerSpec:
     """What every training worker receives, built and checked on the driver: the config, the
-    MLflow run rank 0 writes to, the storage variables and tracking URI the driver sees, the Ray
-    run's folder (resume), the hooks run after each checkpoint round, whether Tune takes each
-    log interval, how long rank 0 waits for an absent tracking server at the end, and the
-    objective and probe factories (None: plain training, the memorisation probe)."""
+    MLflow run rank 0 writes to, the Ray run's folder (resume), the hooks run after each
+    checkpoint round, whether Tune takes each log interval, how long rank 0 waits for an absent
+    tracking server at the end, and the objective and probe factories (None: plain training,
+    the memorisation probe). Where storage and tracking are travels as the workers' environment
+    (:func:`worker_env`), set by the execution layer before this reaches a worker."""
 
     config: TrainConfig
     run_id: str
-    tracking_uri: str
-    storage: dict[str, str]
     run_dir: str
     hooks: tuple[Hook, ...] = ()
     tune_reports: bool = False
@@ -145,7 +144,7 @@ class WorkerSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"WorkerSpec.config must be a TrainConfig, got {type(self.config).__name__}")
-        for name in ("run_id", "tracking_uri", "run_dir"):
+        for name in ("run_id", "run_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"WorkerSpec.{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.tracking_wait_s < 0:
@@ -155,10 +154,13 @@ class WorkerSpec:
                 raise TypeError(f"WorkerSpec hooks and factories must be callable, got {fn!r}")
 
 
+def worker_env() -> dict[str, str]:
+    """The driver's storage variables and tracking URI, which every worker takes over whatever
+    its process inherited (read on the driver)."""
+    return {**storage_env(), "MLFLOW_TRACKING_URI": tracking_uri()}
+
+
 def train_fn_per_worker(spec: WorkerSpec) -> None:
-    # The driver's view of storage and tracking wins over whatever the worker process inherited.
-    os.environ.update(spec.storage)
-    os.environ["MLFLOW_TRACKING_URI"] = spec.tracking_uri
     cfg = spec.config
     engine = AccelerateEngine(cfg.scaling.mixed_precision)
     resume = restored_checkpoint(lambda p: load_checkpoint(p, use_ema=False, with_optimizer=True), spec.run_dir)
@@ -230,10 +232,9 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
                  parent_run_id=ctx.parent_run_id, key=run_name if named else None, run_id=run_id) as tracker:
         if not run_id:
             tracker.text(to_yaml(cfg), "config.yaml")
-        spec = WorkerSpec(config=cfg, run_id=tracker.run_id, tracking_uri=tracking_uri(), storage=storage_env(),
-                          run_dir=join(ray_storage(), run_name), hooks=tuple(hooks), tune_reports=ctx.under_tune,
-                          tracking_wait_s=tracking_wait_s(), objective=objective_factory, probe=probe_factory)
-        fitted = fit_workers(train_fn_per_worker, spec, cfg.scaling, run_name, report_to_tune=ctx.under_tune)
+        spec = WorkerSpec(config=cfg, run_id=tracker.run_id, run_dir=join(ray_storage(), run_name), hooks=tuple(hooks),
+                          tune_reports=ctx.under_tune, tracking_wait_s=tracking_wait_s(), objective=objective_factory, probe=probe_factory)
+        fitted = fit_workers(train_fn_per_worker, spec, cfg.scaling, run_name, env=worker_env(), report_to_tune=ctx.under_tune)
         _deliver(tracker.run_id, read_meta(fitted.checkpoint), fitted.checkpoint, run_name)
         tracker.tags({"checkpoint_uri": str(fitted.checkpoint), "ray_storage": str(fitted.run_dir)})
         verdict = tracker.read_tags()
