@@ -166,3 +166,29 @@ def test_a_flagged_memorisation_budget_trains_to_the_end_and_tags_the_run(digits
     assert digits_run["images_seen"] == 16000 and digits_run["memorisation_budget"] == "over"
     tags = MlflowClient(mlflow_server).get_run(digits_run["mlflow_run_id"]).data.tags
     assert tags["memorisation_budget"] == "over" and tags["memorisation_budget_reason"].endswith("> max_fraction 0.1 at 16000 images seen")
+
+
+def test_a_healing_run_on_a_ray_worker_records_each_heal_once_in_mlflow(tracking, ray_local):
+    """memorisation_budget.action=heal through `genmem train`'s driver and a Ray Train worker:
+    the heal's metrics at its step, its tag, the verdict, the heals in the result, and the run
+    drawn in `genmem report` as a heal beside its θ* at the crossing."""
+    from genmem.jobs.train import report_points
+    from genmem.tracking import finished_runs
+
+    heal = {"samples": 256, "images": 3200, "max_heals": 2, "policy": "downweight"}
+    cfg = _digits_cfg(images=32 * 600, memorisation_budget={"max_fraction": 0.1, "action": "heal", "heal": heal}, **_BUDGETED,
+                      scaling={"num_workers": 1})
+    result = train_model(cfg)
+    client = MlflowClient(tracking)
+    history = client.get_metric_history(result["mlflow_run_id"], "heal/memorised_fraction")
+    assert [m.step for m in history] == [h["at"] for h in result["heals"]] == [16_000]  # once, at the crossing
+    before = client.get_metric_history(result["mlflow_run_id"], "heal/memorised_fraction_before")[0].value
+    assert before > 0.1 >= history[0].value
+    tags = client.get_run(result["mlflow_run_id"]).data.tags
+    assert result["memorisation_budget"] == tags["memorisation_budget"] == "healed"
+    assert tags["memorisation_heal_1"].startswith("at 16000 images: memorised ")
+    assert result["images_seen"] == cfg.images  # healed, it trained on to the end
+    (view,) = [v for v in finished_runs(experiments=["train"], uri=tracking) if v.run_id == result["mlflow_run_id"]]
+    points = report_points(view)
+    assert [p.method for p in points] == ["heal θ*", "heal"] and points[0].base
+    assert points[1].memorised_fraction < points[0].memorised_fraction and points[0].quality_key == points[1].quality_key == "fd_pixels"

@@ -140,7 +140,25 @@ class ScalingConfig(Strict):
         return max(self.num_workers, 1)
 
 
-BUDGET_TAG = "memorisation_budget"  # the run tag: "over" (flagged) or "stopped" (training ended at the budget)
+BUDGET_TAG = "memorisation_budget"  # the run tag: "over" (flagged), "stopped" (training ended at the budget) or "healed"
+HEAL_TAG = "memorisation_heal"  # one tag per heal, memorisation_heal_<k>: what it targeted and what it changed
+
+
+class HealConfig(Strict):
+    """How a run over its memorisation budget heals itself (``action: heal``): ``samples`` fresh
+    samples of the current model find the training images it copies (the copies target); the
+    energy-weighted unlearning step (METHODS.md §Unlearning, fine-tune mode: the weighted flow
+    matching loss on those samples, weights sigmoid(-λ F), F from each copy's d1/d2) runs for
+    ``images`` on the current weights; then training goes on with the copied images ``kept``,
+    ``downweighted`` by their unlearning weights, or ``dropped`` from the sampler. At most
+    ``max_heals`` heals; a crossing after the last ends training as ``stop`` does."""
+
+    max_heals: int = Field(2, ge=1)
+    policy: Literal["keep", "downweight", "drop"] = "downweight"
+    samples: int = Field(2000, gt=2)  # samples that find the copies (and measure the heal before and after)
+    images: int = Field(20_000, gt=0)  # images of the unlearning step per heal
+    lam: float = Field(5.0, gt=0)  # λ of the unlearning weights
+    lr: float | None = Field(None, gt=0)  # the unlearning step's learning rate (default: the run's)
 
 
 class BudgetConfig(Strict):
@@ -148,10 +166,26 @@ class BudgetConfig(Strict):
     ``flag``: tag the run (``memorisation_budget=over``) and train on; ``stop``: end training at
     the first probe over budget, the result being the last checkpoint under it (written at every
     probe under budget, and only there: periodic checkpoints are replaced by these), tagged
-    ``memorisation_budget=stopped`` with why."""
+    ``memorisation_budget=stopped`` with why; ``heal``: at each crossing unlearn what the model
+    copies and train on (``heal``), checkpointed as ``stop`` is, tagged ``memorisation_budget=healed``."""
 
     max_fraction: float = Field(gt=0, lt=1)
-    action: Literal["flag", "stop"] = "flag"
+    action: Literal["flag", "stop", "heal"] = "flag"
+    heal: HealConfig | None = None  # action=heal's settings (default: HealConfig())
+
+    @model_validator(mode="after")
+    def _heal_settings(self) -> "BudgetConfig":
+        if self.heal is not None and self.action != "heal":
+            raise ValueError(f"memorisation_budget.heal is set but memorisation_budget.action is {self.action}: set action=heal or drop heal")
+        if self.action == "heal" and self.heal is None:
+            self.heal = HealConfig()
+        return self
+
+    @property
+    def checkpoints_at_probes(self) -> bool:
+        """Whether checkpoints come at probes under budget (and only there): the result when a
+        later probe is over and training ends there."""
+        return self.action in ("stop", "heal")
 
 
 class TrainConfig(Strict):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["AdjointMatching", "Finetune", "Posterior", "Retrain", "SizeStudy", "Training", "Unlearn", "UnlearningProxy"]
+__all__ = ["AdjointMatching", "Finetune", "Healing", "Posterior", "Retrain", "SizeStudy", "Training", "Unlearn", "UnlearningProxy"]
 
 
 class Training(IntEnum):
@@ -27,6 +27,14 @@ class Training(IntEnum):
     INIT = 4
     GRID = 20_240_101  # the periodic sample grid: a fixed seed, not derived, so grids compare across runs
     PROBE = 7_700_001  # the memorisation probe's samples: fixed, so successive probes differ only by the weights
+
+
+class Healing(IntEnum):
+    """A run that heals itself at its memorisation budget (genmem.methods.healing): the k-th
+    heal's samples (measured before and after it) and its unlearning step's batches."""
+
+    SAMPLES = 31
+    STEP = 32
 
 
 class UnlearningProxy(IntEnum):

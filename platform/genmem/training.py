@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from genmem.checkpoint import Checkpoint, chain_source, save_checkpoint
-from genmem.config import BUDGET_TAG, BudgetConfig, TrainConfig
+from genmem.config import BUDGET_TAG, HEAL_TAG, BudgetConfig, TrainConfig
 from genmem.data import ArrayDataset
 from genmem.errors import TrainingError
 from genmem.generative import Process, build_process, data_clip, derive_seed, generate
@@ -377,7 +377,8 @@ class _Budget:
     def __init__(self, budget: BudgetConfig, engine: Engine, reporter: Reporter):
         self.budget, self.engine, self.reporter = budget, engine, reporter
         self.last_under: tuple[int, float] | None = None  # (images seen, memorised fraction) of the last probe under budget
-        self.over_at: int | None = None
+        self.over_at: int | None = None  # images seen at the crossing that ended (stop) or flagged (flag) the run
+        self.value = math.nan  # the last probe's memorised fraction
 
     def over(self, measured: dict[str, float], seen: int) -> bool:
         value = measured.get("eval/memorised_fraction", float("nan"))
@@ -389,14 +390,19 @@ class _Budget:
         if not over:
             self.last_under = (seen, value)
             return False
-        if self.over_at is None:
+        self.value = value
+        if self.over_at is None and self.budget.action != "heal":  # a healing run notes each heal, and its stop
             self.over_at = seen
-            why = f"memorised fraction {value:.4g} > max_fraction {self.budget.max_fraction:g} at {seen} images seen"
-            if self.budget.action == "stop":
-                why += (f"; the result is the checkpoint at {self.last_under[0]} images ({self.last_under[1]:.4g})" if self.last_under
-                        else "; no probe was under budget, so the result is the model at this probe")
-            self.reporter.note({BUDGET_TAG: "stopped" if self.budget.action == "stop" else "over", f"{BUDGET_TAG}_reason": why})
+            self.note("stopped" if self.budget.action == "stop" else "over", seen)
         return True
+
+    def note(self, verdict: str, seen: int, extra: str = "") -> None:
+        """Tag the run with the verdict and why, in one sentence."""
+        why = f"memorised fraction {self.value:.4g} > max_fraction {self.budget.max_fraction:g} at {seen} images seen" + extra
+        if verdict == "stopped":
+            why += (f"; the result is the checkpoint at {self.last_under[0]} images ({self.last_under[1]:.4g})" if self.last_under
+                    else "; no probe was under budget, so the result is the model at this probe")
+        self.reporter.note({BUDGET_TAG: verdict, f"{BUDGET_TAG}_reason": why})
 
 
 class _Run:
@@ -465,29 +471,95 @@ def train_loop(
     resume: Checkpoint | None = None,
     init: Checkpoint | None = None,
     probe: Callable[[nn.Module, torch.device], dict[str, float]] | None = None,
+    heal: Healing | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``train`` for ``cfg.images`` images, minimising ``objective``
     (default: the loss of ``cfg.process``). ``resume``/``init``: see :func:`restore_state`.
     ``probe(model, device)``: metrics of the sampling model every ``cfg.eval_every_images``
-    (rank 0), e.g. the memorised fraction."""
+    (rank 0), e.g. the memorised fraction. ``heal``: what a run over its memorisation budget
+    does with ``action: heal`` (:class:`genmem.methods.healing.Healer`)."""
     engine = engine or Engine()
     cfg = resolve_sampler(cfg, train)
+    if heal is not None and objective is not None:
+        raise TrainingError("memorisation_budget.action=heal unlearns with the process's own loss, and this run trains another "
+                            "objective: use action=stop or action=flag")
     devices = [engine.device] if engine.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the caller's global RNG is left as it was
         state = restore_state(cfg, tuple(train.shape), engine, resume=resume, init=init)
         objective = (objective or ProcessObjective(build_process(cfg.process))).to(engine.device)
-        return _loop(cfg, train, reporter, objective, engine, state, probe)
+        return _loop(cfg, train, reporter, objective, engine, state, probe, heal)
 
 
-def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
+class Healing(Protocol):
+    """What the loop asks of a healer: whether it may heal again, one heal on the current
+    weights (every rank), the rows and objective to train on after the heals so far, and the
+    heals as a checkpoint records them."""
+
+    @property
+    def exhausted(self) -> bool: ...
+
+    def heal(self, state: TrainState, engine: Engine, sampling_model: Callable[[], nn.Module], seen: int) -> Any: ...
+
+    def data(self, train_x: torch.Tensor, objective: Objective) -> tuple[torch.Tensor, Objective]: ...
+
+    def history(self) -> list[dict]: ...
+
+
+def _healed(heal: Healing, budget: _Budget, state: TrainState, run: _Run, objective: Objective) -> tuple[torch.Tensor, Objective, bool]:
+    """One heal at a crossing, logged and tagged, recorded for the checkpoints; the rows and
+    objective to train on next, and whether the healed model is under budget (checkpoint it)."""
+    done = heal.heal(state, run.engine, run.sampling_model, run.seen)
+    k = len(heal.history())
+    run.reporter.log(state.step, run.seen, done.metrics())
+    run.reporter.note({f"{HEAL_TAG}_{k}": done.summary()})
+    budget.note("healed", run.seen, f"; heal {k} of {budget.budget.heal.max_heals}: {done.summary()}")
+    run.reporter.checkpoint_meta["heals"] = heal.history()
+    under = done.fraction_after <= budget.budget.max_fraction
+    if under:
+        budget.last_under = (run.seen, done.fraction_after)
+    x_all, objective = heal.data(run.train.x.to(run.engine.device), objective)
+    return x_all, objective, under
+
+
+def _verdict(measured: dict[str, float], budget: _Budget | None, heal: Healing | None, state: TrainState, run: _Run,
+             objective: Objective, x_all: torch.Tensor) -> tuple[torch.Tensor, Objective, str]:
+    """What a probe's result asks of the loop, with the rows and objective to train on next:
+    ``on`` (train on), ``checkpoint`` (train on; the model is under budget, the result if a later
+    probe is over), ``end`` (the last checkpoint under budget is the result) or ``end-checkpoint``
+    (this model is that checkpoint)."""
+    if budget is None:
+        return x_all, objective, "on"
+    if not budget.over(measured, run.seen):
+        return x_all, objective, "checkpoint" if budget.budget.checkpoints_at_probes else "on"
+    if heal is not None and not heal.exhausted:
+        x_all, objective, under = _healed(heal, budget, state, run, objective)
+        if len(x_all):
+            return x_all, objective, "checkpoint" if under else "on"
+        budget.over_at = run.seen  # `drop` has taken every training image: nothing is left to train on
+        budget.note("stopped", run.seen, ": the drop policy has removed every training image")
+        return x_all, objective, "end-checkpoint" if under else "end"
+    if not budget.budget.checkpoints_at_probes:
+        return x_all, objective, "on"  # flagged
+    if budget.budget.action == "heal":  # past its last heal a healing run stops as `stop` does
+        budget.over_at = run.seen
+        budget.note("stopped", run.seen, f" after {len(heal.history()) if heal else 0} heals")
+    return x_all, objective, "end"
+
+
+def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> TrainResult:
     batch, total_steps = cfg.batch_size, math.ceil(cfg.images / cfg.batch_size)
     beta = ema_beta(batch, cfg.ema_halflife_images) if state.ema is not None else 0.0
     run = _Run(cfg, train, reporter, engine, state)
     schedule, window = Schedule(cfg, run.seen, probe=probe is not None), _LossWindow(engine, state.step)
     budget = _Budget(cfg.memorisation_budget, engine, reporter) if cfg.memorisation_budget and probe is not None else None
-    stop_at_budget = budget is not None and budget.budget.action == "stop"
+    stop_at_budget = budget is not None and budget.budget.checkpoints_at_probes
+    heal = heal if budget is not None and budget.budget.action == "heal" else None
     last_under: Path | None = None
     x_all = train.x.to(engine.device)
+    if heal is not None:  # a resumed run trains on what its heals left
+        reporter.checkpoint_meta["heals"] = heal.history()
+        x_all, objective = heal.data(x_all, objective)
+    ended_at_budget = False
     t_start = time.perf_counter()
     state.model.train()
     while state.step < total_steps:
@@ -504,18 +576,21 @@ def _loop(cfg, train, reporter, objective, engine, state, probe) -> TrainResult:
             measured = probe(run.sampling_model(), engine.device) if engine.is_main else {}
             reporter.log(state.step, run.seen, measured)
             state.model.train()
-            if budget is not None and budget.over(measured, run.seen):
-                if stop_at_budget:
-                    break
-            elif stop_at_budget and state.step < total_steps:
+            x_all, objective, verdict = _verdict(measured, budget, heal, state, run, objective, x_all)
+            if verdict.endswith("checkpoint") and state.step < total_steps:
                 due.append("checkpoint")  # under budget: the result if a later probe is over
+            if verdict.startswith("end"):
+                ended_at_budget = True
+                if verdict == "end-checkpoint":
+                    last_under = run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"]})
+                break
         if state.step < total_steps and "grid" in due:
             run.draw_grid()
         if state.step < total_steps and "checkpoint" in due:
             last_under = run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"]})
     seconds = time.perf_counter() - t_start
     final_loss = window.read(state.step, batch)["train/loss"]
-    if stop_at_budget and budget.over_at is not None and budget.last_under:
+    if ended_at_budget and budget.last_under:
         return TrainResult(checkpoint=last_under, step=state.step, images_seen=run.seen, loss=final_loss,  # the result: the last checkpoint
                            parameters=count_parameters(engine.unwrap(state.model)), seconds=seconds,  # under budget, as written
                            images_per_s=(run.seen - state.start_images) / max(seconds, 1e-9), stopped_at=budget.over_at)

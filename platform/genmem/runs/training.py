@@ -35,8 +35,9 @@ from genmem.distributed.train import (
     restored_checkpoint,
     worker_bundle,
 )
-from genmem.errors import CheckpointError, TrackingUnavailable
+from genmem.errors import CheckpointError, ConfigError, TrackingUnavailable
 from genmem.evaluation import memorisation_probe
+from genmem.methods.healing import Healer
 from genmem.models import build_model
 from genmem.runs.context import Context
 from genmem.storage import check_storage, join, storage_env, storage_uri
@@ -62,8 +63,9 @@ class TrainJobResult(TypedDict):
     param_spread: float | None
     parameters: int
     num_workers: int
-    memorisation_budget: str | None  # "over" (flagged), "stopped" (ended at the budget) or None
+    memorisation_budget: str | None  # "over" (flagged), "stopped" (ended at the budget), "healed" or None
     memorisation_budget_reason: str | None
+    heals: list[dict[str, Any]]  # action=heal: each heal (genmem.methods.healing.Heal) the result went through
 
 
 class RayReporter:
@@ -176,7 +178,10 @@ def train_fn_per_worker(spec: WorkerSpec) -> None:
                            tracking_wait_s=spec.tracking_wait_s)
     probe = (spec.probe or memorisation_probe)(cfg, train, heldout) if cfg.eval_every_images and engine.is_main else None
     objective = spec.objective(cfg, train) if spec.objective is not None else None
-    train_loop(cfg, train, reporter, objective=objective, engine=engine, resume=resume, init=init, probe=probe)
+    healer = None
+    if cfg.memorisation_budget is not None and cfg.memorisation_budget.action == "heal":
+        healer = Healer(cfg, train, heldout, history=resume.meta.get("heals") if resume is not None else None)
+    train_loop(cfg, train, reporter, objective=objective, engine=engine, resume=resume, init=init, probe=probe, heal=healer)
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -220,6 +225,9 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
     named run that exists resumes from its last checkpoint and reopens its MLflow run."""
     ctx = ctx or Context()
     preflight(cfg)
+    if objective_factory is not None and cfg.memorisation_budget is not None and cfg.memorisation_budget.action == "heal":
+        raise ConfigError(f"memorisation_budget.action=heal unlearns with the process's own loss, and {kind} trains its own objective: "
+                          "use action=stop or action=flag")
     ensure_ray()
     check_workers(cfg.scaling)  # before the MLflow run opens: nothing is recorded for a refused request
     run_name = cfg.run_name or ctx.key or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
@@ -247,6 +255,7 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
         loss=fitted.metrics.get("train/loss"), param_spread=fitted.metrics.get("dist/param_spread"),
         parameters=meta["parameters"], num_workers=cfg.scaling.num_workers,
         memorisation_budget=verdict.get(BUDGET_TAG), memorisation_budget_reason=verdict.get(BUDGET_TAG + "_reason"),
+        heals=meta.get("heals", []),
     )
 
 
