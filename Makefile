@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: venv demo test bench mlflow-ui clean mnist
+.PHONY: venv demo test test-fast bench mlflow-ui clean mnist
 
 venv: $(STAMP)
 
@@ -41,6 +41,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: the maths and the in-process tests (no Ray cluster, no MLflow server, none of
+# the longer statistical checks). Everything else runs in `make test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -24,6 +24,7 @@ import ray
 
 from genmem.cli import build_parser, job_config
 from genmem.errors import GenmemError
+from genmem.jobs import registry
 from genmem.jobs.base import Context
 
 storage = Path(sys.argv[2])
@@ -32,7 +33,8 @@ for case_id, argv in json.loads(Path(sys.argv[1]).read_text()).items():
     before = {str(p) for p in storage.rglob("*") if p.is_file()} if storage.exists() else set()
     try:
         args = build_parser().parse_args(argv)
-        args.job.run(job_config(args.job, args), Context())
+        job = registry.get(args.job)
+        job.run(job_config(job, args), Context())
         error = None
     except GenmemError as exc:
         error = f"{type(exc).__name__}: {exc}"

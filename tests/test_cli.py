@@ -81,3 +81,60 @@ def test_sample_errors(capsys, tmp_path):
     assert "has no meta.json" in _error(capsys, ["sample", "--checkpoint", str(tmp_path / "empty"), "--n", "3", "--out", str(tmp_path / "o")])
     assert "does not exist" in _error(capsys, ["sample", "--checkpoint", str(tmp_path / "nope"), "--n", "3", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+HEAVY = ("torch", "ray", "mlflow")
+_HELP = """
+import contextlib, io, json, sys
+from genmem.cli import main
+out = {}
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+    out[" ".join(argv)] = text.getvalue()
+print(json.dumps({"text": out, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in %r)}))
+""" % (HEAVY,)
+
+
+def test_help_answers_without_loading_torch_ray_or_mlflow():
+    """`genmem --help` and every `genmem <job> --help` are built from genmem.jobs.commands alone:
+    no job module, and none of torch, Ray or MLflow, loads to print them."""
+    from genmem.jobs.commands import COMMANDS
+
+    argvs = [["--help"], *[[name, "--help"] for name in COMMANDS], ["submit", "--help"]]
+    done = subprocess.run([sys.executable, "-c", _HELP, json.dumps(argvs)], capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == []
+    assert all(name in report["text"]["--help"] for name in COMMANDS)
+    for name, command in COMMANDS.items():
+        text = report["text"][f"{name} --help"]
+        assert command.help.split()[0] in text and all(flag.name in text for flag in command.flags)
+
+
+def test_the_commands_match_their_jobs():
+    """What --help says of a job is what the job takes: each flag sets a key of its config, and
+    the choices it lists are the config's."""
+    from typing import get_args
+
+    from genmem.jobs import registry
+    from genmem.jobs.commands import COMMANDS
+    from pydantic import BaseModel
+
+    from genmem.methods.finetune import DivergenceName
+
+    def has(cls: type[BaseModel], dotted: str) -> bool:
+        head, _, rest = dotted.partition(".")
+        info = cls.model_fields.get(head)
+        if info is None or not rest:
+            return info is not None
+        return isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel) and has(info.annotation, rest)
+
+    for name, command in COMMANDS.items():
+        job = registry.get(name)
+        for flag in command.flags:
+            assert has(job.config, flag.key), f"{name} {flag.name} sets {flag.key}, which {job.config.__name__} lacks"
+    divergence = next(f for f in COMMANDS["finetune"].flags if f.name == "--divergence").options["help"]
+    assert all(d in divergence for d in get_args(DivergenceName))

@@ -136,7 +136,8 @@ def test_no_code_outside_generative_branches_on_the_process_class():
 
 # Where genmem may write os.environ, and why: nowhere else (library code reads the environment only).
 ENVIRONMENT_WRITERS = {
-    "distributed/cluster.py": "enter_environment (a Ray worker or trial takes the driver's storage and tracking) and set_verbose (the CLI's --verbose, inherited by the processes Ray starts)",
+    "distributed/cluster.py": "enter_environment: a Ray worker or trial takes the driver's storage and tracking",
+    "distributed/verbosity.py": "set_verbose: the CLI's --verbose, inherited by the processes Ray starts",
     "distributed/tune.py": "Tune reads a stopped trial's grace from the driver's environment",
 }
 
@@ -182,7 +183,7 @@ def test_the_readme_layout_names_every_file():
         rel = path.relative_to(PACKAGE)
         if rel.name == "__init__.py":
             continue
-        name = rel.stem if rel.parts[0] == "jobs" and len(rel.parts) == 2 and rel.name not in ("base.py", "registry.py") else rel.name
+        name = rel.stem if rel.parts[0] == "jobs" and rel.stem in registry.NAMES else rel.name  # a job by its name
         folder = f"`{rel.parts[0]}/`" if len(rel.parts) > 1 else None
         rows_with = [layer for layer, line in rows.items() if f"`{name}`" in line and (folder is None or folder in line)]
         if not rows_with:

@@ -12,19 +12,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from genmem.config import _set_dotted, apply_overrides, read_yaml_mapping, to_yaml, validate
-from genmem.distributed.cluster import release_ray, set_verbose
 from genmem.distributed.submit import add_submit_parser, check_job_defaults
+from genmem.distributed.verbosity import set_verbose
 from genmem.errors import GenmemError
-from genmem.jobs import registry
-from genmem.jobs.base import Context, Job
+from genmem.jobs.commands import COMMANDS, Command
+
+if TYPE_CHECKING:
+    from genmem.jobs.base import Job
 
 
 def _dest(key: str) -> str:
     return f"cfg:{key}"
 
 
-def _add_job(sub, job: Job) -> None:
+def _add_job(sub, job: Command) -> None:
     cmd = sub.add_parser(job.name, help=job.help, description=job.help)
     default = f" (default {job.default_config})" if job.default_config else ""
     what = f"the {job.file_key} config" if job.file_key else "the config"
@@ -35,15 +39,15 @@ def _add_job(sub, job: Job) -> None:
         cmd.add_argument(flag.name, dest=_dest(flag.key), default=None, **options)
     cmd.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     cmd.add_argument("--verbose", action="store_true", help="show Ray's own log lines too")
-    cmd.set_defaults(job=job)
+    cmd.set_defaults(job=job.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genmem", description="Train generative models and measure and reduce their memorisation "
                                      "of training data. Each subcommand is a job: `genmem JOB --help` lists its options.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for job in registry.all_jobs():
-        _add_job(sub, job)
+    for command in COMMANDS.values():  # no job module loads until a job runs: --help answers at once
+        _add_job(sub, command)
     add_submit_parser(sub)
     return parser
 
@@ -61,7 +65,11 @@ def job_config(job: Job, args: argparse.Namespace) -> Any:
     return validate(job.config, tree)
 
 
-def run_job(job: Job, args: argparse.Namespace) -> dict[str, Any]:
+def run_job(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    from genmem.jobs import registry
+    from genmem.runs.context import Context
+
+    job = registry.get(name)
     cfg = job_config(job, args)
     print(to_yaml(cfg), file=sys.stderr)
     check_job_defaults()  # a job running in Ray's working-dir copy would lose its results with it
@@ -89,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genmem {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        release_ray()
+        if "ray" in sys.modules:  # a job that never needed Ray has nothing to release
+            from genmem.distributed.cluster import release_ray
+
+            release_ray()
+        sys.stdout.flush()
     _emit(result, getattr(args, "json", False))
     return 0
 

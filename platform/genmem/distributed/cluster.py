@@ -12,18 +12,9 @@ from dataclasses import dataclass
 
 import ray
 
+from genmem.distributed.verbosity import verbose
 from genmem.errors import ClusterError, ConfigError
 from genmem.storage import storage_env
-
-
-def set_verbose(verbose: bool) -> None:
-    """Show Ray's own log lines (``--verbose``); by default only genmem's progress shows. An
-    environment variable, so Ray job drivers and workers started from here inherit it."""
-    os.environ["GENMEM_VERBOSE"] = "1" if verbose else "0"
-
-
-def verbose() -> bool:
-    return os.environ.get("GENMEM_VERBOSE", "0") == "1"
 
 
 def enter_environment(env: Mapping[str, str]) -> None:

@@ -20,7 +20,7 @@ from genmem.data.inputs import align, read_input
 from genmem.distributed.images import decoder
 from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import check_metrics, evaluate_samples, feature_names, min_samples
-from genmem.jobs.base import Context, Flag, Job
+from genmem.jobs.base import COMMANDS, Context, Job
 from genmem.metrics.outliers import range_warning
 from genmem.report import Point
 from genmem.runs.evaluations import log_evaluation
@@ -143,23 +143,9 @@ def report_points(run: RunView) -> list[Point]:
 
 
 JOB = Job(
-    name="audit",
-    help="memorisation and quality of any generator's samples against its training (and held-out) data",
+    command=COMMANDS["audit"],
     config=AuditConfig,
     run=run,
-    example="image_size=28",
-    flags=(
-        Flag("--samples", "samples", help="the samples: Parquet file/folder, .npy/.npz, or an image folder (PNG/JPEG)"),
-        Flag("--train", "train", help="the training data: as --samples, or digits, mnist, ... or a data config .yaml"),
-        Flag("--heldout", "heldout", help="data the generator never saw, as --train (a known name gives its held-out split)"),
-        Flag("--image-size", "image_size", type=int, nargs="+", help="resize images from folders to SIZE or H W (bicubic)"),
-        Flag("--image-mode", "image_mode", choices=["auto", "L", "RGB"], help="image folders: grey (L), RGB, or auto"),
-        Flag("--rescale", "rescale", action="store_true",
-             help="map each image set from its own value range to [-1, 1]"),
-        Flag("--features", "features", nargs="+", choices=["auto", "pixels", "classifier", "inception"],
-             help="feature extractors for FD/PRDC"),
-        Flag("--name", "name", help="the MLflow run's name"),
-    ),
     table=table,
     report_points=report_points,
 )

@@ -8,29 +8,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel
 
-from genmem.distributed.cluster import Footprint
+from genmem.jobs.commands import COMMANDS, Command, Flag
 from genmem.runs.context import Context
 from genmem.tracking import numeric
 
-__all__ = ["Context", "Flag", "Job", "numeric"]
+if TYPE_CHECKING:
+    from genmem.distributed.cluster import Footprint
 
-
-class Flag:
-    """A command-line flag that sets one config key: ``Flag("--n", "n", type=int, help=...)``;
-    ``options`` go to argparse's ``add_argument``."""
-
-    def __init__(self, name: str, key: str, **options: Any):
-        self.name, self.key, self.options = name, key, options
+__all__ = ["COMMANDS", "Command", "Context", "Flag", "Job", "numeric"]
 
 
 @dataclass(frozen=True)
 class Job:
-    """One capability. ``run(cfg, ctx)`` returns a JSON-serialisable dict (the job's result
-    record). ``file_key``: the YAML of ``--config`` and the ``--set`` overrides address this
-    sub-key of the config (quickstart: its training config; sweep: the swept job's base config).
-    ``footprint(cfg)``, ``metrics`` and ``final_report(result)`` make the job sweepable:
+    """One capability. ``command``: its command-line face (name, help, flags, example, default
+    config: :mod:`genmem.jobs.commands`, read without importing the job). ``run(cfg, ctx)``
+    returns a JSON-serialisable dict (the job's result record). ``footprint(cfg)``, ``metrics`` and ``final_report(result)`` make the job sweepable:
     what a trial holds, which metric names its Tune reports carry, and its last report;
     ``time_attr`` is the report key that measures a trial's progress (ASHA's time axis, in which
     a space gives ``max_t`` and ``grace_period``) and ``budget(cfg)`` its value at the end;
@@ -42,14 +38,9 @@ class Job:
     ``report_points(run)``: the (memorised fraction, quality) points a finished run of this job
     holds, read from its MLflow record (:class:`genmem.tracking.RunView`) for `genmem report`."""
 
-    name: str
-    help: str
+    command: Command
     config: type[BaseModel]
     run: Callable[[Any, Context], dict[str, Any]]
-    flags: tuple[Flag, ...] = ()
-    file_key: str | None = None
-    default_config: str | None = None
-    example: str = "seed=1"
     footprint: Callable[[Any], Footprint] | None = None
     preflight: Callable[[Any], None] | None = None  # checks a sweep runs once before its trials
     metrics: tuple[str, ...] | re.Pattern = ()  # the metric names its Tune reports carry
@@ -65,3 +56,11 @@ class Job:
     @property
     def sweepable(self) -> bool:
         return self.footprint is not None
+
+    # What the command line knows of the job (genmem.jobs.commands), read through the job too.
+    name = property(lambda self: self.command.name)
+    help = property(lambda self: self.command.help)
+    flags = property(lambda self: self.command.flags)
+    file_key = property(lambda self: self.command.file_key)
+    default_config = property(lambda self: self.command.default_config)
+    example = property(lambda self: self.command.example)

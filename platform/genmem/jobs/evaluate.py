@@ -14,7 +14,7 @@ from genmem.data import read_shards
 from genmem.distributed.sampling import sample
 from genmem.distributed.neighbours import neighbour_search
 from genmem.evaluation import check_metrics, evaluate_samples, feature_names, training_data
-from genmem.jobs.base import Context, Flag, Job
+from genmem.jobs.base import COMMANDS, Context, Job
 from genmem.metrics.outliers import range_warning
 from genmem.storage import ensure_writable, storage_root
 from genmem.report import Point
@@ -64,18 +64,8 @@ def report_points(run: RunView) -> list[Point]:
 
 
 JOB = Job(
-    name="evaluate",
-    help="memorisation, FD, precision/recall, LID of a checkpoint's samples",
+    command=COMMANDS["evaluate"],
     config=EvaluateConfig,
     run=run,
-    example="threshold=0.3",
-    flags=(
-        Flag("--checkpoint", "checkpoint", help="checkpoint folder; its own training and held-out data are the reference"),
-        Flag("--n", "n", type=int, help="samples to generate across Ray tasks (default 1000)"),
-        Flag("--samples", "samples", help="evaluate these Parquet samples instead of generating"),
-        Flag("--seed", "seed", type=int),
-        Flag("--features", "features", nargs="+", choices=["auto", "pixels", "classifier", "inception"],
-             help="feature extractors for FD/PRDC"),
-    ),
     report_points=report_points,
 )

@@ -34,7 +34,7 @@ from genmem.config import ScalingConfig, Strict, TrainConfig
 from genmem.data import ArrayDataset
 from genmem.errors import ConfigError
 from genmem.generative import build_process, derive_seed, generate
-from genmem.jobs.base import Context, Flag, Job, numeric
+from genmem.jobs.base import COMMANDS, Context, Job, numeric
 from genmem.methods.finetune import (
     DIVERGENCES,
     AdjointMatching,
@@ -288,13 +288,9 @@ def _setting(run) -> str:
 
 
 JOB = Job(
-    name="finetune",
-    help="reward fine-tuning with a KL or f-divergence regulariser (adjoint matching)",
+    command=COMMANDS["finetune"],
     config=FinetuneConfig,
     run=run,
-    example="alpha=0.5",
-    flags=(Flag("--base", "base", help="the base checkpoint"), Flag("--alpha", "alpha", type=float, help="α: the regulariser's weight"),
-           Flag("--divergence", "divergence", help=f"the regulariser: {', '.join(DIVERGENCES)}")),
     footprint=lambda cfg: footprint(TrainConfig(scaling=cfg.scaling, batch_size=cfg.batch_size)),
     preflight=preflight,
     metrics=REPORTS,

@@ -41,7 +41,7 @@ from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError
 from genmem.evaluation import evaluate_samples, primary_fd
 from genmem.generative import build_process, derive_seed
-from genmem.jobs.base import Context, Flag, Job, numeric
+from genmem.jobs.base import COMMANDS, Context, Job, numeric
 from genmem.metrics.dimension import DimensionReport, learned_dimension, tangent_kept
 from genmem.metrics.flipd import convolution_score
 from genmem.metrics.memorisation import effective_memorisation
@@ -270,12 +270,9 @@ def report_points(run: RunView) -> list[Point]:
 
 
 JOB = Job(
-    name="memorisation",
-    help="memorisation and the learned dimension at one training-set size (sweep data.train_size for the phase plot)",
+    command=COMMANDS["memorisation"],
     config=MemorisationConfig,
     run=run,
-    example="data.train_size=64",
-    flags=(Flag("--train-size", "data.train_size", type=int, help="training points (a seeded subset of the training split)"),),
     footprint=lambda cfg: footprint(cfg),
     preflight=preflight,
     metrics=REPORTS,

@@ -31,7 +31,7 @@ from genmem.distributed.train import worker_bundle
 from genmem.errors import ConfigError
 from genmem.evaluation import evaluate_samples, primary_fd, training_data
 from genmem.generative import build_process, derive_seed, generate
-from genmem.jobs.base import Context, Flag, Job, numeric
+from genmem.jobs.base import COMMANDS, Context, Job, numeric
 from genmem.posterior import (
     LaplacePosterior,
     default_subset,
@@ -312,20 +312,9 @@ def report_points(run: RunView) -> list[Point]:
 _REPORTED = re.compile(r"^(theta_star|euclidean|riemannian|linearised)(_[0-9.e+-]+)?/[a-z_]+$")
 
 JOB = Job(
-    name="posterior",
-    help="Euclidean/Riemannian Laplace weight samples of a checkpoint, evaluated arm by arm",
+    command=COMMANDS["posterior"],
     config=PosteriorConfig,
     run=run,
-    example="curvature=ggn",
-    flags=(
-        Flag("--checkpoint", "checkpoint"),
-        Flag("--method", "methods", nargs="+", choices=["euclidean", "riemannian", "linearised"]),
-        Flag("--samples", "samples", type=int, help="weight samples per (method, scale), one Ray task each"),
-        Flag("--scale", "scales", type=float, nargs="+", help="posterior temperatures tau"),
-        Flag("--n", "n", type=int, help="images per arm"),
-        Flag("--seed", "seed", type=int),
-        Flag("--workers", "scaling.num_workers", type=int, help="Ray Train workers per weight sample, one training shard each"),
-    ),
     # One worker: the driver fits the curvature itself, one weight-sample task runs beside it at
     # a time. N workers: the driver waits on its group of N.
     footprint=lambda cfg: (Footprint({"CPU": 1.0}, {"CPU": 1.0}, 1) if cfg.scaling.num_workers <= 1

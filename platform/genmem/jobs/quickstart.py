@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from genmem.config import Strict, TrainConfig
 from genmem.jobs import registry
-from genmem.jobs.base import Context, Flag, Job
+from genmem.jobs.base import COMMANDS, Context, Job
 
 
 class QuickstartConfig(Strict):
@@ -45,18 +45,9 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
 
 
 JOB = Job(
-    name="quickstart",
-    help="train until memorising, then θ* vs Euclidean vs Riemannian Laplace arms",
+    command=COMMANDS["quickstart"],
     config=QuickstartConfig,
     run=run,
-    file_key="train",
-    default_config="configs/quickstart.yaml",
-    example="data.train_size=128",
-    flags=(
-        Flag("--scale", "scales", type=float, nargs="+", help="posterior temperatures tau (default 0.01 0.1 1)"),
-        Flag("--samples", "samples", type=int, help="weight samples per (method, scale) (default 4)"),
-        Flag("--n", "n", type=int, help="images per arm (default 500)"),
-    ),
     table=table,
     summary=summary,
 )

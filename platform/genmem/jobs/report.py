@@ -25,7 +25,7 @@ from pydantic import Field
 from genmem.config import Strict
 from genmem.errors import TrackingError
 from genmem.jobs import registry
-from genmem.jobs.base import Context, Flag, Job
+from genmem.jobs.base import COMMANDS, Context, Job
 from genmem.report import AXES, Point, chart, format_table, measured, pareto_front, rows, to_csv, to_html
 from genmem.tracking import finished_runs, job_run, tracking_uri
 
@@ -84,18 +84,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 JOB = Job(
-    name="report",
-    help="memorised fraction against quality across runs: one chart, table and HTML page in MLflow",
+    command=COMMANDS["report"],
     config=ReportConfig,
     run=run,
-    example="name=weekly",
-    flags=(
-        Flag("--experiment", "experiments", nargs="+", help="genmem experiments (posterior or genmem/posterior); default all"),
-        Flag("--sweep", "sweep", help="a sweep's parent run id: its trials"),
-        Flag("--run", "runs", nargs="+", help="run ids"),
-        Flag("--memorisation", "memorisation", choices=["fraction", "ct", "authenticity"],
-             help="the memorisation axis: memorised fraction, Meehan et al.'s C_T, or authentic %% (default fraction)"),
-    ),
     table=table,
     summary=lambda r: {"mlflow_run_id": r["mlflow_run_id"], "runs_read": r["runs_read"], "points": len(r["points"])},
 )

@@ -28,7 +28,7 @@ from genmem.distributed.sampling import sample
 from genmem.errors import ConfigError
 from genmem.evaluation import evaluate_samples, primary_fd, training_data
 from genmem.generative import derive_seed
-from genmem.jobs.base import Context, Job, numeric
+from genmem.jobs.base import COMMANDS, Context, Job, numeric
 from genmem.methods.retraining import (
     CURVES,
     collapse_generation,
@@ -288,11 +288,9 @@ def report_points(run: RunView) -> list[Point]:
 
 
 JOB = Job(
-    name="retrain",
-    help="self-consuming retraining on real/synthetic mixes, generation by generation",
+    command=COMMANDS["retrain"],
     config=RetrainConfig,
     run=run,
-    example="synthetic_ratio=0.5",
     footprint=lambda cfg: footprint(cfg.train),
     preflight=lambda cfg: train_preflight(cfg.train),
     metrics=REPORTS,

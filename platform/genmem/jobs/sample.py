@@ -9,7 +9,7 @@ from pydantic import Field
 
 from genmem.config import Strict
 from genmem.distributed.sampling import sample
-from genmem.jobs.base import Context, Flag, Job
+from genmem.jobs.base import COMMANDS, Context, Job
 
 
 class SampleConfig(Strict):
@@ -26,17 +26,7 @@ def run(cfg: SampleConfig, ctx: Context) -> dict[str, Any]:
 
 
 JOB = Job(
-    name="sample",
-    help="generate samples from a checkpoint into Parquet",
+    command=COMMANDS["sample"],
     config=SampleConfig,
     run=run,
-    example="batch_size=512",
-    flags=(
-        Flag("--checkpoint", "checkpoint", help="checkpoint folder written by genmem train"),
-        Flag("--n", "n", type=int, help="number of samples"),
-        Flag("--out", "out", help="output folder for the Parquet shards"),
-        Flag("--seed", "seed", type=int, help="sample k depends only on (seed, k)"),
-        Flag("--tasks", "tasks", type=int, help="Ray tasks to split the samples over (default: one per GPU, else per CPU)"),
-        Flag("--batch-size", "batch_size", type=int),
-    ),
 )

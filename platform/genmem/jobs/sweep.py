@@ -29,7 +29,7 @@ from genmem.distributed.cluster import concurrency, ensure_ray
 from genmem.distributed.train import ray_storage
 from genmem.errors import ConfigError
 from genmem.jobs import registry
-from genmem.jobs.base import Context, Flag, Job
+from genmem.jobs.base import COMMANDS, Context, Job
 from genmem.space import Space, SpaceError, check_space, load_space, sweep_name
 from genmem.storage import (
     atomic_write_text,
@@ -202,18 +202,8 @@ def format_results(result: dict[str, Any]) -> str:
 
 
 JOB = Job(
-    name="sweep",
-    help="a Ray Tune sweep of a job over a tune_spaces/ YAML search space",
+    command=COMMANDS["sweep"],
     config=SweepConfig,
     run=run,
-    file_key="base",
-    example="train.images=20000",
-    flags=(
-        Flag("--space", "space", help="search space YAML, e.g. tune_spaces/mixing_ratio.yaml"),
-        Flag("--job", "job", help="the job to sweep: train, retrain or posterior"),
-        Flag("--name", "name", help="sweep name (default: derived from the space, job and base config)"),
-        Flag("--resume", "resume", action="store_const", const=True,
-             help="continue an interrupted sweep; finished trials are not rerun"),
-    ),
     table=format_results,
 )

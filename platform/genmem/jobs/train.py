@@ -5,7 +5,7 @@ workers, bf16 on GPU), tracked in MLflow from rank 0. The driver and the worker 
 from __future__ import annotations
 
 from genmem.config import BUDGET_TAG, TrainConfig
-from genmem.jobs.base import Context, Job, numeric
+from genmem.jobs.base import COMMANDS, Context, Job, numeric
 from genmem.report import Point, before_and_after
 from genmem.runs.training import TrainJobResult, footprint, preflight, train_model
 from genmem.tracking import RunView
@@ -28,11 +28,9 @@ def report_points(run: RunView) -> list[Point]:
 
 
 JOB = Job(
-    name="train",
-    help="train a flow-matching or diffusion model on Ray Train workers",
+    command=COMMANDS["train"],
     config=TrainConfig,
     run=run,
-    example="model.hidden=128",
     footprint=footprint,
     preflight=preflight,
     metrics=("train/loss", "train/lr", "images_seen", "step", "param_spread", "eval/memorised_fraction", "eval/d1_q50",

@@ -28,7 +28,7 @@ from genmem.config import ModelConfig, ScalingConfig, Strict, TrainConfig
 from genmem.data import TOYS, ArrayDataset, toy_regions
 from genmem.errors import ConfigError, DataError
 from genmem.generative import build_process, derive_seed
-from genmem.jobs.base import Context, Flag, Job, numeric
+from genmem.jobs.base import COMMANDS, Context, Job, numeric
 from genmem.methods.unlearning import (
     WeightedObjective,
     copies_of,
@@ -250,12 +250,9 @@ REPORTS = reported(_Measure, "lam")
 
 
 JOB = Job(
-    name="unlearn",
-    help="forget a region, a class or the copied training images of a base model (energy-weighted flow matching)",
+    command=COMMANDS["unlearn"],
     config=UnlearnConfig,
     run=run,
-    example="lam=5",
-    flags=(Flag("--base", "base", help="the base checkpoint"), Flag("--lam", "lam", type=float, help="λ: 0 keeps the base")),
     footprint=lambda cfg: footprint(TrainConfig(scaling=cfg.scaling, batch_size=cfg.batch_size)),
     preflight=preflight,
     metrics=REPORTS,
