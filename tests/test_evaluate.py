@@ -168,16 +168,17 @@ def test_a_flagged_memorisation_budget_trains_to_the_end_and_tags_the_run(digits
     assert tags["memorisation_budget"] == "over" and tags["memorisation_budget_reason"].endswith("> max_fraction 0.1 at 16000 images seen")
 
 
-def test_a_healing_run_on_a_ray_worker_records_each_heal_once_in_mlflow(tracking, ray_local):
-    """memorisation_budget.action=heal through `genmem train`'s driver and a Ray Train worker:
+def test_a_healing_run_records_each_heal_once_in_mlflow(tracking, ray_local):
+    """memorisation_budget.action=heal through `genmem train`'s driver and worker function (Ray
+    Train's local mode: the worker function in this process; a worker group runs the same code):
     the heal's metrics at its step, its tag, the verdict, the heals in the result, and the run
     drawn in `genmem report` as a heal beside its θ* at the crossing."""
     from genmem.jobs.train import report_points
     from genmem.tracking import finished_runs
 
     heal = {"samples": 256, "images": 3200, "max_heals": 2, "policy": "downweight"}
-    cfg = _digits_cfg(images=32 * 600, memorisation_budget={"max_fraction": 0.1, "action": "heal", "heal": heal}, **_BUDGETED,
-                      scaling={"num_workers": 1})
+    cfg = _digits_cfg(images=32 * 520, memorisation_budget={"max_fraction": 0.1, "action": "heal", "heal": heal}, **_BUDGETED,
+                      scaling={"num_workers": 0})
     result = train_model(cfg)
     client = MlflowClient(tracking)
     history = client.get_metric_history(result["mlflow_run_id"], "heal/memorised_fraction")

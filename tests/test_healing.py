@@ -1,8 +1,10 @@
 """Self-healing training (memorisation_budget.action: heal), in this process: the policies'
-data, a run that crosses its budget and heals, the last heal's limit, a run interrupted in the
-middle of a heal and resumed, and bad settings refused before any work."""
+data, a run that crosses its budget and heals, the last heal's limit, a run resumed from its
+checkpoint before a heal it did not finish, and bad settings refused before any work."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -30,22 +32,23 @@ def _cfg(images: int = 32 * 600, **heal) -> TrainConfig:
 
 
 class _Recorder(LocalReporter):
-    """A local reporter that keeps what it logged and tagged; ``fail_at``: a metric whose first
-    log raises (the run dies there, as a killed worker would)."""
+    """A local reporter that keeps what it logged and tagged, and a copy of every checkpoint
+    (``checkpoint-<images seen>``) to resume from."""
 
-    def __init__(self, output, total, fail_at: str | None = None):
+    def __init__(self, output, total):
         super().__init__(output, total, quiet=True)
         self.logged: list[tuple[int, dict[str, float]]] = []
-        self.fail_at = fail_at
 
     def log(self, step, images_seen, metrics):
-        if self.fail_at is not None and self.fail_at in metrics:
-            raise KeyboardInterrupt(f"killed at {self.fail_at}")
         super().log(step, images_seen, metrics)
         self.logged.append((images_seen, dict(metrics)))
 
     def heals(self) -> list[tuple[int, dict[str, float]]]:
         return [(seen, m) for seen, m in self.logged if "heal/memorised_fraction" in m]
+
+    def checkpoint(self, step, images_seen, metrics, path, final):
+        super().checkpoint(step, images_seen, metrics, path, final)
+        shutil.copytree(path, self.output / f"checkpoint-{images_seen}", dirs_exist_ok=True)
 
 
 def _train(cfg, out, reporter=None, resume=None):
@@ -84,14 +87,15 @@ def test_the_policies_shape_what_training_reads_after_a_heal():
 
 @pytest.fixture(scope="module")
 def healed(tmp_path_factory):
-    """19,200 images: one crossing at 16,000, then one more probe."""
+    """19,200 images: one crossing at 16,000, then one more probe; every checkpoint kept."""
     torch.set_num_threads(2)
-    return _train(_cfg(images=32 * 600), tmp_path_factory.mktemp("healed"))
+    out = tmp_path_factory.mktemp("healed")
+    return (*_train(_cfg(images=32 * 600), out), out)
 
 
 @pytest.mark.slow
 def test_a_run_over_budget_heals_itself_and_trains_on(healed):
-    result, reporter = healed
+    result, reporter, _ = healed
     heals = reporter.heals()
     assert [seen for seen, _ in heals] == [16_000], reporter.logged  # healed once, at the crossing
     heal = heals[0][1]
@@ -107,37 +111,38 @@ def test_a_run_over_budget_heals_itself_and_trains_on(healed):
 
 
 @pytest.mark.slow
-def test_past_its_last_heal_a_run_stops_at_the_last_checkpoint_under_budget(tmp_path):
+def test_past_its_last_heal_a_run_stops_at_the_last_checkpoint_under_budget(tmp_path, healed):
+    """The healed run's checkpoint at 16,000 (written after its heal, under budget) resumed with
+    max_heals=1: its one heal is spent, so the next crossing ends the run there."""
     torch.set_num_threads(2)
     cfg = _cfg(images=32 * 900, max_heals=1)
-    result, reporter = _train(cfg, tmp_path / "run")
-    assert len(reporter.heals()) == 1
+    after_heal = load_checkpoint(healed[2] / "checkpoint-16000", use_ema=False, with_optimizer=True)
+    assert len(after_heal.meta["heals"]) == 1
+    result, reporter = _train(cfg, tmp_path / "run", resume=after_heal)
+    assert reporter.heals() == []
     probes = [(seen, m["eval/memorised_fraction"]) for seen, m in reporter.logged if "eval/memorised_fraction" in m]
-    over_after = [seen for seen, v in probes if v > 0.1 and seen > 16_000]
-    assert over_after and result.stopped_at == over_after[0] and probes[-1][0] == over_after[0]  # the next crossing ended it
+    over = [seen for seen, v in probes if v > 0.1]
+    assert over and result.stopped_at == over[0] and probes[-1][0] == over[0] < cfg.images  # the next crossing ended it
     assert reporter.notes["memorisation_budget"] == "stopped" and "after 1 heals" in reporter.notes["memorisation_budget_reason"]
     meta = load_checkpoint(result.checkpoint).meta
-    assert meta["images_seen"] < over_after[0] and len(meta["heals"]) == 1  # the result: a checkpoint under budget, after the heal
+    assert meta["images_seen"] < over[0] and len(meta["heals"]) == 1  # the result: a checkpoint under budget, after the heal
 
 
 @pytest.mark.slow
 def test_a_run_killed_in_the_middle_of_a_heal_resumes_and_heals_once(tmp_path, healed):
-    """Killed as the heal finishes (before its checkpoint), the run resumes from the checkpoint
+    """Killed during its heal (before the heal's checkpoint), a run resumes from its checkpoint
     before the crossing, heals again from the same state to the same result, and records it once."""
     torch.set_num_threads(2)
     cfg = _cfg(images=32 * 600)
-    whole, whole_log = healed
-    cut = _Recorder(tmp_path / "cut", cfg.images, fail_at="heal/memorised_fraction")
-    with pytest.raises(KeyboardInterrupt):
-        _train(cfg, tmp_path / "cut", reporter=cut)
-    assert cut.heals() == []
-    last = load_checkpoint(tmp_path / "cut" / "checkpoint", use_ema=False, with_optimizer=True)
-    assert last.meta["images_seen"] < 16_000 and not last.meta.get("heals")
-    resumed, resumed_log = _train(cfg, tmp_path / "cut", resume=last)
+    whole, whole_log, out = healed
+    last = load_checkpoint(out / "checkpoint-12800", use_ema=False, with_optimizer=True)  # the last one before the crossing
+    assert not last.meta.get("heals")
+    resumed, resumed_log = _train(cfg, tmp_path / "resumed", resume=last)
     assert [seen for seen, _ in resumed_log.heals()] == [16_000]
     measured = lambda log: {k: v for k, v in log.heals()[0][1].items() if k != "heal/seconds"}  # noqa: E731
     assert measured(resumed_log) == pytest.approx(measured(whole_log), rel=1e-5, abs=1e-6)
-    assert load_checkpoint(resumed.checkpoint).meta["heals"][0]["targets"] == load_checkpoint(whole.checkpoint).meta["heals"][0]["targets"]
+    targets = lambda result: [h["targets"] for h in load_checkpoint(result.checkpoint).meta["heals"]]  # noqa: E731
+    assert targets(resumed) == targets(whole)
 
 
 @pytest.mark.parametrize(("budget", "message"), [

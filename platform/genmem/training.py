@@ -509,11 +509,11 @@ def _healed(heal: Healing, budget: _Budget, state: TrainState, run: _Run, object
     """One heal at a crossing, logged and tagged, recorded for the checkpoints; the rows and
     objective to train on next, and whether the healed model is under budget (checkpoint it)."""
     done = heal.heal(state, run.engine, run.sampling_model, run.seen)
-    k = len(heal.history())
+    history = heal.history()
     run.reporter.log(state.step, run.seen, done.metrics())
-    run.reporter.note({f"{HEAL_TAG}_{k}": done.summary()})
-    budget.note("healed", run.seen, f"; heal {k} of {budget.budget.heal.max_heals}: {done.summary()}")
-    run.reporter.checkpoint_meta["heals"] = heal.history()
+    run.reporter.note({f"{HEAL_TAG}_{len(history)}": done.summary()})
+    budget.note("healed", run.seen, f"; heal {len(history)} of {budget.budget.heal.max_heals}: {done.summary()}")
+    run.reporter.checkpoint_meta["heals"] = history
     under = done.fraction_after <= budget.budget.max_fraction
     if under:
         budget.last_under = (run.seen, done.fraction_after)

@@ -23,8 +23,9 @@ Usage::
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +61,6 @@ class Heal:
     quality_after: float
     images: int
     seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """``heal/*`` at the step of the heal (MLflow's images-seen axis)."""
@@ -98,8 +98,6 @@ class Healer:
     def heal(self, state: TrainState, engine: Engine, sampling_model: Callable[[], nn.Module], seen: int) -> Heal:
         """Find what the current model copies, unlearn it on the current weights (every rank
         runs the same steps), and measure the same samples again."""
-        import time
-
         t0 = time.perf_counter()
         k, s = len(self.heals), self.settings
         seed = derive_seed(self.cfg.seed, Stream.SAMPLES, k)
