@@ -114,6 +114,45 @@ def test_help_answers_without_loading_torch_ray_or_mlflow():
         assert command.help.split()[0] in text and all(flag.name in text for flag in command.flags)
 
 
+_SMALL_WORK = """
+import json, sys
+from genmem.cli import main
+train, sample = json.loads(sys.argv[1])
+results = []
+for argv in (train, sample):
+    with open(sys.argv[2], "w") as out:
+        sys.stdout, saved = out, sys.stdout
+        code = main(argv)
+        sys.stdout = saved
+    assert code == 0, argv
+    results.append(json.loads(open(sys.argv[2]).read().strip().splitlines()[-1]))
+    if len(results) == 1:
+        sample[sample.index("CHECKPOINT")] = results[0]["checkpoint"]
+print(json.dumps({"results": results, "ray": "ray" in sys.modules}))
+"""
+
+
+@pytest.mark.slow  # two commands in a fresh process (about 20 s)
+def test_small_work_runs_in_the_process_with_no_ray_cluster(storage, tmp_path):
+    """`genmem train` with num_workers 0 and `genmem sample` of a few hundred points run in the
+    command's own process: no local Ray cluster starts, Ray is not even imported, and the results
+    are those of the usual path (a checkpoint in Ray's storage; every sample written)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    train = ["train", *TINY, "--set", "scaling.num_workers=0", "--json"]
+    sample = ["sample", "--checkpoint", "CHECKPOINT", "--n", "300", "--out", str(tmp_path / "samples"), "--json"]
+    done = subprocess.run([sys.executable, "-c", _SMALL_WORK, json.dumps([train, sample]), str(tmp_path / "out.txt")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    trained, sampled = report["results"]
+    assert report["ray"] is False
+    assert trained["images_seen"] == 500 and trained["checkpoint"].startswith(str(storage / "ray"))
+    assert sampled["n"] == 300 and sampled["tasks"] == 1
+    from genmem.data import read_shards
+
+    assert len(read_shards(sampled["samples"])) == 300
+
+
 def test_the_commands_match_their_jobs():
     """What --help says of a job is what the job takes: each flag sets a key of its config, and
     the choices it lists are the config's."""

@@ -189,3 +189,27 @@ def test_the_readme_layout_names_every_file():
         if not rows_with:
             missing.append(str(rel))
     assert missing == [], f"README Layout does not name {missing}"
+
+
+def test_the_readme_shows_the_arm_table_the_demo_prints():
+    """`make demo` compares the arm table it printed with the README's (examples/demo_table.py):
+    the README's own table passes with other wall times, and fails where one figure or one arm
+    differs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_table", ROOT / "examples" / "demo_table.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    readme = (ROOT / "README.md").read_text()
+    rows = demo.arm_table(readme)
+    assert rows[0].startswith("arm scale memorised") and len(rows) == 8  # θ* and 2 methods x 3 scales
+    block = readme[readme.index("\narm ") + 1: readme.index("```", readme.index("\narm "))]
+    slower = "\n".join(line.rsplit(None, 1)[0] + "  99.9" if line[:1].isalpha() and not line.startswith("arm") else line
+                       for line in block.splitlines())
+    assert demo.differences(slower, readme) == []
+    theta = block.splitlines()[2]
+    changed = block.replace(theta, theta.replace(theta.split()[2], f"{float(theta.split()[2]) + 0.01:.3f}", 1))
+    assert len(demo.differences(changed, readme)) == 1
+    assert demo.differences("\n".join(block.splitlines()[:-1]), readme) == ["the printed table has 6 arms, the README's 7"]
+    with pytest.raises(ValueError, match="no arm table"):
+        demo.arm_table("arm scale\nno dashes")

@@ -10,8 +10,6 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import ray
-
 from genmem.distributed.verbosity import verbose
 from genmem.errors import ClusterError, ConfigError
 from genmem.storage import storage_env
@@ -62,10 +60,21 @@ def _job_env_vars() -> dict[str, str]:
     return (config.get("runtime_env") or {}).get("env_vars") or {}
 
 
+def attached() -> bool:
+    """Whether this process is on a Ray cluster already (a Tune trial, a task, a driver that
+    called :func:`ensure_ray`) or runs under one (``ray job submit`` sets RAY_ADDRESS). Work that
+    fits in this process runs here when it is not, with no cluster to start (5-8 s on 2 cores)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Attach to the cluster this process runs under (``ray job submit`` sets RAY_ADDRESS),
     else start a local one with an explicit CPU count. Ray's own log lines stay out unless
     ``--verbose``."""
+    import ray
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -81,18 +90,24 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 def release_ray() -> None:
     """Disconnect from Ray (stopping a local cluster this process started): after this no
     worker's forwarded log line can reach our stdout, so a final ``--json`` line stays last."""
+    import ray
+
     if ray.is_initialized():
         ray.shutdown()
     sys.stdout.flush()
 
 
 def cluster_resources() -> dict[str, float]:
+    import ray
+
     return dict(ray.cluster_resources())
 
 
 def placeable_bundles(bundle: dict[str, float], strategy: str) -> int:
     """How many copies of ``bundle`` the alive nodes can hold now (at most one per node when
     the strategy is STRICT_SPREAD)."""
+    import ray
+
     count = 0
     for node in ray.nodes():
         if not node.get("Alive"):

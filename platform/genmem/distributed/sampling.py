@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
 from genmem.checkpoint import load_checkpoint, read_meta
 from genmem.data import DataError, read_shards, seal_shards, write_part
-from genmem.distributed.cluster import ensure_ray
+from genmem.distributed.cluster import attached, ensure_ray
 from genmem.distributed.tasks import map_tasks
 from genmem.errors import ConfigError
 from genmem.generative import build_process, generate
@@ -36,6 +35,11 @@ def _sample_part(checkpoint: str, start: int, stop: int, seed: int, staging: str
     return n, (out_of_range_fraction(x, *lo_hi) * n if lo_hi else 0.0)
 
 
+# Up to this many samples, with no task count asked for and no Ray cluster attached, are drawn in
+# this process: starting a local cluster for them would take longer than the sampling.
+IN_PROCESS_SAMPLES = 5000
+
+
 def split_ranges(n: int, parts: int) -> list[tuple[int, int]]:
     bounds = np.linspace(0, n, parts + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
@@ -55,22 +59,30 @@ def sample(
     """Generate samples 0..n-1 of ``seed`` from a checkpoint's EMA weights into Parquet shards.
 
     ``gpus_per_task=None`` (auto) takes one GPU a task where the cluster has GPUs; 0 never does.
-    ``tasks=None``: one per GPU (or CPU) of the cluster."""
+    ``tasks=None``: one per GPU (or CPU) of the cluster. Up to :data:`IN_PROCESS_SAMPLES` with no
+    ``tasks`` and no cluster attached are drawn in this process, as one part."""
     if n <= 0:
         raise ConfigError(f"--n must be a positive number of samples, not {n}")
     meta = read_meta(checkpoint)  # a clear error before any Ray work
     out = local_path(out)  # a URI is written through its local mirror
     ensure_writable(out.parent)
-    ensure_ray()
-    if gpus_per_task is None:
-        gpus_per_task = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    tasks = tasks or max(1, int(ray.cluster_resources().get("GPU" if gpus_per_task else "CPU", 1)))
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
-    ranges = split_ranges(n, tasks)
+    in_process = not tasks and n <= IN_PROCESS_SAMPLES and not attached()
+    if in_process:
+        ranges = [(0, n)]
+    else:
+        import ray
+
+        ensure_ray()
+        if gpus_per_task is None:
+            gpus_per_task = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        ranges = split_ranges(n, tasks or max(1, int(ray.cluster_resources().get("GPU" if gpus_per_task else "CPU", 1))))
     try:
         # By URI under a remote store: a task on another node writes through its own mirror.
-        parts = map_tasks(_sample_part, [(uri_of(checkpoint), a, b, seed, uri_of(staging), i, batch_size) for i, (a, b) in enumerate(ranges)],
-                          num_cpus=cpus_per_task, num_gpus=gpus_per_task, desc="sample", total=n, progress=lambda r: r[0], unit="sample")
+        calls = [(uri_of(checkpoint), a, b, seed, uri_of(staging), i, batch_size) for i, (a, b) in enumerate(ranges)]
+        parts = [_sample_part(*calls[0])] if in_process else map_tasks(
+            _sample_part, calls, num_cpus=cpus_per_task, num_gpus=gpus_per_task, desc="sample", total=n, progress=lambda r: r[0],
+            unit="sample")
         manifest = seal_shards(
             staging, out, source=f"checkpoint:{meta['checkpoint_id']}", split="samples",
             extra={"checkpoint": uri_of(checkpoint), "seed": seed, "sampler": meta["config"]["sampler"]},

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import ray
 from tqdm import tqdm
 
 from genmem.errors import GenmemError
@@ -16,6 +15,7 @@ def free_task(fn: Callable[..., Any], **resources: Any):
     """``ray.remote(fn)`` with ``resources``, scheduled on the whole cluster. Inside a Tune trial
     Ray would otherwise capture the task into the trial's placement group, which reserves only
     the trial's driver, and the task could never be placed."""
+    import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return ray.remote(fn).options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None), **resources)
@@ -38,6 +38,8 @@ def map_tasks(
 
     A task that fails with a genmem error (a bad input it found) raises that error, its one
     sentence intact; any other failure raises Ray's error, which carries the remote traceback."""
+    import ray
+
     remote = free_task(fn, num_cpus=num_cpus, num_gpus=num_gpus)
     refs = [remote.remote(*args) for args in calls]
     index = {ref: i for i, ref in enumerate(refs)}

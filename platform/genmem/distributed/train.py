@@ -15,11 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig
-from ray.train import ScalingConfig as RayScalingConfig
-from ray.train.torch import TorchTrainer
-
 from genmem.config import ScalingConfig
 from genmem.distributed.cluster import check_placeable, ensure_ray, enter_environment, verbose
 from genmem.storage import atomic_folder, is_remote, join, listdir, local_path, pull, remote, remove, storage_uri
@@ -83,14 +78,20 @@ def fit_workers(
     ``num_workers=0`` is Ray Train's local mode: ``worker_fn`` runs in this process as rank 0 of
     one, with no worker actors to start (a controller, a worker and four helper actors a fit:
     measured on 2 cores, 14.8 s for a toy generation that trains 2 s, against 3.7 s here), no
-    group restarts and no Ray Train ``callbacks``; see :class:`_InProcess`."""
-    ensure_ray()
-    check_workers(scaling)
+    group restarts and no Ray Train ``callbacks``; see :class:`_InProcess`. It needs no Ray
+    cluster, and starts none."""
     storage = ray_storage()
     if scaling.num_workers == 0:
         if callbacks:
             raise ValueError("Ray Train callbacks need workers: num_workers=0 runs no Ray Train controller to call them")
         return _fit_in_process(worker_fn, spec, _InProcess(join(storage, run_name), scaling.num_to_keep, report_to_tune))
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray()
+    check_workers(scaling)
     callbacks = list(callbacks)
     if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -185,7 +186,11 @@ def restored_checkpoint(load: Callable[[Path], Any], run_dir: str) -> Any | None
     Ray hands the restarted group the last registered checkpoint; failing that, the newest
     complete one on storage: a worker killed right after a report can beat Ray's controller to
     registering it, and the run would otherwise start again from step 0."""
-    ckpt = ray.train.get_checkpoint() if _IN_PROCESS.get() is None else None
+    ckpt = None
+    if _IN_PROCESS.get() is None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as folder:
             return load(Path(folder))
@@ -203,5 +208,7 @@ def report_round(metrics: dict[str, Any], checkpoint_dir: Path | None = None) ->
     if run is not None:
         run.report(metrics, checkpoint_dir)
         return
+    import ray.train
+
     checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
     ray.train.report(metrics, checkpoint=checkpoint)

@@ -228,8 +228,9 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
     if objective_factory is not None and cfg.memorisation_budget is not None and cfg.memorisation_budget.action == "heal":
         raise ConfigError(f"memorisation_budget.action=heal unlearns with the process's own loss, and {kind} trains its own objective: "
                           "use action=stop or action=flag")
-    ensure_ray()
-    check_workers(cfg.scaling)  # before the MLflow run opens: nothing is recorded for a refused request
+    if cfg.scaling.num_workers > 0:  # num_workers=0 trains in this process, with no cluster to start
+        ensure_ray()
+        check_workers(cfg.scaling)  # before the MLflow run opens: nothing is recorded for a refused request
     run_name = cfg.run_name or ctx.key or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
     named = bool(cfg.run_name or ctx.key)
     previous = latest_checkpoint(join(ray_storage(), run_name)) if named else None
