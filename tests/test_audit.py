@@ -167,6 +167,7 @@ def test_digits_as_png_copies_unseen_and_a_mix_read_1_0_to_0_02_and_0_30_as_eval
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["eval/memorised_fraction"] == memorised["mix"]
     assert run.data.tags["heldout"].endswith("heldout.npy") and "heldout_contrast" not in run.data.tags
+    assert run.data.tags["mlflow.note.content"].startswith(f"memorised {100 * memorised['mix']:.1f}% [")
     assert {"memorised_pairs.png", "most_memorised.json", "copy_tests.parquet"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     per_sample = pq.read_table(client.download_artifacts(run.info.run_id, "copy_tests.parquet", str(storage))).to_pydict()
     assert len(per_sample["path"]) == len(sets["mix"]) and all(p.endswith(".png") for p in per_sample["path"])

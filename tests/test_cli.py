@@ -147,6 +147,12 @@ def test_small_work_runs_in_the_process_with_no_ray_cluster(storage, tmp_path):
     trained, sampled = report["results"]
     assert report["ray"] is False
     assert trained["images_seen"] == 500 and trained["checkpoint"].startswith(str(storage / "ray"))
+    # The run's link opens MLflow's model-training view (the UI's default is its GenAI view).
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient().get_run(trained["mlflow_run_id"]).info.experiment_id
+    assert trained["mlflow_url"] == (f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{trained['mlflow_run_id']}"
+                                     "?workflowType=machine_learning")
     assert sampled["n"] == 300 and sampled["tasks"] == 1
     from genmem.data import read_shards
 

@@ -95,6 +95,9 @@ def test_evaluate_job_logs_metrics_and_figures(digits_run, tracking, ray_local):
     assert len(read_shards(result["samples"])) == 120
     assert metrics["eval/fd_classifier"] > 0.0
     assert run.data.tags["train_run_id"] == digits_run["mlflow_run_id"]
+    # The description is the result in one line, from the logged figures.
+    assert run.data.tags["mlflow.note.content"].startswith(f"memorised {100 * metrics['eval/memorised_fraction']:.1f}% [")
+    assert "of 120 samples" in run.data.tags["mlflow.note.content"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     for figure in ("memorised_pairs.png", "ratio_histogram.png", "samples.png", "most_memorised.json", "copy_tests.parquet",
                    "ct_cells.json"):
@@ -166,6 +169,8 @@ def test_a_flagged_memorisation_budget_trains_to_the_end_and_tags_the_run(digits
     assert digits_run["images_seen"] == 16000 and digits_run["memorisation_budget"] == "over"
     tags = MlflowClient(mlflow_server).get_run(digits_run["mlflow_run_id"]).data.tags
     assert tags["memorisation_budget"] == "over" and tags["memorisation_budget_reason"].endswith("> max_fraction 0.1 at 16000 images seen")
+    assert tags["mlflow.note.content"].startswith("trained 16,000 images (") and tags["mlflow.note.content"].endswith(
+        "at 16,000 images; memorisation budget over")
 
 
 def test_a_healing_run_records_each_heal_once_in_mlflow(tracking, ray_local):

@@ -407,6 +407,7 @@ def test_the_job_tilts_six_gaussians_toward_the_exact_kl_target(tmp_path, storag
     client = MlflowClient()
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.metrics["finetune/reward"] == pytest.approx(m["reward"])
+    assert run.data.tags["mlflow.note.content"].startswith(f"finetune: reward {m['reward_before']:.3g} → {m['reward']:.3g}, ")
     assert {"before_after.png", "curves.png", "density.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     history = client.get_metric_history(result["train_run_id"], "finetune/reward")
     assert len(history) >= 10 and history[-1].value > history[0].value  # logged by step, rising

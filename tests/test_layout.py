@@ -207,6 +207,7 @@ def test_the_readme_shows_the_arm_table_the_demo_prints():
     slower = "\n".join(line.rsplit(None, 1)[0] + "  99.9" if line[:1].isalpha() and not line.startswith("arm") else line
                        for line in block.splitlines())
     assert demo.differences(slower, readme) == []
+    assert demo.differences(slower + "\nC_T < 0: samples closer to train than held-out data is", readme) == []  # as printed
     theta = block.splitlines()[2]
     changed = block.replace(theta, theta.replace(theta.split()[2], f"{float(theta.split()[2]) + 0.01:.3f}", 1))
     assert len(demo.differences(changed, readme)) == 1

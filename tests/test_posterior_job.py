@@ -41,6 +41,9 @@ def test_posterior_job_on_a_worker_group_of_two_logs_three_arms(toy_checkpoint, 
     client = MlflowClient(tracking)
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.metrics["posterior/workers"] == 2
+    star = run.data.metrics["posterior/theta_star/memorised_fraction"]
+    assert run.data.tags["mlflow.note.content"].startswith(f"θ* memorised {100 * star:.1f}%, ")
+    assert "; euclidean τ=0.5 " in run.data.tags["mlflow.note.content"] and "; riemannian τ=0.5 " in run.data.tags["mlflow.note.content"]
     for key in ("posterior/theta_star/memorised_fraction", "posterior/euclidean_0.5/fd_pixels",
                 "posterior/riemannian_0.5/loss_increase", "posterior/riemannian_0.5/grad_evals"):
         assert key in run.data.metrics, key
@@ -76,7 +79,7 @@ def test_a_solver_that_does_not_converge_says_where_it_stopped(toy_checkpoint, t
     # The job's MLflow run was open from the start and records why it failed.
     client = MlflowClient(tracking)
     exp = client.get_experiment_by_name("genmem/posterior")
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3 opens its model-training view
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # no "which kind?" prompt in MLflow 3's UI
     failed = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FAILED'", order_by=["attributes.start_time DESC"])
     assert failed and failed[0].data.tags["error"].startswith("GeodesicError: ")
     assert failed[0].data.params["max_evals"] == "3"

@@ -155,6 +155,7 @@ def test_sweep_parent_loop_and_generation_runs_in_mlflow(loop_sweep, tracking):
     parent = client.get_run(result["mlflow_run_id"])
     exp = parent.info.experiment_id
     loops = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert all(loop.data.tags["mlflow.note.content"].startswith("3 generations at synthetic ratio ") for loop in loops)
     assert sorted(r.data.params["synthetic_ratio"] for r in loops) == ["0.25", "fully_synthetic"]
     for loop in loops:
         gens = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{loop.info.run_id}'")

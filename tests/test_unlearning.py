@@ -233,6 +233,8 @@ def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tm
                                 filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
     by_lam = {float(r.data.params["lam"]): r for r in trials}
     assert by_lam[5.0].data.metrics["unlearn/forget_ratio"] == pytest.approx(m["forget_ratio"])
+    assert by_lam[5.0].data.tags["mlflow.note.content"].startswith(
+        f"unlearn: forget_mass {m['forget_mass_before']:.3g} → {m['forget_mass']:.3g}, retained_mass ")
     assert any(a.path.startswith("before_after") for a in client.list_artifacts(by_lam[5.0].info.run_id))
     samples = next((storage / "unlearn").glob(f"{result['sweep']}-*/base_samples"))
     assert read_shards(samples).manifest.source.startswith("checkpoint:")  # base samples keep their provenance

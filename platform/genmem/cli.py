@@ -67,6 +67,7 @@ def job_config(job: Job, args: argparse.Namespace) -> Any:
 
 def run_job(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from genmem.jobs import registry
+    from genmem.jobs.base import links
     from genmem.runs.context import Context
 
     job = registry.get(name)
@@ -76,7 +77,8 @@ def run_job(name: str, args: argparse.Namespace) -> dict[str, Any]:
     result = job.run(cfg, Context())
     if job.table is not None:
         print("\n" + job.table(result))
-    return job.summary(result) if job.summary is not None else dict(result)
+    summary = job.summary(result) if job.summary is not None else dict(result)
+    return {**summary, **links(summary)}
 
 
 def _emit(result: dict[str, Any], as_json: bool) -> None:

@@ -30,6 +30,7 @@ from genmem.errors import TrackingError, TrackingUnavailable
 EXPERIMENT_PREFIX = "genmem"
 _PARAM_LIMIT = 6000  # MLflow's limit on a param value's length
 KEY_TAG = "genmem_key"  # identifies a run that a resumed job must reopen, not duplicate
+DESCRIPTION_TAG = "mlflow.note.content"  # MLflow's run description
 
 
 def tracking_uri() -> str:
@@ -83,6 +84,23 @@ def numeric(d: dict[str, Any]) -> dict[str, float]:
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# MLflow 3's UI shows an experiment in its GenAI or its model-training view by the sidebar's toggle
+# (kept in the browser, GenAI by default), or by this parameter of the page's URL: every link genmem
+# prints carries it. The experiment's kind tag only spares the user the UI's "which kind?" prompt.
+UI_VIEW = "workflowType=machine_learning"
+
+
+def ui_address() -> str:
+    """Where a user opens the MLflow UI: ``GENMEM_MLFLOW_UI`` if set, else an HTTP tracking
+    server's own address, else what `make mlflow-ui` serves over the embedded store."""
+    uri = os.environ.get("GENMEM_MLFLOW_UI") or tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_url(run_id: str, uri: str | None = None) -> str:
+    """The run's page in the MLflow UI, in the model-training view."""
+    experiment = _client(uri).get_run(run_id).info.experiment_id
+    return f"{ui_address()}/#/experiments/{experiment}/runs/{run_id}?{UI_VIEW}"
 
 
 def experiment_id(kind: str, uri: str | None = None) -> str:
@@ -93,7 +111,7 @@ def experiment_id(kind: str, uri: str | None = None) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        # MLflow 3's UI opens an experiment of this kind in its model-training view, not the GenAI one
+        # The kind spares the UI's prompt for one; the view is the URL's (UI_VIEW) or the toggle's.
         return client.create_experiment(name, artifact_location=artifact_location(), tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
     except Exception:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
@@ -235,8 +253,8 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        flat = flatten(params)
-        items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in flat.items()]
+        flat = flatten(params)  # a setting left unset (None) is no param: the run list shows what was set
+        items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in flat.items() if v is not None]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self._c.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -256,6 +274,11 @@ class Tracker:
         from mlflow.entities import RunTag
 
         self._send(tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def describe(self, headline: str) -> None:
+        """The run's description (MLflow's ``mlflow.note.content``): its result in one line, the
+        first thing the run page and the run list show (:mod:`genmem.runs.headlines`)."""
+        self.tags({DESCRIPTION_TAG: headline})
 
     def image(self, key: str, picture: np.ndarray, step: int | None = None) -> None:
         """An image by step (MLflow's image history) when a step is given, else a plain PNG. An

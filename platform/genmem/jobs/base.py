@@ -14,12 +14,12 @@ from pydantic import BaseModel
 
 from genmem.jobs.commands import COMMANDS, Command, Flag
 from genmem.runs.context import Context
-from genmem.tracking import numeric
+from genmem.tracking import numeric, run_url
 
 if TYPE_CHECKING:
     from genmem.distributed.cluster import Footprint
 
-__all__ = ["COMMANDS", "Command", "Context", "Flag", "Job", "numeric"]
+__all__ = ["COMMANDS", "Command", "Context", "Flag", "Job", "links", "numeric"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,10 @@ class Job:
     file_key = property(lambda self: self.command.file_key)
     default_config = property(lambda self: self.command.default_config)
     example = property(lambda self: self.command.example)
+
+
+def links(summary: dict[str, Any]) -> dict[str, str]:
+    """A link into the MLflow UI's model-training view for each run a job's result names
+    (``mlflow_run_id`` -> ``mlflow_url``, ``train_run_id`` -> ``train_url``, ...)."""
+    return {key.removesuffix("run_id") + "url": run_url(value) for key, value in summary.items()
+            if key.endswith("run_id") and isinstance(value, str) and value}

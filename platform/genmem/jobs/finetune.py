@@ -160,6 +160,7 @@ class _Measure:
     names = ("reward", "diversity", "memorised_fraction", "precision_vs_base", "recall_vs_base", "fd_classifier",
              "fd_classifier_class", "mmd_data", "mmd_target")
     compared = ("path_kl",)
+    headline = ("reward", "memorised_fraction", "diversity", "fd_classifier", "mmd_target")
 
     def __init__(self, cfg: FinetuneConfig, train: ArrayDataset, heldout: ArrayDataset, reward: nn.Module, before: torch.Tensor, c: float):
         self.cfg, self.train, self.reward, self.before = cfg, train, reward, before

@@ -39,6 +39,7 @@ from genmem.posterior import (
     with_weights,
 )
 from genmem.report import Point
+from genmem.runs import headlines
 from genmem.seeds import Posterior as Stream
 from genmem.storage import ensure_writable, remove, storage_root, uri_of
 from genmem.tracking import RunView, check_reachable, job_run
@@ -232,6 +233,7 @@ def run(cfg: PosteriorConfig, ctx: Context) -> dict[str, Any]:
                 tracker.metrics({f"posterior/{_arm_name(rows[-1])}/{k}": v for k, v in numeric(rows[-1]).items() if k != "scale"})
         tracker.metrics({f"posterior/theta_star/{k}": v for k, v in numeric(rows[0]).items() if k != "scale"})
         tracker.image("memorised_vs_fd", _scale_figure(rows, arms.fd_key))
+        tracker.describe(headlines.posterior(rows, arms.fd_key))
     return {"mlflow_run_id": tracker.run_id, "prior_precision": prior_precision, "fd_key": arms.fd_key, "arms": rows}
 
 

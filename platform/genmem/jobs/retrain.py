@@ -36,6 +36,7 @@ from genmem.methods.retraining import (
     select_synthetic,
 )
 from genmem.report import Point, quality_of
+from genmem.runs import headlines
 from genmem.runs.curves import grouped
 from genmem.runs.evaluations import log_evaluation
 from genmem.runs.training import footprint, train_model
@@ -222,6 +223,7 @@ def run(cfg: RetrainConfig, ctx: Context) -> dict[str, Any]:
         fds = [h["metrics"]["fd"] for h in loop.history]
         collapsed_at = _collapse(cfg, [h["metrics"] for h in loop.history])
         tracker.tags({"collapsed": str(collapsed_at is not None), "collapse_generation": str(collapsed_at)})
+        tracker.describe(headlines.generations(loop.history, cfg.synthetic_ratio, collapsed_at))
         tracker.text(json.dumps(loop.history, indent=2), "generations.json")
     return {"run_name": loop.run_name, "mlflow_run_id": tracker.run_id, "synthetic_ratio": cfg.synthetic_ratio,
             "fd_key": loop.history[0]["fd_key"], "fd": fds, "collapsed": collapsed_at is not None,

@@ -159,6 +159,7 @@ class _Measure:
     # how far the unlearned model moved from the base (λ = 0 should not move it), and the forgetting table
     compared = ("mmd_to_base", "fd_to_base", "forget_mass", "forget_mass_before", "forget_ratio", "retained_mass",
                 "retained_mass_before", "retention/")
+    headline = ("forget_mass", "retained_mass", "memorised_fraction", "fd_classifier", "mmd_kept")
 
     def __init__(self, cfg: UnlearnConfig, base: Base, forget: list[int], targets: torch.Tensor | None):
         train, heldout = base.train, base.heldout

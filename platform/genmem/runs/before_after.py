@@ -32,6 +32,7 @@ from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError
 from genmem.evaluation import training_data
 from genmem.report import Point, before_and_after
+from genmem.runs import headlines
 from genmem.runs.context import Context
 from genmem.runs.training import TrainJobResult, derived_tree, train_model
 from genmem.storage import check_storage, ensure_writable, storage_root, storage_uri, uri_of
@@ -70,10 +71,12 @@ class Measure(Protocol):
     ``compared``: what ``compare`` returns about the change itself, reported once (a name
     ending in ``/`` is a family: ``retention/`` covers ``retention/<label>``). The job's reported
     metric names are derived from these (:func:`reported`), and a measure that returns a name it
-    did not declare is refused."""
+    did not declare is refused. ``headline``: the names whose before → after make the run's
+    description, in that order (a compared ``x`` with its ``x_before`` counts too)."""
 
     names: ClassVar[tuple[str, ...]]
     compared: ClassVar[tuple[str, ...]]
+    headline: ClassVar[tuple[str, ...]]
 
     def __call__(self, x: torch.Tensor) -> dict[str, float]: ...
 
@@ -148,6 +151,7 @@ class BeforeAfter:
         c = _declared(measure.compare(before, after, checkpoint), measure.compared, measure)
         metrics = {**{f"{k}_before": v for k, v in b.items()}, **a, **c}
         self.tracker.metrics({f"{self.kind}/{k}": v for k, v in numeric(metrics).items()})
+        self.tracker.describe(f"{self.kind}: " + headlines.change(metrics, measure.headline))
         return metrics
 
     def finish(self, trained: TrainJobResult) -> None:

@@ -12,14 +12,17 @@ import pyarrow.parquet as pq
 
 from genmem.config import MetricsConfig, to_yaml
 from genmem.evaluation import Evaluation
+from genmem.runs import headlines
 from genmem.tracking import Tracker
 
 
 def log_evaluation(tracker: Tracker, result: Evaluation, cfg: MetricsConfig, *, step: int = 0, figure_step: int | None = None) -> None:
     """An evaluation into a run: metrics at ``step``, the figures (by ``figure_step`` when given),
     the most memorised samples with their provenance, every sample's copy-test verdicts
-    (``copy_tests.parquet``), C_T's cells (``ct_cells.json``), and the metric settings."""
+    (``copy_tests.parquet``), C_T's cells (``ct_cells.json``), and the metric settings; the
+    headline figures as the run's description."""
     tracker.metrics(result.metrics, step=step)
+    tracker.describe(headlines.evaluation(result.metrics))
     for name, picture in result.figures.items():
         tracker.image(name, picture, step=figure_step)
     tracker.text(json.dumps(result.most_memorised, indent=2), "most_memorised.json")

@@ -39,6 +39,7 @@ from genmem.errors import CheckpointError, ConfigError, TrackingUnavailable
 from genmem.evaluation import memorisation_probe
 from genmem.methods.healing import Healer
 from genmem.models import build_model
+from genmem.runs import headlines
 from genmem.runs.context import Context
 from genmem.storage import check_storage, join, storage_env, storage_uri
 from genmem.tracking import Tracker, check_reachable, deliver, job_run, tracking_uri
@@ -247,7 +248,10 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
         _deliver(tracker.run_id, read_meta(fitted.checkpoint), fitted.checkpoint, run_name)
         tracker.tags({"checkpoint_uri": str(fitted.checkpoint), "ray_storage": str(fitted.run_dir)})
         verdict = tracker.read_tags()
-    meta = read_meta(fitted.checkpoint)
+        meta = read_meta(fitted.checkpoint)
+        probes = tracker.history("eval/memorised_fraction")
+        tracker.describe(headlines.training(meta["images_seen"], meta["step"], fitted.metrics.get("train/loss"),
+                                            (probes[0][-1], probes[1][-1]) if probes[0] else None, verdict.get(BUDGET_TAG)))
     if verdict.get(BUDGET_TAG):
         print(f"[genmem train] memorisation budget {verdict[BUDGET_TAG]}: {verdict.get(BUDGET_TAG + '_reason', '')}", flush=True)
     return TrainJobResult(

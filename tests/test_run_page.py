@@ -1,0 +1,57 @@
+"""What a run shows in the MLflow UI: its one-line description (genmem.runs.headlines), the
+figures a reader compares, each from the metric it names, a degenerate posterior arm never read as
+"0 memorised"; params without the settings left unset."""
+
+from __future__ import annotations
+
+from genmem.runs import headlines
+
+
+def test_an_evaluation_reads_memorised_with_interval_null_and_quality():
+    metrics = {"eval/memorised_fraction": 0.224, "eval/memorised_fraction_lo": 0.195, "eval/memorised_fraction_hi": 0.269,
+               "eval/n": 500.0, "eval/null/memorised_fraction": 0.004, "eval/fd_pixels": 9.1, "eval/fd_classifier": 0.2345,
+               "eval/precision": 0.996, "eval/recall": 0.969, "other/memorised_fraction": 0.9}
+    assert headlines.evaluation(metrics) == ("memorised 22.4% [19.5%, 26.9%] of 500 samples (null control 0.4%), "
+                                             "fd_classifier 0.234, precision 0.996, recall 0.969")
+    assert headlines.evaluation({"eval/fd_pixels": 3.0}) == "fd_pixels 3"
+    assert headlines.evaluation({}) == "no memorisation or quality metric was measured"
+
+
+def test_a_change_reads_before_and_after_in_the_order_asked():
+    metrics = {"memorised_fraction_before": 0.224, "memorised_fraction": 0.014, "fd_classifier_before": 0.74,
+               "fd_classifier": 0.98, "forget_mass_before": 0.41, "forget_mass": 0.02, "mmd": 0.1}
+    assert headlines.change(metrics, ("forget_mass", "memorised_fraction", "mmd", "fd_classifier")) == (
+        "forget_mass 0.41 → 0.02, memorised 22.4% → 1.4%, fd_classifier 0.74 → 0.98")
+    assert headlines.change(metrics, ("reward",)).startswith("measured before and after")
+
+
+def test_a_posterior_arm_with_no_precision_is_degenerate_not_unmemorised():
+    rows = [{"arm": "theta_star", "scale": 0.0, "memorised_fraction": 0.23, "fd_classifier": 0.23, "precision": 0.996},
+            {"arm": "euclidean", "scale": 0.01, "memorised_fraction": 0.0, "fd_classifier": 2.93, "precision": 0.778},
+            {"arm": "euclidean", "scale": 0.1, "memorised_fraction": 0.0, "fd_classifier": 531.0, "precision": 0.0},
+            {"arm": "riemannian", "scale": 1.0, "memorised_fraction": 0.004, "fd_classifier": 0.43, "precision": 0.982}]
+    text = headlines.posterior(rows, "fd_classifier")
+    assert text == ("θ* memorised 23.0%, fd_classifier 0.23; euclidean τ=0.01 0.0% (2.93), τ=0.1 degenerate (precision 0.000); "
+                    "riemannian τ=1 0.4% (0.43)")
+
+
+def test_training_and_generations_name_their_budget_and_collapse():
+    assert headlines.training(60_000, 1_875, 0.01234, (60_000, 0.224), "stopped") == (
+        "trained 60,000 images (1,875 steps): loss 0.0123, memorised 22.4% at 60,000 images; memorisation budget stopped")
+    assert headlines.training(500, 10, None, None, None) == "trained 500 images (10 steps)"
+    history = [{"fd_key": "eval/fd_pixels", "metrics": {"fd": 1.0, "memorised_fraction": 0.02}},
+               {"fd_key": "eval/fd_pixels", "metrics": {"fd": 4.0, "memorised_fraction": 0.08}}]
+    assert headlines.generations(history, 0.5, 1) == "1 generation at synthetic ratio 0.5: memorised 2.0% → 8.0%, fd_pixels 1 → 4; collapsed at generation 1"
+
+
+def test_unset_settings_are_not_params(tmp_path):
+    from mlflow import MlflowClient
+
+    from genmem.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker.start("probe", "probe", params={"a": None, "b": {"c": 1, "d": None}, "e": "x"}, uri=uri)
+    tracker.describe("memorised 1.0%")
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.data.params == {"b.c": "1", "e": "x"}
+    assert run.data.tags["mlflow.note.content"] == "memorised 1.0%"
