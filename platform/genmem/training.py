@@ -570,8 +570,9 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
         if stop_at_budget:  # the checkpoints come at probes under budget, so the latest one is always under it
             due = [d for d in due if d != "checkpoint"]
         if "log" in due:
-            reporter.log(state.step, run.seen, {**window.read(state.step, batch), "train/lr": state.optimizer.param_groups[0]["lr"],
-                                                **_objective_metrics(objective, engine)})
+            # the learning rate moves only in the warm-up: without one it is the optim.lr param, no curve
+            lr = {"train/lr": state.optimizer.param_groups[0]["lr"]} if cfg.optim.warmup_images > 0 else {}
+            reporter.log(state.step, run.seen, {**window.read(state.step, batch), **lr, **_objective_metrics(objective, engine)})
         if "probe" in due:
             measured = probe(run.sampling_model(), engine.device) if engine.is_main else {}
             reporter.log(state.step, run.seen, measured)
@@ -595,7 +596,8 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
                            parameters=count_parameters(engine.unwrap(state.model)), seconds=seconds,  # under budget, as written
                            images_per_s=(run.seen - state.start_images) / max(seconds, 1e-9), stopped_at=budget.over_at)
     run.draw_grid()
-    path = run.checkpoint(True, {"train/loss": final_loss, "dist/param_spread": _param_spread(engine, state.model)})
+    spread = {"dist/param_spread": _param_spread(engine, state.model)} if engine.world_size > 1 else {}  # one worker: 0 by definition
+    path = run.checkpoint(True, {"train/loss": final_loss, **spread})
     return TrainResult(
         checkpoint=path, step=state.step, images_seen=run.seen, loss=final_loss,
         parameters=count_parameters(engine.unwrap(state.model)), seconds=seconds,

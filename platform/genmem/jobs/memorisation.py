@@ -171,8 +171,9 @@ def run(cfg: MemorisationConfig, ctx: Context) -> dict[str, Any]:
     size = len(train)
     train_cfg = training_config(cfg, size, run_name)
     params = {**cfg.model_dump(mode="json"), "train_points": size, "images_budget": train_cfg.images}
-    with job_run("memorisation", run_name, params=params, tags=ctx.tags, parent_run_id=ctx.parent_run_id,
-                 key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
+    # Named in MLflow by what it is (the storage folder and the resume key keep run_name).
+    with job_run("memorisation", f"size-{cfg.data.source}-n{size}", params=params, tags={"study_run": run_name, **ctx.tags},
+                 parent_run_id=ctx.parent_run_id, key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
         tracker.text(to_yaml(cfg), "memorisation.yaml")
         print(f"[genmem memorisation] {size} training points, {train_cfg.images} images of training", flush=True)
         trained = train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"memorisation": run_name}), kind="memorisation")

@@ -17,7 +17,6 @@ Usage::
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Literal
 
 from pydantic import Field
@@ -67,15 +66,35 @@ def run(cfg: ReportConfig, ctx: Context) -> dict[str, Any]:
                             "tests carry the memorised fraction alone; use --memorisation fraction or evaluate them again")
     picture = chart(points, axis)
     front = pareto_front(points, axis)
-    with job_run("report", f"{cfg.name}-{uuid.uuid4().hex[:6]}", params={**cfg.model_dump(mode="json"), "sources": _sources(cfg)},
+    with job_run("report", f"{cfg.name}-{_label(cfg)}", params={**cfg.model_dump(mode="json"), "sources": _sources(cfg)},
                  tags={"report_runs": ",".join(sorted({p.run_id for p in points}))[:5000], **ctx.tags},
                  parent_run_id=ctx.parent_run_id) as tracker:
         tracker.image("report", picture)
         tracker.text(to_csv(points, axis), "report.csv")
         tracker.text(to_html(points, picture, axis=axis), "report.html")
         tracker.metrics({"report/points": len(points), "report/runs": len({p.run_id for p in points}), "report/pareto": sum(front)})
+        tracker.describe(_headline(points, front, axis))
     return {"mlflow_run_id": tracker.run_id, "sources": _sources(cfg), "runs_read": n_runs, "memorisation": axis,
             "points": rows(points, axis)}
+
+
+def _label(cfg: ReportConfig) -> str:
+    """What the report gathers, for its run name: ``report-posterior+retrain``, ``report-sweep-1a2b3c4d``."""
+    if cfg.experiments:
+        return "+".join(e.removeprefix("genmem/") for e in cfg.experiments)
+    if cfg.sweep:
+        return f"sweep-{cfg.sweep[:8]}"
+    return f"{len(cfg.runs)}-runs" if cfg.runs else "all"
+
+
+def _headline(points: list[Point], front: list[bool], axis: str) -> str:
+    """``7 points from 1 run; on the Pareto front: posterior θ* θ* (memorised_fraction 0.23, fd_classifier 0.233), ...``."""
+    runs = len({p.run_id for p in points})
+    best = [p for p, on in zip(points, front) if on]
+    shown = ", ".join(f"{p.method} {p.setting} ({AXES[axis].field} {getattr(p, AXES[axis].field):.3g}, {p.quality_key} {p.quality:.3g})"
+                      for p in best[:3])
+    return (f"{len(points)} point{'s' * (len(points) != 1)} from {runs} run{'s' * (runs != 1)}; on the Pareto front: {shown}"
+            + (f" and {len(best) - 3} more" if len(best) > 3 else ""))
 
 
 def table(result: dict[str, Any]) -> str:

@@ -86,8 +86,9 @@ class RayReporter:
         self._pending: dict[str, float] = {}
 
     def log(self, step: int, images_seen: int, metrics: dict[str, float]) -> None:
-        # MLflow's step axis is images seen: comparable across batch sizes and worker counts.
-        self.tracker.metrics({**metrics, "train/step": step}, step=images_seen)
+        # MLflow's step axis is images seen: comparable across batch sizes and worker counts. The
+        # optimizer step rides on the log rounds only: a probe at the same images adds no second point.
+        self.tracker.metrics({**metrics, **({"train/step": step} if "train/loss" in metrics else {})}, step=images_seen)
         self.tracker.flush(0.0)  # collects what arrived and sends again what MLflow gave up on; never waits
         self._pending.update(metrics)
         if self.report_logs and "train/loss" in metrics:  # every rank logs the loss at the same steps
