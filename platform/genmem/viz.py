@@ -49,18 +49,29 @@ def scatter(x: torch.Tensor, reference: torch.Tensor | None = None, title: str =
     ax.scatter(pts[:, 0], pts[:, 1], s=2, c="#d62728", label="samples")
     ax.set_aspect("equal")
     ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=7, markerscale=4)
+    ax.legend(loc="upper right", fontsize=10, markerscale=4)
     return figure_to_array(fig)
 
 
+MIN_WIDTH_PX = 1000  # what MLflow's artifact view shows legibly: narrower figures are drawn at a higher resolution
+
+
 def figure_to_array(fig) -> np.ndarray:
+    """The figure as an RGB array, at least :data:`MIN_WIDTH_PX` wide (its text scaled with it)."""
     import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    def render(dpi: float) -> np.ndarray:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight", dpi=dpi)
+        buf.seek(0)
+        return np.asarray(Image.open(buf).convert("RGB"))
+
+    dpi = max(fig.dpi, MIN_WIDTH_PX / fig.get_figwidth())
+    picture = render(dpi)
+    if picture.shape[1] < MIN_WIDTH_PX:  # the tight box cut more than the margin: once more, scaled up
+        picture = render(dpi * MIN_WIDTH_PX / picture.shape[1] * 1.01)
     plt.close(fig)
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
+    return picture
 
 
 def sample_picture(x: torch.Tensor, reference: torch.Tensor | None = None, title: str = "") -> np.ndarray:
@@ -98,7 +109,7 @@ def pairs_grid(generated: torch.Tensor, nearest: torch.Tensor) -> np.ndarray:
     ax.scatter(r[:, 0], r[:, 1], s=12, c="#1f77b4", label="nearest training")
     ax.scatter(g[:, 0], g[:, 1], s=12, c="#d62728", label="generated")
     ax.set_aspect("equal")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=10)
     return figure_to_array(fig)
 
 
@@ -116,7 +127,7 @@ def labelled_rows(pictures: list[np.ndarray], labels: list[str], title: str) -> 
     for ax, picture, label in zip(axes[:, 0], pictures, labels):
         ax.imshow(picture, interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=10)
         for side in ax.spines.values():
             side.set_visible(False)
     fig.suptitle(title, fontsize=10)
@@ -141,7 +152,7 @@ def ratio_histograms(train: torch.Tensor, heldout: torch.Tensor | None, threshol
         ax.axvline(threshold, c="k", ls="--", lw=1, label=f"memorised below {threshold:.2f}")
     ax.set_xlabel(label)
     ax.set_ylabel("generated samples")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=10)
     return figure_to_array(fig)
 
 
@@ -161,17 +172,17 @@ def line_panels(panels: dict[str, dict[str, tuple[list[float], list[float]]]], x
     for ax, (title, lines) in zip(axes.flat, panels.items()):
         for label, (xs, ys) in lines.items():
             ax.plot(xs, ys, "o-", ms=3, label=label)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=10)
         if log_x:
             ax.set_xscale("log")
         if integer_x:
             from matplotlib.ticker import MaxNLocator
 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_xlabel(xlabel, fontsize=10)
+        ax.tick_params(labelsize=10)
         if len(lines) > 1:
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=10)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
@@ -208,7 +219,7 @@ def side_by_side(samples: list[torch.Tensor], titles: list[str], reference: torc
             pts = x.detach().cpu().flatten(1).numpy()
             ax.scatter(pts[:, 0], pts[:, 1], s=2, c="#1f3b73", label="samples")
             ax.set_aspect("equal")
-            ax.legend(loc="upper right", fontsize=7, markerscale=4)
+            ax.legend(loc="upper right", fontsize=10, markerscale=4)
         ax.set_title(title)
     fig.tight_layout()
     return figure_to_array(fig)
@@ -255,10 +266,10 @@ def phase_plot(panels: dict[str, dict[str, tuple[list[float], list[float]]]], xl
         ys = [y for _, (_, values) in lines.items() for y in values if np.isfinite(y)]
         if ys and min(ys) > 0:  # e.g. FD falling over decades
             log_where_decades(ax, ys=ys)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=10)
+        ax.tick_params(labelsize=10)
+        ax.legend(fontsize=10)
     fig.tight_layout()
     return figure_to_array(fig)
 
@@ -280,10 +291,10 @@ def spectrum_plot(spectra: dict[str, torch.Tensor], noise: float) -> np.ndarray:
         ax.fill_between(idx, q[0], q[2], alpha=0.2)
     ax.set_yscale("log")
     ax.axhline(0.5, color="gray", ls=":", lw=1)
-    ax.set_xlabel("singular value index (descending)", fontsize=8)
-    ax.set_ylabel(f"s·σ_i (s = {noise:g})", fontsize=8)
-    ax.set_title("score-Jacobian spectrum: 1 normal or lost, 0 kept", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_xlabel("singular value index (descending)", fontsize=10)
+    ax.set_ylabel(f"s·σ_i (s = {noise:g})", fontsize=10)
+    ax.set_title("score-Jacobian spectrum: 1 normal or lost, 0 kept", fontsize=10)
+    ax.legend(fontsize=10)
     fig.tight_layout()
     return figure_to_array(fig)
 
@@ -309,7 +320,7 @@ def densities(samples: list[torch.Tensor], titles: list[str], weights: list[torc
     fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4), dpi=100, squeeze=False)
     for ax, h, title in zip(axes[0], hists, titles):
         ax.imshow(h.T, origin="lower", extent=(lo[0], hi[0], lo[1], hi[1]), cmap="magma", vmin=0, vmax=vmax, aspect="auto")
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=10)
     fig.tight_layout()
     return figure_to_array(fig)

@@ -247,19 +247,23 @@ def _scale_figure(rows: list[dict[str, Any]], fd_key: str) -> np.ndarray:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for method, colour in (("euclidean", "#1f77b4"), ("riemannian", "#d62728"), ("linearised", "#2ca02c")):
-        pts = sorted((r["scale"], r[fd_key], r["memorised_fraction"]) for r in rows if r["arm"] == method)
+        pts = sorted((r["scale"], r[fd_key], r["memorised_fraction"], r.get("precision", 1.0)) for r in rows if r["arm"] == method)
         if pts:
             ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", c=colour, label=method)
-            for s, x, y in pts:
-                ax.annotate(f"τ={s:g}", (x, y), fontsize=6)
+            for s, x, y, precision in pts:  # an arm whose samples are not data copies nothing: say so, not "0"
+                degenerate = precision < headlines.DEGENERATE_PRECISION
+                ax.annotate(f"τ={s:g}" + ("\ndegenerate" if degenerate else ""), (x, y), fontsize=10, color="0.4" if degenerate else "k")
+                if degenerate:
+                    ax.scatter([x], [y], s=90, facecolors="white", edgecolors=colour, zorder=3)
     star = [r for r in rows if r["arm"] == "theta_star"][0]
     ax.scatter([star[fd_key]], [star["memorised_fraction"]], marker="*", s=120, c="k", label="θ*", zorder=3)
     log_where_decades(ax, xs=[r[fd_key] for r in rows], ys=[r["memorised_fraction"] for r in rows])
     ax.set_xlabel(fd_key)
     ax.set_ylabel("memorised fraction")
-    ax.legend(fontsize=7)
+    ax.set_title(f"copying against quality per posterior arm (hollow: degenerate, precision < {headlines.DEGENERATE_PRECISION:g})", fontsize=10)
+    ax.legend(fontsize=10)
     return figure_to_array(fig)
 
 
