@@ -95,6 +95,7 @@ def test_a_kind_registers_once_and_under_its_own_name():
 class _Measure:
     names = ("spread",)
     compared = ("shift", "per_axis/")
+    headline = ("spread",)
 
     def __init__(self, extra: dict[str, float] | None = None):
         self.extra = extra or {}

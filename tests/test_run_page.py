@@ -75,3 +75,5 @@ def test_figures_are_wide_enough_to_read_in_the_artifact_view():
         assert picture.shape[1] >= MIN_WIDTH_PX and picture.shape[2] == 3, (size, picture.shape)
         if size[0] * 100 >= 1.2 * MIN_WIDTH_PX:  # already wide: drawn as it was
             assert picture.shape[1] <= size[0] * 100
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)  # a training run's periodic picture: its own size
+    assert figure_to_array(fig, 0).shape[1] <= 400

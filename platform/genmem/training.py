@@ -433,7 +433,7 @@ class _Run:
             cfg, shape = self.cfg, tuple(self.train.shape)
             x = generate(self.sampling_model(), self.process, cfg.sampler, shape, range(cfg.grid_size),
                          Stream.GRID, device=self.engine.device)
-            self.grid = sample_picture(x, self.train.x[:2000], f"{self.seen} images")
+            self.grid = sample_picture(x, self.train.x[:2000], f"{self.seen} images", min_width=0)
             self.reporter.picture(self.state.step, self.seen, "samples", self.grid)
 
     def checkpoint(self, final: bool, metrics: dict[str, float]) -> Path | None:

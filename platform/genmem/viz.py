@@ -34,8 +34,9 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, scale: int | None = Non
     return np.kron(arr, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else arr
 
 
-def scatter(x: torch.Tensor, reference: torch.Tensor | None = None, title: str = "") -> np.ndarray:
-    """Scatter of the first two coordinates of vectors, optionally over a reference sample."""
+def scatter(x: torch.Tensor, reference: torch.Tensor | None = None, title: str = "", min_width: int | None = None) -> np.ndarray:
+    """Scatter of the first two coordinates of vectors, optionally over a reference sample;
+    ``min_width``: see :func:`figure_to_array`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,14 +51,17 @@ def scatter(x: torch.Tensor, reference: torch.Tensor | None = None, title: str =
     ax.set_aspect("equal")
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=10, markerscale=4)
-    return figure_to_array(fig)
+    return figure_to_array(fig, min_width)
 
 
 MIN_WIDTH_PX = 1000  # what MLflow's artifact view shows legibly: narrower figures are drawn at a higher resolution
 
 
-def figure_to_array(fig) -> np.ndarray:
-    """The figure as an RGB array, at least :data:`MIN_WIDTH_PX` wide (its text scaled with it)."""
+def figure_to_array(fig, min_width: int | None = None) -> np.ndarray:
+    """The figure as an RGB array, at least ``min_width`` (default :data:`MIN_WIDTH_PX`) pixels
+    wide, its text scaled with it; 0 draws it at its own size (a training run's periodic
+    pictures, many and small in MLflow's image history, where the larger render costs 3x)."""
+    min_width = MIN_WIDTH_PX if min_width is None else min_width
     import matplotlib.pyplot as plt
 
     def render(dpi: float) -> np.ndarray:
@@ -66,19 +70,19 @@ def figure_to_array(fig) -> np.ndarray:
         buf.seek(0)
         return np.asarray(Image.open(buf).convert("RGB"))
 
-    dpi = max(fig.dpi, MIN_WIDTH_PX / fig.get_figwidth())
+    dpi = max(fig.dpi, 1.15 * min_width / fig.get_figwidth())  # 15% over: the tight box trims the margins
     picture = render(dpi)
-    if picture.shape[1] < MIN_WIDTH_PX:  # the tight box cut more than the margin: once more, scaled up
-        picture = render(dpi * MIN_WIDTH_PX / picture.shape[1] * 1.01)
+    if picture.shape[1] < min_width:  # the tight box cut more than the margin: once more, scaled up
+        picture = render(dpi * min_width / picture.shape[1] * 1.01)
     plt.close(fig)
     return picture
 
 
-def sample_picture(x: torch.Tensor, reference: torch.Tensor | None = None, title: str = "") -> np.ndarray:
-    """A grid for images (n, C, H, W), a scatter for anything else."""
+def sample_picture(x: torch.Tensor, reference: torch.Tensor | None = None, title: str = "", min_width: int | None = None) -> np.ndarray:
+    """A grid for images (n, C, H, W), a scatter for anything else (``min_width``: see :func:`figure_to_array`)."""
     if x.dim() == 4 and x.shape[1] <= 3:
         return image_grid(x)
-    return scatter(x, reference, title)
+    return scatter(x, reference, title, min_width)
 
 
 def save_png(picture: np.ndarray, path: str | Path) -> Path:
