@@ -19,6 +19,8 @@ import torch
 # Ray Train's controller polls its workers every 2 s by default, so every short training run here
 # waited up to 2 s to start and 2 s to end; 0.2 s before any cluster starts (subprocesses inherit it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# As genmem.tracking does: test modules import MLflow before genmem (see the reason there).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(scope="session", autouse=True)

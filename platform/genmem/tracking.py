@@ -27,6 +27,12 @@ import numpy as np
 from genmem.config import BUDGET_TAG, flatten
 from genmem.errors import TrackingError, TrackingUnavailable
 
+# MLflow's telemetry thread sets and unsets an environment variable while other threads read the
+# environment (requests does, for proxies, on every call): a run's creation then failed with
+# KeyError '_MLFLOW_TELEMETRY_SESSION_ID' in our suite. MLflow is only imported here, after this;
+# a user who sets the variable keeps their choice.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 EXPERIMENT_PREFIX = "genmem"
 _PARAM_LIMIT = 6000  # MLflow's limit on a param value's length
 KEY_TAG = "genmem_key"  # identifies a run that a resumed job must reopen, not duplicate
