@@ -127,3 +127,45 @@ def test_a_job_reports_what_its_measure_declares_and_nothing_else(tmp_path):
     with pytest.raises(RuntimeError, match=r"returned \['typo'\], which it does not declare"):
         _change(tmp_path).measure(_Measure({"typo": math.pi}), before, after, "ckpt")
 
+
+
+class _Copies:
+    """Fixed before and after figures, as an unlearning measure returns them."""
+
+    names = ("memorised_fraction", "fd_pixels")
+    compared = ("forget_mass", "forget_mass_before", "shift")
+    headline = ("memorised_fraction", "forget_mass")
+
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        return {"memorised_fraction": x[0, 0].item(), "fd_pixels": x[0, 1].item()}
+
+    def compare(self, before: torch.Tensor, after: torch.Tensor, checkpoint: str) -> dict[str, float]:
+        return {"forget_mass_before": 0.4, "forget_mass": 0.02, "shift": 1.5}
+
+
+def test_a_change_logs_one_key_per_measure_at_step_0_before_and_1_after(tmp_path):
+    """MLflow holds ``<kind>/<name>`` at step 0 (the base's samples) and 1 (the changed model's),
+    never a name that encodes the phase; the report reads the two points back from the steps."""
+    from mlflow import MlflowClient
+
+    from genmem.runs.before_after import BeforeAfter, report_points
+    from genmem.tracking import Tracker, finished_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker.start("probe", "probe-run", uri=uri)
+    change = BeforeAfter("probe", "probe-run", tmp_path, tracker, ScalingConfig())
+    metrics = change.measure(_Copies(), torch.tensor([[0.3, 2.0]]), torch.tensor([[0.05, 2.5]]), "ckpt")
+    assert metrics["memorised_fraction_before"] == pytest.approx(0.3) and metrics["forget_mass"] == 0.02
+    tracker.finish()
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert set(run.data.metrics) == {"probe/memorised_fraction", "probe/fd_pixels", "probe/forget_mass", "probe/shift"}
+    steps = {key: sorted((m.step, round(m.value, 6)) for m in client.get_metric_history(tracker.run_id, key)) for key in run.data.metrics}
+    assert steps == {"probe/memorised_fraction": [(0, 0.3), (1, 0.05)], "probe/fd_pixels": [(0, 2.0), (1, 2.5)],
+                     "probe/forget_mass": [(0, 0.4), (1, 0.02)], "probe/shift": [(1, 1.5)]}
+    assert run.data.tags["mlflow.note.content"] == ("probe: memorised 30.0% → 5.0%, forget_mass 0.4 → 0.02 "
+                                                    "(charts: step 0 the base model, step 1 after probe)")
+    [view] = finished_runs(run_ids=[tracker.run_id], uri=uri)
+    base, changed = report_points(view, "probe", "λ=5")
+    assert (base.base, base.memorised_fraction, base.quality) == (True, pytest.approx(0.3), pytest.approx(2.0))
+    assert (changed.base, changed.memorised_fraction, changed.quality, changed.setting) == (False, pytest.approx(0.05), pytest.approx(2.5), "λ=5")

@@ -153,6 +153,11 @@ def test_small_work_runs_in_the_process_with_no_ray_cluster(storage, tmp_path):
     experiment = MlflowClient().get_run(trained["mlflow_run_id"]).info.experiment_id
     assert trained["mlflow_url"] == (f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{trained['mlflow_run_id']}"
                                      "?workflowType=machine_learning")
+    # The experiment's link opens its run list with the job's columns (MLflow's shared view state).
+    assert trained["experiment_url"] == (f"http://127.0.0.1:5000/#/experiments/{experiment}/runs"
+                                         "?workflowType=machine_learning&viewStateShareKey=genmem")
+    view = json.loads(MlflowClient().get_experiment(experiment).tags["mlflow.sharedViewState.genmem"])
+    assert view["selectedColumns"][:4] == ["attributes.`Description`", "params.`data.source`", "params.`images`", "metrics.`train/loss`"]
     assert sampled["n"] == 300 and sampled["tasks"] == 1
     from genmem.data import read_shards
 

@@ -61,6 +61,8 @@ def test_two_workers_train_with_ddp_and_log_to_mlflow(ray_local, tracking, stora
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["model.hidden"] == "32" and run.data.params["scaling.num_workers"] == "2"
+    # only what applies: an MLP has no U-Net channels, data that is not the manifold no ambient dimension
+    assert not {"model.channels", "model.channel_mults", "data.ambient_dim", "scaling.gpus_per_worker"} & set(run.data.params)
     assert run.data.tags["checkpoint_uri"] == result["checkpoint"]
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [64 * 5 * k for k in range(1, 7)]

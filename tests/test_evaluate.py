@@ -97,7 +97,7 @@ def test_evaluate_job_logs_metrics_and_figures(digits_run, tracking, ray_local):
     assert run.data.tags["train_run_id"] == digits_run["mlflow_run_id"]
     # The description is the result in one line, from the logged figures.
     assert run.data.tags["mlflow.note.content"].startswith(f"memorised {100 * metrics['eval/memorised_fraction']:.1f}% [")
-    assert "of 120 samples" in run.data.tags["mlflow.note.content"]
+    assert f"of 120 samples (null control {100 * metrics['null/memorised_fraction']:.1f}%)" in run.data.tags["mlflow.note.content"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     for figure in ("memorised_pairs.png", "ratio_histogram.png", "samples.png", "most_memorised.json", "copy_tests.parquet",
                    "ct_cells.json"):

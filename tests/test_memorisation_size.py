@@ -186,6 +186,8 @@ def test_a_size_sweep_writes_the_phase_plot_and_the_effective_memorisation(tmp_p
     exp = client.get_experiment_by_name("genmem/memorisation").experiment_id
     children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
     assert len(children) == 3
+    assert {c.data.tags["mlflow.note.content"].split(" training points: ")[0] for c in children} == {"8", "64", "512"}
+    assert all("learned dimension" in c.data.tags["mlflow.note.content"] for c in children)
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert {"score_spectrum.png", "most_memorised.json"} <= artifacts, artifacts
 

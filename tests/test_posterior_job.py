@@ -41,16 +41,25 @@ def test_posterior_job_on_a_worker_group_of_two_logs_three_arms(toy_checkpoint, 
     client = MlflowClient(tracking)
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.metrics["posterior/workers"] == 2
-    star = run.data.metrics["posterior/theta_star/memorised_fraction"]
-    assert run.data.tags["mlflow.note.content"].startswith(f"θ* memorised {100 * star:.1f}%, ")
+    assert not [k for k in run.data.metrics if k.count("/") > 1], "no metric name encodes an arm"
+    assert run.data.tags["mlflow.note.content"].startswith(f"θ* memorised {100 * rows['theta_star']['memorised_fraction']:.1f}%, ")
     assert "; euclidean τ=0.5 " in run.data.tags["mlflow.note.content"] and "; riemannian τ=0.5 " in run.data.tags["mlflow.note.content"]
-    for key in ("posterior/theta_star/memorised_fraction", "posterior/euclidean_0.5/fd_pixels",
-                "posterior/riemannian_0.5/loss_increase", "posterior/riemannian_0.5/grad_evals"):
-        assert key in run.data.metrics, key
-    assert "memorised_vs_fd.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    for arm in ("theta_star", "euclidean_0.5", "riemannian_0.5"):  # each arm's samples and most-memorised pairs
-        assert {a.path for a in client.list_artifacts(run.info.run_id, f"arms/{arm}")} == {
-            f"arms/{arm}/samples.png", f"arms/{arm}/memorised_pairs.png"}, arm
+    assert {"memorised_vs_fd.png", "arms.txt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # Each arm is a child run with the same metric keys and its setting as params, so MLflow compares them.
+    children = client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    by_arm = {c.data.tags["posterior_arm"]: c for c in children}
+    assert set(by_arm) == {"theta_star", "euclidean_0.5", "riemannian_0.5"}
+    assert {c.info.run_name for c in children} == {"θ*", "euclidean τ=0.5", "riemannian τ=0.5"}
+    keys = {arm: {k for k in c.data.metrics} for arm, c in by_arm.items()}
+    assert keys["theta_star"] == keys["euclidean_0.5"] == keys["riemannian_0.5"], keys
+    assert {"eval/memorised_fraction", "eval/fd_pixels", "posterior/loss_increase", "posterior/grad_evals"} <= keys["theta_star"]
+    for row in result["arms"]:
+        child = client.get_run(row["mlflow_run_id"])
+        assert child.data.metrics["eval/memorised_fraction"] == pytest.approx(row["memorised_fraction"], rel=1e-12)
+        assert child.data.metrics["posterior/grad_evals"] == pytest.approx(row["grad_evals"], rel=1e-12)
+        assert (child.data.params["method"], float(child.data.params["tau"])) == (row["arm"], row["scale"])
+        assert child.data.tags["mlflow.note.content"].startswith(child.info.run_name + ": ")
+        assert {"samples.png", "memorised_pairs.png", "copy_tests.parquet"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
 
 
 def test_bad_posterior_requests_are_refused_up_front(toy_checkpoint, tracking, tmp_path):
@@ -99,6 +108,9 @@ def test_posterior_sweep_runs_its_weight_sample_tasks_inside_tune_trials(toy_che
                                   filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
     assert sorted(r.data.params["scales"] for r in children) == ["[0.3]", "[0.6]"]
     assert "best" in result and result["best"]["params"]["scales"][0] in (0.3, 0.6)
+    best = result["best"]["final"]["riemannian/memorised_fraction"]
+    assert client.get_run(result["mlflow_run_id"]).data.tags["mlflow.note.content"] == (
+        f"2 posterior trials over scales: 2 finished; best riemannian/memorised_fraction {best:.3g} at scales={result['best']['params']['scales']}")
 
 
 def test_the_memorised_versus_fd_axes_go_logarithmic_where_values_span_decades():

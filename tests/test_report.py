@@ -82,6 +82,8 @@ def test_csv_and_html_hold_every_point_and_the_chart():
     src = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(src)))), picture)
     assert html.count("<tr") == 1 + len(pts) and "τ=1" in html
+    header = re.findall(r"<th>([^<]+)</th>", html)
+    assert header[:3] == ["method", "setting", "memorised_fraction"] and header[-1] == "run_id"  # the result first, the id last
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_the_report_reads_every_arm_and_setting_back_from_mlflow(measured_runs, 
     expected = {(evaluated["mlflow_run_id"], "evaluate"): (evaluated["memorised_fraction"], evaluated["fd_pixels"], True)}
     for arm in posterior["arms"]:
         method = "posterior θ*" if arm["arm"] == "theta_star" else f"posterior/{arm['arm']}"
-        expected[(posterior["mlflow_run_id"], method, arm["scale"])] = (arm["memorised_fraction"], arm["fd_pixels"], arm["arm"] == "theta_star")
+        expected[(arm["mlflow_run_id"], method, arm["scale"])] = (arm["memorised_fraction"], arm["fd_pixels"], arm["arm"] == "theta_star")
     for trial in sweep["results"]:
         state = json.loads((store / "retrain" / f"{sweep['sweep']}-{trial['trial_id']}" / "state.json").read_text())
         gens = state["generations"]

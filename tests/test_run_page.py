@@ -9,7 +9,7 @@ from genmem.runs import headlines
 
 def test_an_evaluation_reads_memorised_with_interval_null_and_quality():
     metrics = {"eval/memorised_fraction": 0.224, "eval/memorised_fraction_lo": 0.195, "eval/memorised_fraction_hi": 0.269,
-               "eval/n": 500.0, "eval/null/memorised_fraction": 0.004, "eval/fd_pixels": 9.1, "eval/fd_classifier": 0.2345,
+               "eval/n": 500.0, "null/memorised_fraction": 0.004, "eval/null/memorised_fraction": 0.5, "eval/fd_pixels": 9.1, "eval/fd_classifier": 0.2345,
                "eval/precision": 0.996, "eval/recall": 0.969, "other/memorised_fraction": 0.9}
     assert headlines.evaluation(metrics) == ("memorised 22.4% [19.5%, 26.9%] of 500 samples (null control 0.4%), "
                                              "fd_classifier 0.234, precision 0.996, recall 0.969")
@@ -35,6 +35,14 @@ def test_a_posterior_arm_with_no_precision_is_degenerate_not_unmemorised():
                     "riemannian τ=1 0.4% (0.43)")
 
 
+def test_an_arm_run_is_described_by_its_evaluation_or_as_degenerate():
+    good = {"eval/memorised_fraction": 0.212, "eval/fd_classifier": 0.29, "eval/precision": 0.98}
+    assert headlines.arm("riemannian τ=0.01", good) == "riemannian τ=0.01: memorised 21.2%, fd_classifier 0.29, precision 0.98"
+    noise = {"eval/memorised_fraction": 0.0, "eval/fd_classifier": 531.0, "eval/precision": 0.0}
+    assert headlines.arm("euclidean τ=1", noise) == ("euclidean τ=1: degenerate (precision 0.000): its samples are not the data's, "
+                                                    "so its memorised 0.0% says nothing about copying")
+
+
 def test_training_and_generations_name_their_budget_and_collapse():
     assert headlines.training(60_000, 1_875, 0.01234, (60_000, 0.224), "stopped") == (
         "trained 60,000 images (1,875 steps): loss 0.0123, memorised 22.4% at 60,000 images; memorisation budget stopped")
@@ -42,6 +50,17 @@ def test_training_and_generations_name_their_budget_and_collapse():
     history = [{"fd_key": "eval/fd_pixels", "metrics": {"fd": 1.0, "memorised_fraction": 0.02}},
                {"fd_key": "eval/fd_pixels", "metrics": {"fd": 4.0, "memorised_fraction": 0.08}}]
     assert headlines.generations(history, 0.5, 1) == "1 generation at synthetic ratio 0.5: memorised 2.0% → 8.0%, fd_pixels 1 → 4; collapsed at generation 1"
+
+
+def test_a_size_and_a_sweep_read_their_result_in_one_line():
+    metrics = {"eval/memorised_fraction": 0.15, "eval/heldout_memorised_fraction": 0.003, "fd": 0.5234, "dim/train_q50": 3.0,
+               "dim/heldout_q50": 2.0, "dim/true": 3.0}
+    assert headlines.size_study(64, metrics) == ("64 training points: memorised 15.0% (held-out control 0.3%), FD 0.523; "
+                                                 "learned dimension 3 (held-out points 2, true 3)")
+    assert headlines.size_study(1024, {"fd": 2.0}) == "1,024 training points: FD 2"
+    best = {"params": {"synthetic_ratio": 0.25, "seed": 0}, "final": {"fd": 1.234}}
+    assert headlines.sweep("retrain", ["synthetic_ratio", "seed"], 3, 1, 0, "fd", best) == (
+        "4 retrain trials over synthetic_ratio, seed: 3 finished, 1 failed; best fd 1.23 at synthetic_ratio=0.25, seed=0")
 
 
 def test_unset_settings_are_not_params(tmp_path):
@@ -55,6 +74,18 @@ def test_unset_settings_are_not_params(tmp_path):
     run = MlflowClient(uri).get_run(tracker.run_id)
     assert run.data.params == {"b.c": "1", "e": "x"}
     assert run.data.tags["mlflow.note.content"] == "memorised 1.0%"
+
+
+def test_a_run_records_only_the_settings_that_apply():
+    from genmem.config import TrainConfig, flatten, tracked
+
+    mlp = flatten(tracked(TrainConfig()))
+    assert {"model.hidden", "data.source", "sampler.steps", "process.ot_coupling"} <= set(mlp)
+    assert not {"model.channels", "data.ambient_dim", "data.noise", "data.path", "sampler.rtol", "process.schedule"} & set(mlp)
+    unet = flatten(tracked(TrainConfig.model_validate({"model": {"kind": "unet"}, "data": {"source": "manifold"},
+                                                       "process": {"kind": "diffusion"}, "sampler": {"method": "dopri5"}})))
+    assert {"model.channels", "data.ambient_dim", "data.n", "process.schedule", "sampler.rtol"} <= set(unet)
+    assert not {"model.hidden", "process.ot_coupling", "sampler.steps"} & set(unet)
 
 
 def test_figures_are_wide_enough_to_read_in_the_artifact_view():
@@ -77,3 +108,21 @@ def test_figures_are_wide_enough_to_read_in_the_artifact_view():
             assert picture.shape[1] <= size[0] * 100
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)  # a training run's periodic picture: its own size
     assert figure_to_array(fig, 0).shape[1] <= 400
+
+
+def test_memorised_pairs_put_generated_above_nearest_training_at_a_readable_width():
+    import torch
+
+    from genmem.viz import MIN_WIDTH_PX, memorised_pairs
+
+    for shape in ((16, 1, 8, 8), (3, 1, 28, 28), (5, 3, 32, 32)):
+        generated, nearest = torch.ones(shape), -torch.ones(shape)  # white above, black below
+        picture = memorised_pairs(generated, nearest, [0.1] * shape[0], 1 / 3)
+        assert picture.shape[1] >= MIN_WIDTH_PX and picture.shape[2] == 3, (shape, picture.shape)
+        grey = picture.mean(2)
+        tiles = grey[:, 130:-20]  # right of the row labels
+        dark_rows = (tiles < 10).mean(1) > 0.5
+        first_dark = dark_rows.argmax()
+        assert dark_rows.any() and first_dark > picture.shape[0] / 3, shape  # the nearest training row is the lower one
+    vectors = memorised_pairs(torch.zeros(4, 2), torch.ones(4, 2), [0.2, 0.3, 0.4, 0.5], 1 / 3)
+    assert vectors.shape[1] >= MIN_WIDTH_PX

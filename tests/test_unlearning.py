@@ -120,6 +120,14 @@ def test_flow_mode_pairs_each_row_with_source_samples_that_change_every_step():
     assert len(set(a.tolist())) > 5  # not one source for everyone
 
 
+def test_the_before_after_picture_names_the_forget_mass_each_panel_shows():
+    from genmem.jobs.unlearn import UnlearnConfig, _panel_titles
+
+    m = {"forget_mass_before": 0.41, "forget_mass": 0.02, "forget_ratio": 0.0488, "memorised_fraction_before": 0.2, "memorised_fraction": 0.01}
+    assert _panel_titles(UnlearnConfig(base="ckpt", lam=5.0), m) == (
+        "base\nforget mass 0.410, memorised 20.0%", "unlearned (flow, λ=5)\nforget mass 0.020, memorised 1.0%, ratio 0.049")
+
+
 def test_toy_regions_give_back_the_labels_the_toys_were_drawn_with():
     for name in ("moons", "circles", "6gaussians", "checkerboard"):
         data = toy(name, 2000, seed=0)

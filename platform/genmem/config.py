@@ -25,6 +25,24 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def unused(self) -> set[str]:
+        """The fields that do not apply given the others (a U-Net's channels to an MLP): left
+        out of a run's params (:func:`tracked`), so the run list shows what was in effect."""
+        return set()
+
+
+def tracked(cfg: BaseModel) -> dict[str, Any]:
+    """A config as a run's params: every setting that applies (each section's :meth:`Strict.unused` left out)."""
+    def unused(section: BaseModel) -> dict[str, Any]:
+        tree: dict[str, Any] = dict.fromkeys(section.unused(), True) if isinstance(section, Strict) else {}
+        for name in type(section).model_fields:
+            value = getattr(section, name)
+            if name not in tree and isinstance(value, BaseModel) and (inner := unused(value)):
+                tree[name] = inner
+        return tree
+
+    return cfg.model_dump(mode="json", exclude=unused(cfg))
+
 
 TOY_SOURCES = ("moons", "circles", "8gaussians", "6gaussians", "checkerboard")
 FILE_SOURCES = ("parquet", "array", "mnist", "cifar10")
@@ -65,6 +83,18 @@ class DataConfig(Strict):
             raise ValueError("data.real=false leaves no training data: list generated Parquet folders in data.synthetic")
         return self
 
+    def unused(self) -> set[str]:
+        out = set()
+        if self.source != "manifold":
+            out |= {"manifold_dim", "ambient_dim", "manifold_variances"}
+        if self.source not in TOY_SOURCES:
+            out.add("noise")
+        if self.source not in (*TOY_SOURCES, "manifold"):
+            out.add("n")
+        if self.source not in FILE_SOURCES:
+            out.add("path")
+        return out
+
 
 class ModelConfig(Strict):
     """Network architecture; the input shape comes from the data."""
@@ -78,6 +108,9 @@ class ModelConfig(Strict):
     blocks_per_level: int = Field(1, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
+    def unused(self) -> set[str]:
+        return {"channels", "channel_mults", "blocks_per_level"} if self.kind == "mlp" else {"hidden", "depth"}
+
 
 class ProcessConfig(Strict):
     """The generative process: flow matching (straight path) or VP diffusion."""
@@ -88,6 +121,9 @@ class ProcessConfig(Strict):
     # diffusion network target: the noise ("eps", Ho et al. 2020) or v = alpha eps - sigma x
     # ("v", Salimans & Ho 2022), whose denoised estimate stays bounded where alpha is small
     prediction: Literal["eps", "v"] = "v"
+
+    def unused(self) -> set[str]:
+        return {"schedule", "prediction"} if self.kind == "flow" else {"ot_coupling"}
 
 
 class SamplerConfig(Strict):
@@ -107,6 +143,10 @@ class SamplerConfig(Strict):
     # diffusion: clamp the denoised estimate to [-c, c] at every step; "auto" is 1 for image data
     # in [-1, 1] and off otherwise, resolved when training starts (the checkpoint records it)
     clip_denoised: float | Literal["auto"] | None = "auto"
+
+    def unused(self) -> set[str]:
+        out = {"steps"} if self.method == "dopri5" else {"rtol", "atol"}
+        return out | ({"eta"} if self.method != "ddim" else set())
 
 
 class OptimConfig(Strict):
@@ -133,6 +173,9 @@ class ScalingConfig(Strict):
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = forever
     num_to_keep: int = Field(2, gt=0)  # checkpoints kept in Ray's storage
     check_resources: bool = True  # refuse up front what the cluster cannot place (off when autoscaling)
+
+    def unused(self) -> set[str]:
+        return set() if self.use_gpu else {"gpus_per_worker"}
 
     @property
     def ranks(self) -> int:

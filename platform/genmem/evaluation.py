@@ -35,7 +35,7 @@ from genmem.metrics.frechet import fd_interval, kid_interval
 from genmem.metrics.outliers import out_of_range_fraction
 from genmem.seeds import Training
 from genmem.storage import atomic_write_bytes, pull
-from genmem.viz import labelled_rows, pairs_grid, ratio_histograms, sample_picture
+from genmem.viz import labelled_rows, memorised_pairs, pairs_grid, ratio_histograms, sample_picture
 
 
 @dataclass
@@ -262,7 +262,7 @@ def _worst_pairs(evidence: CopyEvidence, generated: ArrayDataset, train: ArrayDa
     worst = mem.worst(min(cfg.worst_k, len(gen)))
     nearest = mem.nearest[worst]
     figures = {
-        "memorised_pairs": pairs_grid(gen[worst], tr[nearest]),
+        "memorised_pairs": memorised_pairs(gen[worst], tr[nearest], mem.ratio[worst].tolist(), cfg.threshold),
         "ratio_histogram": ratio_histograms(mem.ratio, mem.heldout_ratio, cfg.threshold, "d1/d2"),
         "d1_histogram": ratio_histograms(mem.d1, mem.heldout_d1, cfg.threshold, "d1 (L2 to nearest)"),
         "samples": sample_picture(gen[:64], tr[:2000], f"{len(gen)} samples"),

@@ -117,6 +117,9 @@ def pareto_front(points: list[Point], axis: str = "fraction") -> list[bool]:
 
 
 _COLUMNS = [f.name for f in fields(Point)] + ["pareto"]
+# the page's table: what was measured first, the run id (a tooltip's worth) last
+_HTML_COLUMNS = ["method", "setting", "memorised_fraction", "ct", "authpct", "quality", "quality_key", "pareto", "base", "over_budget",
+                 "model", "run_name", "experiment", "run_id"]
 
 
 def rows(points: list[Point], axis: str = "fraction") -> list[dict[str, object]]:
@@ -212,19 +215,21 @@ def to_html(points: list[Point], picture: np.ndarray, *, title: str = "genmem me
     Image.fromarray(picture).save(buf, format="PNG")
     src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     body = rows(points, axis)
-    head = "".join(f"<th>{html_lib.escape(c)}</th>" for c in _COLUMNS)
+    head = "".join(f"<th>{html_lib.escape(c)}</th>" for c in _HTML_COLUMNS)
     lines = []
     for r in body:
         cells = []
-        for c in _COLUMNS:
+        for c in _HTML_COLUMNS:
             v = r[c]
             text = f"{v:.4g}" if isinstance(v, float) else ("✓" if v is True else "" if v is False else str(v))
-            cells.append(f"<td>{html_lib.escape(text)}</td>")
+            short = f"{text[:8]}…" if c == "run_id" else text  # the full id in the cell's tooltip
+            cells.append(f"<td title=\"{html_lib.escape(text)}\">{html_lib.escape(short)}</td>")
         lines.append(f"<tr class=\"{'front' if r['pareto'] else ''}\">{''.join(cells)}</tr>")
+    runs = len({r["run_id"] for r in body})
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html_lib.escape(title)}</title><style>"
             "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}tr.front{background:#eef6ee}img{max-width:100%}"
-            f"</style></head><body><h1>{html_lib.escape(title)}</h1><p>{len(body)} points from "
-            f"{len({r['run_id'] for r in body})} runs; rows on the Pareto front are shaded.</p>"
+            f"</style></head><body><h1>{html_lib.escape(title)}</h1><p>{len(body)} point{'s' * (len(body) != 1)} from "
+            f"{runs} run{'s' * (runs != 1)}; rows on the Pareto front are shaded.</p>"
             f"<img alt=\"{html_lib.escape(AXES[axis].label)} against quality\" src=\"{src}\">"
             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table></body></html>\n")

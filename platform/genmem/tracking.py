@@ -8,6 +8,7 @@ the rank-0 worker (or the driver) ever writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -96,6 +97,23 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 UI_VIEW = "workflowType=machine_learning"
 
 
+# What an experiment's run list shows: MLflow's shared view state, kept as an experiment tag and
+# opened by the URL parameter below (the view a user gets from the UI's "Share" button).
+VIEW_KEY = "genmem"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+_SECTIONS = ("params", "tags", "metrics", "attributes")
+
+
+def run_list_view(columns: Sequence[str]) -> str:
+    """The shared view state whose run list shows each run's description, then ``columns``:
+    metric keys (``eval/memorised_fraction``), ``params.<name>`` or ``tags.<name>``."""
+    def key(column: str) -> str:
+        section, _, name = column.partition(".")
+        return f"{section}.`{name}`" if section in _SECTIONS and name else f"metrics.`{column}`"
+
+    return json.dumps({"selectedColumns": ["attributes.`Description`", *map(key, columns)]})
+
+
 def ui_address() -> str:
     """Where a user opens the MLflow UI: ``GENMEM_MLFLOW_UI`` if set, else an HTTP tracking
     server's own address, else what `make mlflow-ui` serves over the embedded store."""
@@ -109,21 +127,32 @@ def run_url(run_id: str, uri: str | None = None) -> str:
     return f"{ui_address()}/#/experiments/{experiment}/runs/{run_id}?{UI_VIEW}"
 
 
-def experiment_id(kind: str, uri: str | None = None) -> str:
-    """The experiment of a job kind (``genmem/train``, ``genmem/evaluate``, ...), created once."""
+def experiment_url(run_id: str, uri: str | None = None) -> str:
+    """The run list of the run's experiment in the MLflow UI: the model-training view, with the
+    columns its job chose (:func:`run_list_view`)."""
+    experiment = _client(uri).get_run(run_id).info.experiment_id
+    return f"{ui_address()}/#/experiments/{experiment}/runs?{UI_VIEW}&viewStateShareKey={VIEW_KEY}"
+
+
+def experiment_id(kind: str, uri: str | None = None, columns: Sequence[str] = ()) -> str:
+    """The experiment of a job kind (``genmem/train``, ``genmem/evaluate``, ...), created once;
+    ``columns``: what its run list shows (:func:`run_list_view`), set where it differs."""
     client = _client(uri)
     name = f"{EXPERIMENT_PREFIX}/{kind}"
+    tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}  # spares the UI's prompt for a kind; the view is UI_VIEW's
+    if columns:
+        tags[VIEW_TAG] = run_list_view(columns)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        # The kind spares the UI's prompt for one; the view is the URL's (UI_VIEW) or the toggle's.
-        return client.create_experiment(name, artifact_location=artifact_location(), tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
-    except Exception:  # created meanwhile by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(), tags=tags)
+        except Exception:  # created meanwhile by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if columns and exp.tags.get(VIEW_TAG) != tags[VIEW_TAG]:
+        client.set_experiment_tag(exp.experiment_id, VIEW_TAG, tags[VIEW_TAG])
+    return exp.experiment_id
 
 
 def find_run(kind: str, key: str, uri: str | None = None) -> str | None:
@@ -142,8 +171,6 @@ def git_commit() -> str | None:
 
 def ray_job_id() -> str | None:
     """The submission id when this process is the driver of a `ray job submit` job."""
-    import json
-
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not raw:
         return None
@@ -228,8 +255,10 @@ class Tracker:
         parent_run_id: str | None = None,
         key: str | None = None,
         uri: str | None = None,
+        columns: Sequence[str] = (),
     ) -> "Tracker":
-        """Create a run in the experiment of ``kind`` with flattened params and default tags.
+        """Create a run in the experiment of ``kind`` with flattened params and default tags;
+        ``columns``: what the experiment's run list shows (:func:`experiment_id`).
 
         ``key`` makes the start idempotent: a run of that experiment tagged with the same key is
         reopened instead of duplicated (a resumed loop, generation or sweep trial)."""
@@ -237,7 +266,7 @@ class Tracker:
         all_tags = {**default_tags(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        exp = experiment_id(kind, uri)
+        exp = experiment_id(kind, uri, columns)
         if key is not None:
             all_tags[KEY_TAG] = key
             found = client.search_runs([exp], filter_string=f"tags.{KEY_TAG} = '{key}'", max_results=1)
@@ -426,11 +455,26 @@ def _view(run, names: dict[str, str], uri: str) -> RunView:
                    params=dict(run.data.params), tags=dict(run.data.tags), uri=uri)
 
 
+def _descendants(client, experiment_ids: list[str], parents: list[str], depth: int = 3) -> list:
+    """The runs nested under ``parents`` down to ``depth`` levels: a sweep's trials, a posterior's
+    arms, a posterior trial's arms."""
+    found: list = []
+    for _ in range(depth):
+        children = [run for parent in parents for run in client.search_runs(
+            experiment_ids, filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000)]
+        if not children:
+            break
+        found += children
+        parents = [run.info.run_id for run in children]
+    return found
+
+
 def finished_runs(*, experiments: list[str] = (), sweep: str | None = None, run_ids: list[str] = (), uri: str | None = None,
                   exclude: tuple[str, ...] = ()) -> list[RunView]:
     """The FINISHED runs of genmem experiments (``genmem/posterior`` or just ``posterior``), of
-    one sweep (its parent run's id: the trials' runs), or by id; all of genmem's experiments
-    but ``exclude`` when nothing is named. One sentence naming what is missing, before any read."""
+    one sweep (its parent run's id: the trials' runs), or by id, each with the runs nested under
+    it (a posterior's arms); all of genmem's experiments but ``exclude`` when nothing is named.
+    One sentence naming what is missing, before any read."""
     from mlflow.exceptions import MlflowException
 
     uri = check_reachable(uri)
@@ -455,8 +499,8 @@ def finished_runs(*, experiments: list[str] = (), sweep: str | None = None, run_
             client.get_run(sweep)
         except MlflowException:
             raise TrackingError(f"MLflow at {uri} has no sweep run '{sweep}': pass the id of a sweep's parent run") from None
-        genmem_ids = [eid for eid, n in known.items() if n.startswith(EXPERIMENT_PREFIX + "/")]
-        runs += client.search_runs(genmem_ids, filter_string=f"tags.`mlflow.parentRunId` = '{sweep}'", max_results=10000)
+    genmem_ids = [eid for eid, n in known.items() if n.startswith(EXPERIMENT_PREFIX + "/")]
+    runs += _descendants(client, genmem_ids, [r.info.run_id for r in runs] + ([sweep] if sweep is not None else []))
     if not experiments and not run_ids and sweep is None:
         ids = [eid for eid, n in known.items() if n.startswith(EXPERIMENT_PREFIX + "/") and n not in exclude]
     if ids:

@@ -106,15 +106,59 @@ def pairs_grid(generated: torch.Tensor, nearest: torch.Tensor) -> np.ndarray:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    g, r = generated.flatten(1)[:, :2].cpu().numpy(), nearest.flatten(1)[:, :2].cpu().numpy()
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    _segments(ax, generated, nearest)
+    return figure_to_array(fig)
+
+
+def _segments(ax, generated: torch.Tensor, nearest: torch.Tensor) -> None:
+    """Each generated point joined to its nearest training point (first two coordinates)."""
+    g, r = generated.flatten(1)[:, :2].cpu().numpy(), nearest.flatten(1)[:, :2].cpu().numpy()
     for a, b in zip(g, r):
         ax.plot([a[0], b[0]], [a[1], b[1]], c="#999999", lw=0.8)
     ax.scatter(r[:, 0], r[:, 1], s=12, c="#1f77b4", label="nearest training")
     ax.scatter(g[:, 0], g[:, 1], s=12, c="#d62728", label="generated")
     ax.set_aspect("equal")
     ax.legend(fontsize=10)
-    return figure_to_array(fig)
+
+
+def memorised_pairs(generated: torch.Tensor, nearest: torch.Tensor, ratios: list[float], threshold: float) -> np.ndarray:
+    """The most memorised samples, labelled: images as two rows (generated above, its nearest
+    training sample below), each column over its d1/d2 ratio; vectors as segments from each
+    generated point to its nearest training point."""
+    title = f"the {len(generated)} most memorised samples and their nearest training samples (d1/d2 < {threshold:.3g}: a copy)"
+    if not (generated.dim() == 4 and generated.shape[1] <= 3):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+        _segments(ax, generated, nearest)
+        ax.set_title(f"{title}\nd1/d2 from {min(ratios):.3g} to {max(ratios):.3g}", fontsize=10)
+        return figure_to_array(fig)
+    # Drawn with PIL, not matplotlib: every evaluation draws one, and this takes milliseconds, not half a second.
+    from PIL import ImageDraw, ImageFont
+
+    k = len(generated)
+    grid = image_grid(torch.cat([generated, nearest]), nrow=k)
+    zoom = math.ceil(0.85 * MIN_WIDTH_PX / grid.shape[1])
+    if zoom > 1:
+        grid = np.kron(grid, np.ones((zoom, zoom, 1), dtype=np.uint8))
+    h, w = grid.shape[:2]
+    left, top, bottom = 120, 34, 56
+    canvas = Image.new("RGB", (max(left + w + 12, MIN_WIDTH_PX), top + h + bottom), "white")
+    canvas.paste(Image.fromarray(grid), (left, top))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=15)
+    draw.text((canvas.width / 2, 8), title, fill="black", font=font, anchor="mt")
+    draw.text((left - 10, top + h / 4), "generated", fill="black", font=font, anchor="rm")
+    draw.text((left - 10, top + 3 * h / 4 - 9), "nearest", fill="black", font=font, anchor="rm")
+    draw.text((left - 10, top + 3 * h / 4 + 9), "training", fill="black", font=font, anchor="rm")
+    for i, r in enumerate(ratios):
+        draw.text((left + (i + 0.5) * w / k, top + h + 6), f"{r:.2f}", fill="black", font=font, anchor="mt")
+    draw.text((left + w / 2, top + h + 30), "d1/d2: distance to the nearest training sample over distance to the second nearest",
+              fill="black", font=font, anchor="mt")
+    return np.asarray(canvas)
 
 
 def labelled_rows(pictures: list[np.ndarray], labels: list[str], title: str) -> np.ndarray:
@@ -224,7 +268,7 @@ def side_by_side(samples: list[torch.Tensor], titles: list[str], reference: torc
             ax.scatter(pts[:, 0], pts[:, 1], s=2, c="#1f3b73", label="samples")
             ax.set_aspect("equal")
             ax.legend(loc="upper right", fontsize=10, markerscale=4)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return figure_to_array(fig)
 

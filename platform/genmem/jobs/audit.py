@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from genmem.config import MetricsConfig
+from genmem.config import MetricsConfig, tracked
 from genmem.data import ArrayDataset
 from genmem.data.errors import DataError
 from genmem.data.inputs import align, read_input
@@ -23,7 +23,7 @@ from genmem.evaluation import check_metrics, evaluate_samples, feature_names, mi
 from genmem.jobs.base import COMMANDS, Context, Job
 from genmem.metrics.outliers import range_warning
 from genmem.report import Point
-from genmem.runs.evaluations import log_evaluation
+from genmem.runs.evaluations import COLUMNS, log_evaluation
 from genmem.storage import storage_root
 from genmem.tracking import RunView, check_reachable, job_run
 
@@ -96,7 +96,7 @@ def run(cfg: AuditConfig, ctx: Context) -> dict[str, Any]:
     warning = range_warning(result.metrics["eval/out_of_range_fraction"], float(train.x.min()), float(train.x.max()))
     if warning:
         print(f"[genmem audit] {warning}", file=sys.stderr, flush=True)
-    with job_run("audit", name, params=cfg.model_dump(mode="json"), tags=tags, parent_run_id=ctx.parent_run_id,
+    with job_run("audit", name, params=tracked(cfg), tags=tags, parent_run_id=ctx.parent_run_id, columns=COLUMNS,
                  key=ctx.key) as tracker:
         if not contrast:
             tracker.tags({"heldout_contrast": NO_HELDOUT})

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from genmem.jobs.commands import COMMANDS, Command, Flag
 from genmem.runs.context import Context
-from genmem.tracking import numeric, run_url
+from genmem.tracking import experiment_url, numeric, run_url
 
 if TYPE_CHECKING:
     from genmem.distributed.cluster import Footprint
@@ -68,6 +68,10 @@ class Job:
 
 def links(summary: dict[str, Any]) -> dict[str, str]:
     """A link into the MLflow UI's model-training view for each run a job's result names
-    (``mlflow_run_id`` -> ``mlflow_url``, ``train_run_id`` -> ``train_url``, ...)."""
-    return {key.removesuffix("run_id") + "url": run_url(value) for key, value in summary.items()
-            if key.endswith("run_id") and isinstance(value, str) and value}
+    (``mlflow_run_id`` -> ``mlflow_url``, ``train_run_id`` -> ``train_url``, ...), and the run
+    list of the job's own run's experiment (``experiment_url``)."""
+    out = {key.removesuffix("run_id") + "url": run_url(value) for key, value in summary.items()
+           if key.endswith("run_id") and isinstance(value, str) and value}
+    if isinstance(summary.get("mlflow_run_id"), str):
+        out["experiment_url"] = experiment_url(summary["mlflow_run_id"])
+    return out

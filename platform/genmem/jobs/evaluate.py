@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
-from genmem.config import MetricsConfig
+from genmem.config import MetricsConfig, tracked
 from genmem.data import read_shards
 from genmem.distributed.sampling import sample
 from genmem.distributed.neighbours import neighbour_search
@@ -18,7 +18,7 @@ from genmem.jobs.base import COMMANDS, Context, Job
 from genmem.metrics.outliers import range_warning
 from genmem.storage import ensure_writable, storage_root
 from genmem.report import Point
-from genmem.runs.evaluations import log_evaluation
+from genmem.runs.evaluations import COLUMNS, log_evaluation
 from genmem.tracking import RunView, check_reachable, job_run
 
 
@@ -40,7 +40,7 @@ def run(cfg: EvaluateConfig, ctx: Context) -> dict[str, Any]:
     if meta.get("mlflow_run_id"):
         tags["train_run_id"] = meta["mlflow_run_id"]
     tags["base_model"] = str(meta["config"].get("init_from") is None).lower()  # trained from scratch: a θ* in `genmem report`
-    with job_run("evaluate", f"evaluate-{meta['checkpoint_id']}", params=cfg.model_dump(mode="json"), tags=tags,
+    with job_run("evaluate", f"evaluate-{meta['checkpoint_id']}", params=tracked(cfg), tags=tags, columns=COLUMNS,
                  parent_run_id=ctx.parent_run_id, key=ctx.key) as tracker:
         samples_path = cfg.samples
         if not samples_path:

@@ -216,9 +216,13 @@ def path_kl(cfg: FinetuneConfig, checkpoint: str, n: int) -> float:
     return traj.kl.mean().item()
 
 
+COLUMNS = ("params.divergence", "params.alpha", "finetune/reward", "finetune/memorised_fraction", "finetune/diversity",
+           "finetune/fd_classifier", "finetune/mmd_target")  # the run list's: the last step of each is the fine-tuned model's
+
+
 def run(cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
     base, reward = _checked(cfg)
-    with BeforeAfter.open("finetune", cfg, ctx) as change:
+    with BeforeAfter.open("finetune", cfg, ctx, COLUMNS) as change:
         print(f"[genmem finetune] reward {cfg.reward.kind}, {cfg.divergence} at α={cfg.alpha:g}: {cfg.eval_n} base samples", flush=True)
         before = change.samples(cfg.base, cfg.eval_n, "before", derive_seed(cfg.seed, Stream.EVAL))
         try:

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, model_validator
 
 from genmem.checkpoint import load_checkpoint
-from genmem.config import MetricsConfig, Strict, TrainConfig, to_yaml
+from genmem.config import MetricsConfig, Strict, TrainConfig, to_yaml, tracked
 from genmem.data import ArrayDataset, load_dataset
 from genmem.data.shards import read_shards
 from genmem.distributed.neighbours import neighbour_search
@@ -46,6 +46,7 @@ from genmem.metrics.dimension import DimensionReport, learned_dimension, tangent
 from genmem.metrics.flipd import convolution_score
 from genmem.metrics.memorisation import effective_memorisation
 from genmem.report import Point
+from genmem.runs import headlines
 from genmem.runs.curves import grouped
 from genmem.runs.evaluations import log_evaluation
 from genmem.runs.training import footprint, train_model
@@ -164,16 +165,21 @@ def dimension_study(cfg: MemorisationConfig, checkpoint: str, train: ArrayDatase
     return metrics, reports
 
 
+# the run list's: one size per row
+COLUMNS = ("params.train_points", "eval/memorised_fraction", "eval/heldout_memorised_fraction", "memorisation/fd", "dim/train_q50",
+           "eval/lid_mle")
+
+
 def run(cfg: MemorisationConfig, ctx: Context) -> dict[str, Any]:
     train, heldout = _checked(cfg)
     run_name = cfg.run_name or ctx.key or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
     root = ensure_writable(storage_root() / "memorisation" / run_name)
     size = len(train)
     train_cfg = training_config(cfg, size, run_name)
-    params = {**cfg.model_dump(mode="json"), "train_points": size, "images_budget": train_cfg.images}
+    params = {**tracked(cfg), "train_points": size, "images_budget": train_cfg.images}
     # Named in MLflow by what it is (the storage folder and the resume key keep run_name).
     with job_run("memorisation", f"size-{cfg.data.source}-n{size}", params=params, tags={"study_run": run_name, **ctx.tags},
-                 parent_run_id=ctx.parent_run_id, key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
+                 parent_run_id=ctx.parent_run_id, columns=COLUMNS, key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
         tracker.text(to_yaml(cfg), "memorisation.yaml")
         print(f"[genmem memorisation] {size} training points, {train_cfg.images} images of training", flush=True)
         trained = train_model(train_cfg, Context(parent_run_id=tracker.run_id, tags={"memorisation": run_name}), kind="memorisation")
@@ -189,6 +195,7 @@ def run(cfg: MemorisationConfig, ctx: Context) -> dict[str, Any]:
         metrics["fd"] = result.metrics[primary_fd(result.metrics) + "_heldout"]
         metrics.update(train_size=float(size), images=float(train_cfg.images), emm_threshold=cfg.study.threshold)
         tracker.metrics({"memorisation/fd": metrics["fd"], "memorisation/train_size": float(size)})
+        tracker.describe(headlines.size_study(size, {**result.metrics, **dims, "fd": metrics["fd"]}))
         tracker.tags({"checkpoint_uri": str(trained["checkpoint"]), "train_run_id": trained["mlflow_run_id"]})
     return {"run_name": run_name, "mlflow_run_id": tracker.run_id, "checkpoint": trained["checkpoint"], "train_size": size,
             "images": train_cfg.images, "samples": uri_of(root / "samples"), "train_run_id": trained["mlflow_run_id"], "metrics": metrics}

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 
 from genmem.checkpoint import Checkpoint, load_checkpoint
-from genmem.config import FEATURES, MetricsConfig, ScalingConfig, Strict, to_yaml
+from genmem.config import FEATURES, MetricsConfig, ScalingConfig, Strict, to_yaml, tracked
 from genmem.data import ArrayDataset, read_shards, seal_shards, write_part
 from genmem.distributed.cluster import Footprint, ensure_ray
 from genmem.distributed.neighbours import neighbour_search
@@ -40,9 +40,10 @@ from genmem.posterior import (
 )
 from genmem.report import Point
 from genmem.runs import headlines
+from genmem.runs.evaluations import log_evaluation
 from genmem.seeds import Posterior as Stream
 from genmem.storage import ensure_writable, remove, storage_root, uri_of
-from genmem.tracking import RunView, check_reachable, job_run
+from genmem.tracking import RunView, Tracker, check_reachable, job_run
 from genmem.viz import figure_to_array, log_where_decades
 
 
@@ -125,6 +126,10 @@ def _weight_sample_task(cfg_json: dict, state: dict | None, train_x: torch.Tenso
 
 _KEYS = ("memorised_fraction", "memorised_fraction_lo", "memorised_fraction_hi", "heldout_memorised_fraction", "authpct", "ct", "zu",
          "gap", "fd_pixels", "fd_classifier", "fid", "precision", "recall", "density", "coverage")
+_COSTS = ("loss_increase", "grad_evals", "seconds_per_sample")  # what an arm's weight samples cost, as `posterior/<cost>`
+ARM_TAG = "posterior_arm"  # on each arm's child run: theta_star, euclidean_0.01, ...
+COLUMNS = ("params.method", "params.tau", "eval/memorised_fraction", "eval/fd_classifier", "eval/fd_pixels", "eval/precision",
+           "posterior/grad_evals", "posterior/seconds_per_sample")  # the run list's: the arms side by side
 
 
 def _arm_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -132,28 +137,37 @@ def _arm_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 class _Arms:
-    """Evaluates each arm's pooled samples against the checkpoint's own data."""
+    """Evaluates each arm's pooled samples against the checkpoint's own data, each arm as a child
+    run of the job's run (same metric keys and params ``method`` and ``tau`` in every arm, so
+    MLflow's compare view and its charts set the arms side by side)."""
 
-    def __init__(self, cfg: PosteriorConfig, root: Path, train: ArrayDataset, heldout: ArrayDataset, checkpoint_id: str, tracker):
-        self.cfg, self.root, self.train, self.heldout, self.checkpoint_id = cfg, root, train, heldout, checkpoint_id
+    def __init__(self, cfg: PosteriorConfig, root: Path, train: ArrayDataset, heldout: ArrayDataset, tracker: Tracker,
+                 tags: dict[str, str]):
+        self.cfg, self.root, self.train, self.heldout, self.tracker, self.tags = cfg, root, train, heldout, tracker, tags
         self.metrics_cfg = MetricsConfig(seed=cfg.seed, features=cfg.features)
-        self.tracker = tracker
 
-    def evaluate(self, folder: Path | str, arm: str) -> dict[str, float]:
-        """The arm's metrics; its sample grid and most-memorised pairs go to ``arms/<arm>/`` in the run."""
+    def _record(self, folder: Path | str, row: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate the arm, then log it as its own run: the evaluation as `genmem evaluate` logs
+        one (``eval/*``, figures, copy tests), its weight samples' cost as ``posterior/*``."""
         ev = evaluate_samples(read_shards(folder), self.train, self.heldout, self.metrics_cfg, cache_dir=storage_root() / "features",
                               search=neighbour_search(self.metrics_cfg, len(self.train)))
-        for name in ("samples", "memorised_pairs"):
-            if name in ev.figures:
-                self.tracker.image(f"arms/{arm}/{name}", ev.figures[name])
-        return ev.metrics
+        row = {**row, **_arm_metrics(ev.metrics)}
+        name = _arm_name(row)
+        params = {"method": row["arm"], "tau": row["scale"], "weight_samples": 0 if name == "theta_star" else self.cfg.samples,
+                  "n": self.cfg.n, "checkpoint_id": self.tags["checkpoint_id"]}
+        with job_run("posterior", _arm_title(row), params=params, parent_run_id=self.tracker.run_id,
+                     tags={**self.tags, ARM_TAG: name, "samples": uri_of(folder)}) as arm:
+            log_evaluation(arm, ev, self.metrics_cfg)
+            arm.metrics({f"posterior/{k}": row[k] for k in _COSTS})
+            arm.describe(headlines.arm(_arm_title(row), ev.metrics))
+        return {**row, "mlflow_run_id": arm.run_id}
 
     def theta_star(self) -> dict[str, Any]:
         star = sample(self.cfg.checkpoint, self.cfg.n, self.root / "theta_star", seed=self.cfg.seed)
-        metrics = self.evaluate(star["samples"], "theta_star")
-        self.fd_key = primary_fd(metrics).removeprefix("eval/")
-        return {"arm": "theta_star", "scale": 0.0, **_arm_metrics(metrics), "loss_increase": 0.0, "grad_evals": 0.0,
-                "seconds_per_sample": 0.0}
+        row = self._record(star["samples"], {"arm": "theta_star", "scale": 0.0, "loss_increase": 0.0, "grad_evals": 0.0,
+                                             "seconds_per_sample": 0.0})
+        self.fd_key = primary_fd({f"eval/{k}": v for k, v in row.items() if k in _KEYS}).removeprefix("eval/")
+        return row
 
     def weight_arm(self, method: str, scale: float, state_ref, train_ref, solved: dict | None = None) -> dict[str, Any]:
         """``solved``: (method, scale, seed) → θ and cost from a worker group; else each task solves its own."""
@@ -166,14 +180,14 @@ class _Arms:
         folder = self.root / f"{method}-{scale:g}"
         try:
             stats = map_tasks(_weight_sample_task, calls, num_cpus=1, desc=f"{method} τ={scale:g}", unit="weight sample")
-            seal_shards(staging, folder, source=f"posterior:{self.checkpoint_id}", split="samples",
+            seal_shards(staging, folder, source=f"posterior:{self.tags['checkpoint_id']}", split="samples",
                         extra={"method": method, "scale": scale, "weight_samples": stats})
         finally:
             remove(staging)  # the parts, here and (under a remote store) there
-        return {"arm": method, "scale": scale, **_arm_metrics(self.evaluate(folder, f"{method}_{scale:g}")),
-                "loss_increase": float(np.mean([s["loss_increase"] for s in stats])),
-                "grad_evals": float(np.mean([s["n_grad"] + s["n_hvp"] for s in stats])),
-                "seconds_per_sample": float(np.mean([s["seconds"] for s in stats]))}
+        return self._record(folder, {"arm": method, "scale": scale,
+                                     "loss_increase": float(np.mean([s["loss_increase"] for s in stats])),
+                                     "grad_evals": float(np.mean([s["n_grad"] + s["n_hvp"] for s in stats])),
+                                     "seconds_per_sample": float(np.mean([s["seconds"] for s in stats]))})
 
 
 def weight_seeds(cfg: PosteriorConfig) -> list[int]:
@@ -212,7 +226,7 @@ def run(cfg: PosteriorConfig, ctx: Context) -> dict[str, Any]:
     tags = {"checkpoint_id": meta["checkpoint_id"], "samples_root": uri_of(root), **ctx.tags}
     if meta.get("mlflow_run_id"):
         tags["train_run_id"] = meta["mlflow_run_id"]
-    with job_run("posterior", f"posterior-{meta['checkpoint_id']}", params=cfg.model_dump(mode="json"), tags=tags,
+    with job_run("posterior", f"posterior-{meta['checkpoint_id']}", params=tracked(cfg), tags=tags, columns=COLUMNS,
                  parent_run_id=ctx.parent_run_id, key=ctx.key) as tracker:
         tracker.text(to_yaml(cfg), "posterior.yaml")
         if grouped:
@@ -225,20 +239,23 @@ def run(cfg: PosteriorConfig, ctx: Context) -> dict[str, Any]:
             prior_precision, solved = la.prior_precision, None
             state_ref, train_ref = ray.put(la.state_dict()), ray.put(train.x)
         tracker.metrics({"posterior/prior_precision": prior_precision})
-        arms = _Arms(cfg, root, train, heldout, meta["checkpoint_id"], tracker)
+        arms = _Arms(cfg, root, train, heldout, tracker, {k: v for k, v in tags.items() if k != "samples_root"})
         rows = [arms.theta_star()]
-        for method in cfg.methods:
-            for scale in cfg.scales:
-                rows.append(arms.weight_arm(method, scale, state_ref, train_ref, solved))
-                tracker.metrics({f"posterior/{_arm_name(rows[-1])}/{k}": v for k, v in numeric(rows[-1]).items() if k != "scale"})
-        tracker.metrics({f"posterior/theta_star/{k}": v for k, v in numeric(rows[0]).items() if k != "scale"})
+        rows += [arms.weight_arm(method, scale, state_ref, train_ref, solved) for method in cfg.methods for scale in cfg.scales]
+        result = {"mlflow_run_id": tracker.run_id, "prior_precision": prior_precision, "fd_key": arms.fd_key, "arms": rows}
         tracker.image("memorised_vs_fd", _scale_figure(rows, arms.fd_key))
+        tracker.text(format_table(result), "arms.txt")
         tracker.describe(headlines.posterior(rows, arms.fd_key))
-    return {"mlflow_run_id": tracker.run_id, "prior_precision": prior_precision, "fd_key": arms.fd_key, "arms": rows}
+    return result
 
 
 def _arm_name(row: dict[str, Any]) -> str:
     return row["arm"] if row["arm"] == "theta_star" else f"{row['arm']}_{row['scale']:g}"
+
+
+def _arm_title(row: dict[str, Any]) -> str:
+    """The arm's run name: ``θ*``, ``riemannian τ=0.01``."""
+    return "θ*" if row["arm"] == "theta_star" else f"{row['arm']} τ={row['scale']:g}"
 
 
 def _scale_figure(rows: list[dict[str, Any]], fd_key: str) -> np.ndarray:
@@ -295,24 +312,15 @@ def final_report(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-_ARM = re.compile(r"^posterior/(theta_star|(euclidean|riemannian|linearised)_([0-9.e+-]+))/memorised_fraction$")
-
-
 def report_points(run: RunView) -> list[Point]:
-    """θ* and each (method, scale) arm of a posterior run."""
-    model = run.tags.get("checkpoint_id", "")
-    out = []
-    for key in sorted(run.metrics):
-        m = _ARM.match(key)
-        if not m:
-            continue
-        arm, method, scale = m.groups()
-        fields = (dict(method="posterior θ*", setting="θ*", base=True) if arm == "theta_star"
-                  else dict(method=f"posterior/{method}", setting=f"τ={float(scale):g}"))
-        p = run.point(run.metrics, f"posterior/{arm}/", model=model, **fields)
-        if p:
-            out.append(p)
-    return out
+    """An arm's run: θ* (the base) or one (method, τ); the job's own run holds no point."""
+    arm, method = run.tags.get(ARM_TAG), run.params.get("method")
+    if arm is None or method is None:
+        return []
+    fields = (dict(method="posterior θ*", setting="θ*", base=True) if arm == "theta_star"
+              else dict(method=f"posterior/{method}", setting=f"τ={float(run.params['tau']):g}"))
+    p = run.point(run.metrics, "eval/", model=run.tags.get("checkpoint_id", ""), **fields)
+    return [p] if p else []
 
 
 _REPORTED = re.compile(r"^(theta_star|euclidean|riemannian|linearised)(_[0-9.e+-]+)?/[a-z_]+$")

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from genmem.config import Strict
+from genmem.config import Strict, tracked
 from genmem.errors import TrackingError
 from genmem.jobs import registry
 from genmem.jobs.base import COMMANDS, Context, Job
@@ -66,9 +66,9 @@ def run(cfg: ReportConfig, ctx: Context) -> dict[str, Any]:
                             "tests carry the memorised fraction alone; use --memorisation fraction or evaluate them again")
     picture = chart(points, axis)
     front = pareto_front(points, axis)
-    with job_run("report", f"{cfg.name}-{_label(cfg)}", params={**cfg.model_dump(mode="json"), "sources": _sources(cfg)},
+    with job_run("report", f"{cfg.name}-{_label(cfg)}", params={**tracked(cfg), "sources": _sources(cfg)},
                  tags={"report_runs": ",".join(sorted({p.run_id for p in points}))[:5000], **ctx.tags},
-                 parent_run_id=ctx.parent_run_id) as tracker:
+                 parent_run_id=ctx.parent_run_id, columns=("report/points", "report/runs", "report/pareto")) as tracker:
         tracker.image("report", picture)
         tracker.text(to_csv(points, axis), "report.csv")
         tracker.text(to_html(points, picture, axis=axis), "report.html")

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from genmem.config import FEATURES, MetricsConfig, Strict, TrainConfig, to_yaml
+from genmem.config import FEATURES, MetricsConfig, Strict, TrainConfig, to_yaml, tracked
 from genmem.data import load_real, read_shards, synthetic_count
 from genmem.distributed.neighbours import neighbour_search
 from genmem.distributed.sampling import sample
@@ -197,13 +197,16 @@ def _generation_report(record: dict[str, Any]) -> dict[str, float]:
     return {**numeric(record["metrics"]), "generation": float(record["generation"]), "real_fraction": record["real_fraction"]}
 
 
+COLUMNS = ("params.synthetic_ratio", "retrain/memorised_fraction", "retrain/fd", "retrain/precision", "retrain/recall", "tags.collapsed")
+
+
 def run(cfg: RetrainConfig, ctx: Context) -> dict[str, Any]:
     """Run (or resume) the loop; each finished generation is reported to Tune (in a sweep).
     Returns the per-generation records and the collapse verdict."""
     loop = _Loop(cfg, ctx)
-    params = {**cfg.model_dump(mode="json"), "n_real": loop.n_real, "n_synthetic": loop.k}
+    params = {**tracked(cfg), "n_real": loop.n_real, "n_synthetic": loop.k}
     with job_run("retrain", loop.run_name, params=params, tags={"loop_dir": str(loop.root), **ctx.tags},
-                 parent_run_id=ctx.parent_run_id, key=f"loop:{loop.run_name}") as tracker:
+                 parent_run_id=ctx.parent_run_id, columns=COLUMNS, key=f"loop:{loop.run_name}") as tracker:
         if loop.state["mlflow_run_id"] is None:
             tracker.text(to_yaml(cfg), "retrain.yaml")
             loop.state["mlflow_run_id"] = tracker.run_id

@@ -30,6 +30,7 @@ from genmem.distributed.train import ray_storage
 from genmem.errors import ConfigError
 from genmem.jobs import registry
 from genmem.jobs.base import COMMANDS, Context, Job
+from genmem.runs import headlines
 from genmem.space import Space, SpaceError, check_space, load_space, sweep_name
 from genmem.storage import (
     atomic_write_text,
@@ -167,6 +168,8 @@ def _summarise(tracker: Tracker, job: Job, space: Space, name: str, folder: str,
     scored = [r for r in out["results"] if space.metric and space.metric in r["final"]]
     if space.mode and scored:
         out["best"] = (min if space.mode == "min" else max)(scored, key=lambda r: r["final"][space.metric])
+    tracker.describe(headlines.sweep(job.name, [a.key for a in space.axes], len(rows), len(errors), len(stopped), space.metric,
+                                     out.get("best")))
     return out
 
 

@@ -11,8 +11,11 @@ from genmem.runs.training import TrainJobResult, footprint, preflight, train_mod
 from genmem.tracking import RunView
 
 
+COLUMNS = ("params.data.source", "params.images", "train/loss", "eval/memorised_fraction", "eval/fd_classifier", "eval/fd_pixels")
+
+
 def run(cfg: TrainConfig, ctx: Context) -> TrainJobResult:
-    return train_model(cfg, ctx)
+    return train_model(cfg, ctx, columns=COLUMNS)
 
 
 def report_points(run: RunView) -> list[Point]:

@@ -205,10 +205,14 @@ class _Measure:
         return out
 
 
+COLUMNS = ("params.lam", "unlearn/forget_ratio", "unlearn/memorised_fraction", "unlearn/fd_classifier", "unlearn/mmd_kept",
+           "unlearn/copies_of_targets")  # the run list's: the last step of each is the unlearned model's
+
+
 def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
     base, forget = _checked(cfg)
     seed = lambda stream: derive_seed(cfg.seed, stream)  # noqa: E731
-    with BeforeAfter.open("unlearn", cfg, ctx) as change:
+    with BeforeAfter.open("unlearn", cfg, ctx, COLUMNS) as change:
         print(f"[genmem unlearn] {cfg.n_base} base samples, proxy for target {cfg.target.kind}", flush=True)
         x1 = change.samples(cfg.base, cfg.n_base, "base_samples", seed(Stream.BASE))
         # first the proxy: a base that copies nothing stops here, before any other sampling
@@ -223,11 +227,24 @@ def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
         metrics = change.measure(_Measure(cfg, base, forget, targets), before, after, trained["checkpoint"])
         mask = torch.isin(base.train.labels, torch.tensor(forget)) if forget else None
         change.tracker.image("before_after", before_after(before, after, base.train.x if before.dim() == 2 else None, mask,
-                                                          titles=("base", f"unlearned ({cfg.mode}, λ={cfg.lam:g})")))
+                                                          titles=_panel_titles(cfg, metrics)))
         change.finish(trained)
     return {"run_name": change.run_name, "mlflow_run_id": change.tracker.run_id, "checkpoint": trained["checkpoint"], "mode": cfg.mode,
             "lam": cfg.lam, "target": cfg.target.kind, "forget": forget, "targets": targets.tolist() if targets is not None else None,
             "base_samples": change.uri("base_samples"), "before": change.uri("before"), "after": change.uri("after"), "metrics": metrics}
+
+
+def _panel_titles(cfg: UnlearnConfig, m: dict[str, float]) -> tuple[str, str]:
+    """``base`` and ``unlearned (flow, λ=5)``, each over the figures its panel shows."""
+    def figures(suffix: str) -> str:
+        parts = [f"{label} {fmt(m[key + suffix])}" for key, label, fmt in (
+            ("forget_mass", "forget mass", "{:.3f}".format), ("copies_of_targets", "copies of targets", "{:.3f}".format),
+            ("memorised_fraction", "memorised", lambda v: f"{100 * v:.1f}%")) if key + suffix in m]
+        if not suffix and "forget_ratio" in m:
+            parts.append(f"ratio {m['forget_ratio']:.3f}")
+        return ", ".join(parts)
+
+    return f"base\n{figures('_before')}", f"unlearned ({cfg.mode}, λ={cfg.lam:g})\n{figures('')}"
 
 
 def table(result: dict[str, Any]) -> str:

@@ -26,12 +26,12 @@ import torch
 from pydantic import BaseModel
 
 from genmem.checkpoint import read_meta
-from genmem.config import ScalingConfig, TrainConfig, to_yaml
+from genmem.config import ScalingConfig, TrainConfig, to_yaml, tracked
 from genmem.data import ArrayDataset
 from genmem.distributed.sampling import sample_once
 from genmem.errors import ConfigError
 from genmem.evaluation import training_data
-from genmem.report import Point, before_and_after
+from genmem.report import QUALITY_KEYS, Point
 from genmem.runs import headlines
 from genmem.runs.context import Context
 from genmem.runs.training import TrainJobResult, derived_tree, train_model
@@ -39,6 +39,9 @@ from genmem.storage import check_storage, ensure_writable, storage_root, storage
 from genmem.tracking import RunView, Tracker, check_reachable, job_run, numeric
 
 __all__ = ["Base", "BeforeAfter", "Measure", "check_base", "format_table", "report_points", "reported"]
+
+
+BEFORE, AFTER = 0, 1  # the steps of a measured metric: the base model's samples, the changed model's
 
 
 @dataclass(frozen=True)
@@ -110,14 +113,15 @@ class BeforeAfter:
 
     @classmethod
     @contextmanager
-    def open(cls, kind: str, cfg: BaseModel, ctx: Context) -> Iterator["BeforeAfter"]:
+    def open(cls, kind: str, cfg: BaseModel, ctx: Context, columns: tuple[str, ...] = ()) -> Iterator["BeforeAfter"]:
         """The run of experiment ``genmem/<kind>`` for ``cfg`` (which has ``name``, ``run_name``,
         ``base`` and ``scaling``): named by ``cfg.run_name``, else the context's key (a restored
-        trial reopens its run), else a fresh name; the config saved as ``<kind>.yaml``."""
+        trial reopens its run), else a fresh name; the config saved as ``<kind>.yaml``;
+        ``columns``: what the experiment's run list shows."""
         run_name = cfg.run_name or ctx.key or f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         root = ensure_writable(storage_root() / kind / run_name)
-        with job_run(kind, run_name, params=cfg.model_dump(mode="json"), tags={"base_checkpoint": str(cfg.base), **ctx.tags},
-                     parent_run_id=ctx.parent_run_id, key=run_name if (cfg.run_name or ctx.key) else None) as tracker:
+        with job_run(kind, run_name, params=tracked(cfg), tags={"base_checkpoint": str(cfg.base), **ctx.tags},
+                     parent_run_id=ctx.parent_run_id, key=run_name if (cfg.run_name or ctx.key) else None, columns=columns) as tracker:
             tracker.text(to_yaml(cfg), f"{kind}.yaml")
             yield cls(kind, run_name, root, tracker, cfg.scaling)
 
@@ -144,14 +148,21 @@ class BeforeAfter:
         return train_model(cfg, Context(parent_run_id=self.tracker.run_id, tags={self.kind: self.run_name}), kind=self.kind, **factories)
 
     def measure(self, measure: Measure, before: torch.Tensor, after: torch.Tensor, checkpoint: str) -> dict[str, float]:
-        """``<name>_before`` and ``<name>`` for each of the measure's names, and its comparisons,
-        logged as ``<kind>/*``."""
+        """``<name>_before`` and ``<name>`` for each of the measure's names, and its comparisons.
+        In MLflow each is one key, ``<kind>/<name>``, at step :data:`BEFORE` (the base's samples)
+        and :data:`AFTER` (the changed model's): one chart per measure shows the change, and
+        trials of a sweep compare on the same keys."""
         b = _declared(measure(before), measure.names, measure)
         a = _declared(measure(after), measure.names, measure)
         c = _declared(measure.compare(before, after, checkpoint), measure.compared, measure)
         metrics = {**{f"{k}_before": v for k, v in b.items()}, **a, **c}
-        self.tracker.metrics({f"{self.kind}/{k}": v for k, v in numeric(metrics).items()})
-        self.tracker.describe(f"{self.kind}: " + headlines.change(metrics, measure.headline))
+        values = numeric(metrics)
+        paired = {k for k in values if f"{k}_before" in values}
+        self.tracker.metrics({f"{self.kind}/{k}": values[f"{k}_before"] for k in paired}, step=BEFORE)
+        self.tracker.metrics({f"{self.kind}/{k}": v for k, v in values.items() if k.removesuffix("_before") not in paired or k in paired},
+                             step=AFTER)
+        self.tracker.describe(f"{self.kind}: " + headlines.change(metrics, measure.headline)
+                              + f" (charts: step {BEFORE} the base model, step {AFTER} after {self.kind})")
         return metrics
 
     def finish(self, trained: TrainJobResult) -> None:
@@ -169,8 +180,14 @@ def format_table(metrics: dict[str, float], changed: str, footer: str) -> str:
 
 
 def report_points(run: RunView, kind: str, setting: str) -> list[Point]:
-    """The base model's samples (its θ*) and the changed model's, as `genmem report` points."""
-    before, after = before_and_after(run.metrics, f"{kind}/")
+    """The base model's samples (its θ*, step :data:`BEFORE`) and the changed model's (step
+    :data:`AFTER`), as `genmem report` points."""
+    prefix = f"{kind}/"
+    keys = [k for k in ("memorised_fraction", *QUALITY_KEYS, "ct", "authpct") if prefix + k in run.metrics]
+    history = {k: run.history(prefix + k) for k in keys}
+    # both steps or neither: a run logged before the steps existed holds no step AFTER, and no point
+    before = {k: h[BEFORE] for k, h in history.items() if BEFORE in h and AFTER in h}
+    after = {k: h[AFTER] for k, h in history.items() if BEFORE in h and AFTER in h}
     model = run.tags.get("base_checkpoint", "")
     points = [run.point(before, method=f"{kind} θ*", setting="base", model=model, base=True),
               run.point(after, method=kind, setting=setting, model=model)]

@@ -15,6 +15,10 @@ from genmem.evaluation import Evaluation
 from genmem.runs import headlines
 from genmem.tracking import Tracker
 
+# An evaluation's headline figures: the run list's columns of the experiments that evaluate
+COLUMNS = ("eval/memorised_fraction", "eval/memorised_fraction_lo", "eval/memorised_fraction_hi", "eval/null/memorised_fraction",
+           "eval/fd_classifier", "eval/fd_pixels", "eval/precision", "eval/recall")
+
 
 def log_evaluation(tracker: Tracker, result: Evaluation, cfg: MetricsConfig, *, step: int = 0, figure_step: int | None = None) -> None:
     """An evaluation into a run: metrics at ``step``, the figures (by ``figure_step`` when given),

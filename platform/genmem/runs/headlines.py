@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-QUALITY_KEYS = ("fd_classifier", "fid", "fd_pixels")  # the first present is the headline quality
+from genmem.report import quality_of
 
 
 def _num(value: float) -> str:
@@ -16,10 +16,6 @@ def _num(value: float) -> str:
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
-
-
-def quality_key(metrics: Mapping[str, float], prefix: str = "") -> str | None:
-    return next((key for key in QUALITY_KEYS if prefix + key in metrics), None)
 
 
 def evaluation(metrics: Mapping[str, float], prefix: str = "eval/") -> str:
@@ -33,12 +29,12 @@ def evaluation(metrics: Mapping[str, float], prefix: str = "eval/") -> str:
             text += f" [{_pct(m['memorised_fraction_lo'])}, {_pct(m['memorised_fraction_hi'])}]"
         if "n" in m:
             text += f" of {int(m['n']):,} samples"
-        if "null/memorised_fraction" in m:
-            text += f" (null control {_pct(m['null/memorised_fraction'])})"
+        if "null/memorised_fraction" in metrics:  # the null control's keys sit beside eval/*, not under it
+            text += f" (null control {_pct(metrics['null/memorised_fraction'])})"
         parts.append(text)
-    quality = quality_key(m)
+    quality = quality_of(dict(m))
     if quality:
-        parts.append(f"{quality} {_num(m[quality])}")
+        parts.append(f"{quality[0]} {_num(quality[1])}")
     parts += [f"{key} {_num(m[key])}" for key in ("precision", "recall") if key in m]
     return ", ".join(parts) or "no memorisation or quality metric was measured"
 
@@ -58,15 +54,24 @@ def change(metrics: Mapping[str, float], names: tuple[str, ...]) -> str:
 def training(images: int, steps: int, loss: float | None, memorised: tuple[int, float] | None, verdict: str | None) -> str:
     """``trained 60,000 images (1,875 steps): loss 0.0123, memorised 22.4% at 60,000 images``, and
     the memorisation budget's verdict where one was set."""
-    parts = [f"trained {images:,} images ({steps:,} steps)"]
     figures = [f"loss {_num(loss)}"] if loss is not None else []
     if memorised is not None:
         figures.append(f"memorised {_pct(memorised[1])} at {memorised[0]:,} images")
-    text = parts[0] + (": " + ", ".join(figures) if figures else "")
+    text = f"trained {images:,} images ({steps:,} steps)" + (": " + ", ".join(figures) if figures else "")
     return text + (f"; memorisation budget {verdict}" if verdict else "")
 
 
 DEGENERATE_PRECISION = 0.05  # below this precision an arm's samples are not the data's: "0 memorised" would mislead
+
+
+def arm(title: str, metrics: Mapping[str, float], prefix: str = "eval/") -> str:
+    """``riemannian τ=0.01: memorised 21.2% [...] of 500 samples, ...``: one posterior arm's
+    evaluation; an arm whose precision is near 0 is called degenerate instead."""
+    precision = metrics.get(prefix + "precision", 1.0)
+    if precision < DEGENERATE_PRECISION:
+        return (f"{title}: degenerate (precision {precision:.3f}): its samples are not the data's, so its memorised "
+                f"{_pct(metrics.get(prefix + 'memorised_fraction', math.nan))} says nothing about copying")
+    return f"{title}: {evaluation(metrics, prefix)}"
 
 
 def posterior(rows: list[Mapping], fd_key: str) -> str:
@@ -95,3 +100,33 @@ def generations(history: list[Mapping], ratio: float | str, collapsed_at: int | 
         figures.append(f"memorised {_pct(first['memorised_fraction'])} → {_pct(last['memorised_fraction'])}")
     figures.append(f"{history[0]['fd_key'].removeprefix('eval/')} {_num(first['fd'])} → {_num(last['fd'])}")
     return text + ", ".join(figures) + (f"; collapsed at generation {collapsed_at}" if collapsed_at is not None else "")
+
+
+def sweep(job: str, keys: list[str], finished: int, failed: int, stopped: int, metric: str | None, best: Mapping | None) -> str:
+    """``4 retrain trials over synthetic_ratio, seed: 4 finished; best fd 1.23 at synthetic_ratio=0.25, seed=0``."""
+    text = f"{finished + failed + stopped} {job} trials over {', '.join(keys) or 'one point'}: {finished} finished"
+    text += f", {failed} failed" if failed else ""
+    text += f", {stopped} stopped early" if stopped else ""
+    if best is not None and metric:
+        text += f"; best {metric} {_num(best['final'][metric])} at " + ", ".join(f"{k}={v}" for k, v in best["params"].items())
+    return text
+
+
+def size_study(size: int, metrics: Mapping[str, float]) -> str:
+    """``64 training points: memorised 15.0% (held-out control 0.3%), FD 0.52; learned dimension 3
+    (held-out points 3, true 3)``: one size of a size study, from its evaluation (``eval/*``),
+    held-out FD (``fd``) and learned dimension (``dim/*``)."""
+    parts = []
+    if "eval/memorised_fraction" in metrics:
+        text = f"memorised {_pct(metrics['eval/memorised_fraction'])}"
+        if "eval/heldout_memorised_fraction" in metrics:
+            text += f" (held-out control {_pct(metrics['eval/heldout_memorised_fraction'])})"
+        parts.append(text)
+    if "fd" in metrics:
+        parts.append(f"FD {_num(metrics['fd'])}")
+    text = f"{size:,} training points: " + ", ".join(parts)
+    if "dim/train_q50" in metrics:
+        where = [f"held-out points {_num(metrics['dim/heldout_q50'])}"] if "dim/heldout_q50" in metrics else []
+        where += [f"true {_num(metrics['dim/true'])}"] if "dim/true" in metrics else []
+        text += f"; learned dimension {_num(metrics['dim/train_q50'])}" + (f" ({', '.join(where)})" if where else "")
+    return text

@@ -22,7 +22,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from genmem.checkpoint import load_checkpoint, read_meta
-from genmem.config import BUDGET_TAG, ScalingConfig, TrainConfig, to_yaml
+from genmem.config import BUDGET_TAG, ScalingConfig, TrainConfig, to_yaml, tracked
 from genmem.data import ArrayDataset, load_dataset
 from genmem.distributed.cluster import Footprint, ensure_ray
 from genmem.distributed.engine import AccelerateEngine
@@ -220,8 +220,10 @@ def derived_tree(saved: dict[str, Any], *, name: str, run_name: str, seed: int, 
 
 
 def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "train", hooks: Sequence[Hook] = (),
-                objective_factory: ObjectiveFactory | None = None, probe_factory: ProbeFactory | None = None) -> TrainJobResult:
-    """Train on Ray workers under an MLflow run of experiment ``genmem/<kind>``.
+                objective_factory: ObjectiveFactory | None = None, probe_factory: ProbeFactory | None = None,
+                columns: Sequence[str] = ()) -> TrainJobResult:
+    """Train on Ray workers under an MLflow run of experiment ``genmem/<kind>`` (``columns``: what
+    its run list shows, where this run's job owns the experiment).
 
     The Ray run name is ``cfg.run_name``, else the context's key, else a fresh unique name; a
     named run that exists resumes from its last checkpoint and reopens its MLflow run."""
@@ -239,8 +241,8 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
     run_id = read_meta(previous).get("mlflow_run_id") if previous else None
     if run_id:  # a rerun after the server went away: first what the last run could not deliver
         _deliver(run_id, read_meta(previous), previous, run_name)
-    with job_run(kind, run_name, params=cfg.model_dump(mode="json"), tags={"ray_run_name": run_name, **ctx.tags},
-                 parent_run_id=ctx.parent_run_id, key=run_name if named else None, run_id=run_id) as tracker:
+    with job_run(kind, run_name, params=tracked(cfg), tags={"ray_run_name": run_name, **ctx.tags},
+                 parent_run_id=ctx.parent_run_id, columns=columns, key=run_name if named else None, run_id=run_id) as tracker:
         if not run_id:
             tracker.text(to_yaml(cfg), "config.yaml")
         spec = WorkerSpec(config=cfg, run_id=tracker.run_id, run_dir=join(ray_storage(), run_name), hooks=tuple(hooks),
