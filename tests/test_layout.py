@@ -139,6 +139,7 @@ ENVIRONMENT_WRITERS = {
     "distributed/cluster.py": "enter_environment: a Ray worker or trial takes the driver's storage and tracking",
     "distributed/verbosity.py": "set_verbose: the CLI's --verbose, inherited by the processes Ray starts",
     "distributed/tune.py": "Tune reads a stopped trial's grace from the driver's environment",
+    "tracking.py": "MLflow's telemetry off by default, before MLflow is imported (its thread's environment writes race requests')",
 }
 
 
