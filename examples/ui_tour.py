@@ -41,13 +41,14 @@ def genmem(out: Path, *args: str) -> dict:
 
 
 def run_jobs(out: Path) -> dict[str, dict]:
-    trained = genmem(out, "train", "--config", "configs/toy2d_flow.yaml", "--set", "data.source=8gaussians", "--set", "images=60000",
+    trained = genmem(out, "train", "--config", "configs/toy2d_flow.yaml", "--set", "data.source=8gaussians", "--set", "data.n=1000", "--set", "images=60000",
                      "--set", "eval_every_images=20000", *TOY)
     ck = trained["checkpoint"]
     return {
         "train": trained,
         "evaluate": genmem(out, "evaluate", "--checkpoint", ck, "--n", "500"),
-        "posterior": genmem(out, "posterior", "--checkpoint", ck, "--scale", "0.01", "1", "--samples", "2", "--n", "200"),
+        "posterior": genmem(out, "posterior", "--checkpoint", ck, "--scale", "0.01", "1", "--samples", "2", "--n", "200",
+                             "--set", "draws=1"),
         "unlearn": genmem(out, "unlearn", "--config", "configs/unlearn_toy.yaml", "--base", ck, "--set", "images=20000",
                           "--set", "n_base=1000", "--set", "eval_n=1000", *TOY),
         "memorisation": genmem(out, "memorisation", "--config", "configs/size_manifold.yaml", "--train-size", "16",

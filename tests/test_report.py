@@ -134,6 +134,7 @@ def test_the_report_reads_every_arm_and_setting_back_from_mlflow(measured_runs, 
     report_run = client.get_run(result["mlflow_run_id"])
     assert {a.path for a in client.list_artifacts(report_run.info.run_id)} >= {"report.png", "report.csv", "report.html"}
     assert report_run.data.metrics["report/points"] == len(expected)
+    assert report_run.data.tags["mlflow.note.content"].startswith(f"{len(expected)} points from ") and "θ* θ*" not in report_run.data.tags["mlflow.note.content"]
     assert "posterior/euclidean" in table(result) and "retrain θ*" in table(result)
     # the same runs on authenticity: every point carries it (θ*, arms, generations, the evaluation)
     by_auth = report_job(ReportConfig(runs=[evaluated["mlflow_run_id"], posterior["mlflow_run_id"]], sweep=sweep["mlflow_run_id"],

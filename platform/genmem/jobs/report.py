@@ -91,8 +91,8 @@ def _headline(points: list[Point], front: list[bool], axis: str) -> str:
     """``7 points from 1 run; on the Pareto front: posterior θ* θ* (memorised_fraction 0.23, fd_classifier 0.233), ...``."""
     runs = len({p.run_id for p in points})
     best = [p for p, on in zip(points, front) if on]
-    shown = ", ".join(f"{p.method} {p.setting} ({AXES[axis].field} {getattr(p, AXES[axis].field):.3g}, {p.quality_key} {p.quality:.3g})"
-                      for p in best[:3])
+    shown = ", ".join(f"{p.method if p.setting in p.method else f'{p.method} {p.setting}'} "  # not "posterior θ* θ*"
+                      f"({AXES[axis].field} {getattr(p, AXES[axis].field):.3g}, {p.quality_key} {p.quality:.3g})" for p in best[:3])
     return (f"{len(points)} point{'s' * (len(points) != 1)} from {runs} run{'s' * (runs != 1)}; on the Pareto front: {shown}"
             + (f" and {len(best) - 3} more" if len(best) > 3 else ""))
 
