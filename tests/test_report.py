@@ -86,6 +86,15 @@ def test_csv_and_html_hold_every_point_and_the_chart():
     assert header[:3] == ["method", "setting", "memorised_fraction"] and header[-1] == "run_id"  # the result first, the id last
 
 
+def test_the_headline_names_the_front_and_a_base_once():
+    from genmem.jobs.report import _headline
+
+    pts = [_p(0.23, 0.23, method="posterior θ*", setting="θ*", base=True, run_id="a"), _p(0.01, 0.5, method="unlearn", setting="λ=5", run_id="b")]
+    assert _headline(pts, [True, True], "fraction") == (
+        "2 points from 2 runs; on the Pareto front: posterior θ* (memorised_fraction 0.23, fd_pixels 0.23), "
+        "unlearn λ=5 (memorised_fraction 0.01, fd_pixels 0.5)")
+
+
 @pytest.fixture(scope="module")
 def measured_runs(toy_checkpoint, mlflow_server, loop_sweep):
     """Real runs on the session's server: an evaluation of the toy checkpoint, a posterior with two
@@ -134,7 +143,7 @@ def test_the_report_reads_every_arm_and_setting_back_from_mlflow(measured_runs, 
     report_run = client.get_run(result["mlflow_run_id"])
     assert {a.path for a in client.list_artifacts(report_run.info.run_id)} >= {"report.png", "report.csv", "report.html"}
     assert report_run.data.metrics["report/points"] == len(expected)
-    assert report_run.data.tags["mlflow.note.content"].startswith(f"{len(expected)} points from ") and "θ* θ*" not in report_run.data.tags["mlflow.note.content"]
+    assert report_run.data.tags["mlflow.note.content"].startswith(f"{len(expected)} points from ")
     assert "posterior/euclidean" in table(result) and "retrain θ*" in table(result)
     # the same runs on authenticity: every point carries it (θ*, arms, generations, the evaluation)
     by_auth = report_job(ReportConfig(runs=[evaluated["mlflow_run_id"], posterior["mlflow_run_id"]], sweep=sweep["mlflow_run_id"],

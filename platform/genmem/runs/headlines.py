@@ -32,7 +32,7 @@ def evaluation(metrics: Mapping[str, float], prefix: str = "eval/") -> str:
         if "null/memorised_fraction" in metrics:  # the null control's keys sit beside eval/*, not under it
             text += f" (null control {_pct(metrics['null/memorised_fraction'])})"
         parts.append(text)
-    quality = quality_of(dict(m))
+    quality = quality_of(m)
     if quality:
         parts.append(f"{quality[0]} {_num(quality[1])}")
     parts += [f"{key} {_num(m[key])}" for key in ("precision", "recall") if key in m]
