@@ -160,43 +160,28 @@ def pytest_unconfigure(config):
         os._exit(_EXIT_STATUS[-1])
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:``port`` over ``root`` (sqlite backend, proxied
-    artifacts), in its own process group, once /health answers. Started again on the same root
-    and port, it serves the same runs."""
-    uri = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "a")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    log.close()
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"mlflow server did not become healthy: {Path(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+def start_stack(root: Path, s3_endpoint: str | None = None):
+    """genmem's tracking stack (`genmem tracking up`): a real `mlflow server` over a real
+    PostgreSQL (the pgserver wheel's), artifacts proxied to the S3 server at ``s3_endpoint`` where
+    given, else to ``root``. Returns the :class:`genmem.services.Stack`."""
+    from genmem import services
+
+    stack = services.Stack(root=str(root), port=free_port(), workers=1)
+    if s3_endpoint:
+        stack.artifacts = f"s3://{S3_BUCKET}/mlartifacts/{root.name}"
+        stack.extra_env = {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+    return services.up(stack)
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """The session's MLflow server, stopped as a process group. Yields its URI."""
-    port = free_port()
-    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
-    yield f"http://127.0.0.1:{port}"
-    stop_process_group(proc, timeout=20)
+def mlflow_server(tmp_path_factory, s3_server):
+    """The session's MLflow server, as a cluster would run it: genmem's tracking stack, PostgreSQL
+    under it and artifacts proxied to the session's S3 server; stopped at the end. Yields its URI."""
+    from genmem import services
+
+    stack = start_stack(tmp_path_factory.mktemp("tracking"), s3_server)
+    yield stack.uri
+    services.down(stack.root)
 
 
 @pytest.fixture

@@ -28,6 +28,17 @@ def test_cluster_yaml_is_valid_for_the_ray_launcher():
     assert "--dashboard-host=127.0.0.1" in " ".join(CLUSTER["head_start_ray_commands"])
 
 
+def test_the_head_runs_the_tracking_stack_and_no_sqlite_on_shared_storage():
+    head = " ".join(CLUSTER["head_setup_commands"])
+    command = next(c for c in CLUSTER["head_setup_commands"] if c.startswith("genmem tracking up"))
+    assert "sqlite" not in head and "/mnt/shared" not in command.split("--root")[1].split()[0]  # the database on the head's disk
+    assert "--artifacts /mnt/shared/mlartifacts" in command and "[tracking]" in " ".join(CLUSTER["setup_commands"])
+    from genmem.cli import build_parser
+
+    args = build_parser().parse_args(command.replace("$(hostname -I | cut -d' ' -f1)", "10.0.0.5").split()[1:])
+    assert (args.action, args.backend, args.host, args.port) == ("up", "postgres", "10.0.0.5", 5000)
+
+
 def test_a_typo_fails_validation():
     broken = copy.deepcopy(CLUSTER)
     broken["available_node_types"]["gpu_1x"]["min_workrs"] = 1

@@ -148,3 +148,27 @@ def test_train_sample_evaluate_with_storage_on_s3(s3_storage, s3_server, tmp_pat
     ds = read_shards(samples_uri)  # and this process, a fourth mirror, reads the same rows
     assert len(ds) == 64 and ds.index.tolist() == list(range(64)) and set(ds.meta["seed"].tolist()) == {7}
     assert set(ds.meta["model_id"]) == {sampled["checkpoint_id"]}
+
+
+@pytest.mark.slow  # trains twice through Ray Train's local mode
+def test_a_local_mode_run_on_s3_resumes_from_its_checkpoint_in_the_bucket_on_another_node(s3_storage, tmp_path, monkeypatch, ray_local):
+    """`num_workers: 0` (the trial's own process) keeps its checkpoints in the bucket; the same run
+    name with a longer budget, on a machine whose mirror is empty, goes on from the last of them."""
+    from mlflow import MlflowClient
+
+    from genmem.runs.training import train_model
+
+    cfg = TrainConfig.model_validate(dict(
+        name="s3-local", run_name="s3-local", data=dict(source="moons", n=400), model=dict(hidden=32, depth=1), batch_size=64,
+        images=64 * 20, log_every_images=64 * 5, checkpoint_every_images=64 * 10, grid_size=16, scaling=dict(num_workers=0),
+    ))
+    first = train_model(cfg)
+    assert first["checkpoint"].startswith(f"{s3_storage}/ray/s3-local/") and first["images_seen"] == 64 * 20
+    assert {"meta.json", "model.safetensors"} <= _objects(os.environ["AWS_ENDPOINT_URL"], first["checkpoint"])
+
+    _new_node(tmp_path, monkeypatch, "node-b")
+    longer = train_model(cfg.model_copy(update={"images": 64 * 30}))
+    assert longer["images_seen"] == 64 * 30 and longer["mlflow_run_id"] == first["mlflow_run_id"]
+    assert longer["checkpoint"] != first["checkpoint"] and longer["checkpoint"].startswith(f"{s3_storage}/ray/s3-local/")
+    steps = [m.step for m in MlflowClient().get_metric_history(first["mlflow_run_id"], "train/loss")]
+    assert steps == [64 * 5 * k for k in range(1, 7)]  # each once: the second run went on from 20 steps, not from 0

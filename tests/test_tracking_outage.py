@@ -1,5 +1,6 @@
-"""Training never waits on its tracking server: a real `mlflow server`, killed and restarted by
-the test while a training run is on real Ray Train workers."""
+"""Training never waits on its tracking stack: genmem's own (a real `mlflow server` over a real
+PostgreSQL), whose server the test kills and restarts, and whose database it restarts, while a
+training run is on real Ray Train workers."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import threading
 import time
 
 import pytest
-from conftest import free_port, start_mlflow_server, stop_process_group
+from conftest import start_stack
 from mlflow import MlflowClient
 
+from genmem import services
 from genmem.checkpoint import load_checkpoint
 from genmem.config import TrainConfig
 from genmem.distributed.train import latest_checkpoint, ray_storage
@@ -34,22 +36,23 @@ def _cfg(run_name: str, images: int) -> TrainConfig:
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    """An MLflow server of this test's own, which the test kills and restarts: {uri, start, kill}."""
-    port, root = free_port(), tmp_path / "mlflow"
-    root.mkdir()
-    state = {"proc": start_mlflow_server(root, port), "uri": f"http://127.0.0.1:{port}"}
+    """A tracking stack of this test's own: {uri, kill, start} of its MLflow server (killed
+    without warning, started again on the same port) and ``restart_database``."""
+    stack = start_stack(tmp_path / "tracking")
 
     def kill():
-        os.killpg(state["proc"].pid, signal.SIGKILL)
-        state["proc"].wait()
+        os.killpg(stack.mlflow_pid, signal.SIGKILL)
+        os.waitpid(stack.mlflow_pid, 0)
+        stack.mlflow_pid = None
 
-    def start():
-        state["proc"] = start_mlflow_server(root, port)
+    def restart_database(away_s: float):
+        services.stop_postgres(stack)
+        time.sleep(away_s)
+        services.start_postgres(stack)
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", state["uri"])
-    yield {"uri": state["uri"], "kill": kill, "start": start}
-    if state["proc"].poll() is None:
-        stop_process_group(state["proc"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.uri)
+    yield {"uri": stack.uri, "kill": kill, "start": lambda: services.start_mlflow(stack), "restart_database": restart_database}
+    services.down(stack.root)
 
 
 def _steps(client: MlflowClient, run_id: str) -> list[int]:
@@ -68,12 +71,14 @@ def _first_loss(client: MlflowClient, name: str, timeout: float = 120) -> str:
     raise AssertionError(f"run {name} logged no train/loss in {timeout} s")
 
 
-def test_steps_go_on_while_the_server_is_away_and_arrive_exactly_once(server, ray_local):
+def test_steps_go_on_while_the_database_restarts_and_the_server_is_away_and_arrive_exactly_once(server, ray_local):
     cfg, client = _cfg("outage-restart", 64 * 3000), MlflowClient(server["uri"])
     out: dict = {}
     worker = threading.Thread(target=lambda: out.update(result=train_model(cfg)))
     worker.start()
     run_id = _first_loss(client, cfg.run_name)
+    server["restart_database"](3)  # the server answers meanwhile, but cannot store
+    assert worker.is_alive(), "training ended before the outages: give it a larger budget"
     server["kill"]()
     down = time.time()
     time.sleep(4)

@@ -19,6 +19,7 @@ from genmem.distributed.submit import add_submit_parser, check_job_defaults
 from genmem.distributed.verbosity import set_verbose
 from genmem.errors import GenmemError
 from genmem.jobs.commands import COMMANDS, Command
+from genmem.services import add_tracking_parser
 
 if TYPE_CHECKING:
     from genmem.jobs.base import Job
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS.values():  # no job module loads until a job runs: --help answers at once
         _add_job(sub, command)
     add_submit_parser(sub)
+    add_tracking_parser(sub)
     return parser
 
 
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_verbose(getattr(args, "verbose", False))
     try:
-        result = args.func(args) if args.command == "submit" else run_job(args.job, args)
+        result = args.func(args) if args.command in ("submit", "tracking") else run_job(args.job, args)
     except GenmemError as exc:
         # Our errors are written as one sentence for the user: show that, not a traceback.
         print(f"genmem {args.command}: error: {exc}", file=sys.stderr)
