@@ -95,3 +95,42 @@ def test_bad_requests_are_one_sentence_and_start_nothing(tmp_path, capsys, monke
 
     assert main(["tracking", "status", "--root", str(root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mlflow"] == "never started here"
+
+
+MOUNTS = """\
+/dev/root / ext4 rw,relatime 0 0
+fs-1.efs.us-west-2.amazonaws.com:/ /mnt/shared nfs4 rw,vers=4.1 0 0
+tmpfs /mnt/shared/scratch tmpfs rw 0 0
+//nas/share /mnt/my\\040share cifs rw 0 0
+"""
+
+
+def test_the_file_system_of_a_path_is_its_longest_mount_point():
+    from genmem.tracking import filesystem_of
+
+    assert filesystem_of("/mnt/shared/mlflow.db", MOUNTS) == "nfs4"
+    assert filesystem_of("/mnt/shared/scratch/mlflow.db", MOUNTS) == "tmpfs"
+    assert filesystem_of("/mnt/sharedother/mlflow.db", MOUNTS) == "ext4"  # a prefix of the name is not a parent
+    assert filesystem_of("/mnt/my share/mlflow.db", MOUNTS) == "cifs"
+    assert filesystem_of("/home/u/mlflow.db", MOUNTS) == "ext4"
+
+
+def test_a_sqlite_store_on_a_network_file_system_points_at_the_stack_once(tmp_path, capsys, monkeypatch):
+    from genmem import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.check_reachable(uri) == uri and "warning" not in capsys.readouterr().err  # a local disk: nothing to say
+    monkeypatch.setattr(tracking, "filesystem_of", lambda path, mounts=None: "nfs4")
+    tracking.check_reachable(uri)
+    tracking.check_reachable(uri)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and f"the MLflow store {uri} is a sqlite file on nfs4" in err and "genmem tracking up" in err
+
+
+def test_a_sweep_of_many_trials_on_the_sqlite_store_names_the_stack():
+    from genmem.jobs.sweep import SQLITE_WRITERS, many_writers_note
+
+    assert many_writers_note("sqlite:////tmp/mlflow.db", SQLITE_WRITERS) is None
+    assert many_writers_note("http://127.0.0.1:5000", 64) is None
+    note = many_writers_note("sqlite:////tmp/mlflow.db", SQLITE_WRITERS + 1)
+    assert note.startswith(f"[genmem sweep] {SQLITE_WRITERS + 1} trials at a time will write one sqlite file") and "genmem tracking up" in note

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -73,7 +74,42 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow store {uri} is not writable: set MLFLOW_TRACKING_URI or run from a writable folder")
+        _warn_network_sqlite(uri, folder)
     return uri
+
+
+# File systems whose locking sqlite cannot trust: concurrent writers lose or corrupt writes there.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "fuse.sshfs", "9p")
+_WARNED: set[str] = set()
+
+
+def filesystem_of(path: str | Path, mounts: str | None = None) -> str:
+    """The type of the file system holding ``path`` (``/proc/mounts``: the longest mount point
+    above it); "" where that cannot be read."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    target, best, kind = str(Path(path).absolute()), -1, ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, kind = len(point), fields[2]
+    return kind
+
+
+def _warn_network_sqlite(uri: str, folder: Path) -> None:
+    kind = filesystem_of(folder)
+    if kind in NETWORK_FILESYSTEMS and uri not in _WARNED:
+        _WARNED.add(uri)
+        print(f"[genmem] warning: the MLflow store {uri} is a sqlite file on {kind}, whose file locking sqlite cannot rely "
+              "on (writers on several machines can corrupt it): run `genmem tracking up` (an MLflow server over PostgreSQL) "
+              "and point MLFLOW_TRACKING_URI at it", file=sys.stderr, flush=True)
 
 
 def _client(uri: str | None = None):
