@@ -335,11 +335,19 @@ def up(stack: Stack) -> Stack:
         raise ConfigError("backend 'external' needs --database with the database's SQLAlchemy URI")
     if not mlflow_running(stack) and not _port_free(stack.host, stack.port):
         raise ConfigError(f"port {stack.port} on {stack.host} is taken by another program: pass --port with a free one")
+    if stack.backend == "postgres":
+        postgres_bin()  # found before anything is written
     stack.folder.mkdir(parents=True, exist_ok=True)
     stack.save()
+    started_database = stack.backend == "postgres" and not postgres_running(stack)
     if stack.backend == "postgres":
         start_postgres(stack)
-    start_mlflow(stack)
+    try:
+        start_mlflow(stack)
+    except BaseException:
+        if started_database:  # nothing left running by a start that failed
+            stop_postgres(stack)
+        raise
     return stack
 
 
