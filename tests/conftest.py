@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from genmem.services import free_port  # noqa: F401 (tests import it from here)
 
 # Ray Train's controller polls its workers every 2 s by default, so every short training run here
 # waited up to 2 s to start and 2 s to end; 0.2 s before any cluster starts (subprocesses inherit it).
@@ -73,12 +74,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 10) -> None:
