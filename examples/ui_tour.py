@@ -49,10 +49,10 @@ def run_jobs(out: Path) -> dict[str, dict]:
         "evaluate": genmem(out, "evaluate", "--checkpoint", ck, "--n", "500"),
         "posterior": genmem(out, "posterior", "--checkpoint", ck, "--scale", "0.01", "1", "--samples", "2", "--n", "200",
                              "--set", "draws=1"),
-        "unlearn": genmem(out, "unlearn", "--config", "configs/unlearn_toy.yaml", "--base", ck, "--set", "images=20000",
+        "unlearn": genmem(out, "unlearn", "--config", "configs/unlearn_toy.yaml", "--base", ck, "--set", "max_images=20000",
                           "--set", "n_base=1000", "--set", "eval_n=1000", *TOY),
         "memorisation": genmem(out, "memorisation", "--config", "configs/size_manifold.yaml", "--train-size", "16",
-                               "--set", "images=20000", "--set", "study.n=300", *TOY),
+                               "--set", "max_images=20000", "--set", "study.n=300", *TOY),
         "report": genmem(out, "report"),
     }
 

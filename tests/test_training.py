@@ -219,3 +219,35 @@ def test_a_worker_spec_is_checked_on_the_driver_and_frozen():
         WorkerSpec(**{**good, "run_id": ""})
     with pytest.raises(TypeError, match="callable"):
         WorkerSpec(**good, hooks=("not a function",))
+
+
+class _Goal:
+    """A goal probe that counts its probes and is reached at the ``at``-th (never: None)."""
+
+    def __init__(self, at: int | None):
+        self.at, self.calls = at, 0
+
+    def __call__(self, model, device):
+        self.calls += 1
+        return {"eval/calls": float(self.calls)}
+
+    def reached(self, measured):
+        done = self.at is not None and measured["eval/calls"] >= self.at
+        return done, f"probe {int(measured['eval/calls'])} of {self.at}"
+
+
+def test_a_goal_probe_ends_training_at_the_first_probe_that_reaches_it(storage, tmp_path):
+    cfg = _cfg(images=256 * 10, eval_every_images=512)
+    train = load_dataset(cfg.data)[0]
+    reporter = LocalReporter(tmp_path / "goal", cfg.images, quiet=True)
+    goal = _Goal(at=3)
+    result = train_loop(cfg, train, reporter, probe=goal)
+    assert goal.calls == 3 and result.images_seen == 3 * 512 and result.ended_by == "target"
+    assert load_checkpoint(result.checkpoint).meta["images_seen"] == 3 * 512  # the model the goal was judged on
+    assert reporter.notes == {"ended_by": "target", "ended_by_reason": "reached at 1,536 images seen: probe 3 of 3"}
+    never = LocalReporter(tmp_path / "never", cfg.images, quiet=True)
+    result = train_loop(cfg, train, never, probe=_Goal(at=None))
+    assert result.images_seen == cfg.images and result.ended_by == "max_images"
+    assert never.notes["ended_by_reason"] == "not reached in 2,560 images: probe 5 of None"
+    plain = train_loop(cfg, train, LocalReporter(tmp_path / "plain", cfg.images, quiet=True), probe=lambda model, device: {})
+    assert plain.ended_by is None and plain.images_seen == cfg.images  # a probe without a goal ends nothing

@@ -226,7 +226,8 @@ def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tm
     space = tmp_path / "lam.yaml"
     space.write_text("space:\n  lam: {grid: [0.0, 5.0]}\nmetric: forget_mass\nmode: min\n")
     config = {**JOB, "base": base, "target": {"kind": "region", "forget": ["mode1", "mode3", "mode5"]}, "mode": "finetune",
-              "images": 60_000, "lr": 1e-3, "scaling": {"num_workers": 1, "cpus_per_worker": 0.9}}  # both trials at once (each driver holds 0.1)
+              "max_images": 60_000, "probe_every_images": 60_000, "lr": 1e-3,  # a fixed budget: one probe, at the end
+              "scaling": {"num_workers": 1, "cpus_per_worker": 0.9}}  # both trials at once (each driver holds 0.1)
     result = sweep(SweepConfig(space=str(space), job="unlearn", base=config), Context())
     assert result["trials"] == 2 and not result["failed"], result
     final = {r["params"]["lam"]: r["final"] for r in result["results"]}
@@ -249,15 +250,33 @@ def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tm
 
 
 @pytest.mark.slow
-def test_the_papers_second_flow_forgets_the_upper_moon(tmp_path, storage, tracking, ray_local):
-    """Moons, not circles: the circles' outer ring leaves 0.06-0.11 of its mass at 80,000-120,000
-    images (points in transit between the rings count as outer), too close to the bound to test."""
+def test_the_papers_second_flow_trains_until_the_upper_moon_is_forgotten(tmp_path, storage, tracking, ray_local):
+    """The goal stop on a two-worker group (rank 0 probes, both ranks end at the same step): the
+    forget ratio by ground truth reaches 0.1 before max_images; λ = 0 never does and says so."""
     torch.set_num_threads(2)
     base = _base(tmp_path, {**TOY_BASE, "data": {"source": "moons", "n": 6000}})
-    result = _unlearn(base, target={"kind": "region", "forget": ["upper"]}, lam=5.0, mode="flow", images=80_000, lr=2e-3)
+    result = _unlearn(base, target={"kind": "region", "forget": ["upper"]}, lam=5.0, mode="flow", max_images=200_000,
+                      probe_every_images=20_000, lr=2e-3, scaling={"num_workers": 2, "cpus_per_worker": 1})
     m = result["metrics"]
-    assert m["forget_mass_before"] > 0.4 and m["forget_ratio"] <= 0.1, m
+    assert result["ended_by"] == "target" and result["images_seen"] < 200_000, result
+    client = MlflowClient()
+    run = client.get_run(result["mlflow_run_id"])
+    probes = sorted(client.get_metric_history(run.data.tags["train_run_id"], "eval/forget_ratio"), key=lambda h: h.step)
+    assert probes[-1].step == result["images_seen"] and probes[-1].value <= 0.1 < probes[0].value, [(h.step, h.value) for h in probes]
+    assert run.data.tags["ended_by"] == "target" and run.data.tags["ended_by_reason"].startswith(f"reached at {result['images_seen']:,} images seen: ")
+    assert "training ended by target" in run.data.tags["mlflow.note.content"]
+    # the reported figure comes from samples independent of the probe's, so it can sit a little above the target
+    assert m["forget_mass_before"] > 0.4 and m["forget_ratio"] <= 0.13, m
     assert m["mmd"] <= m["mmd_kept_before"] + 0.01, m
+    assert run.data.metrics["unlearn/images_spent"] == result["images_seen"]
+    same = _unlearn(base, target={"kind": "region", "forget": ["upper"]}, lam=0.0, max_images=10_240, probe_every_images=5120)
+    assert same["ended_by"] == "max_images" and same["images_seen"] == 10_240, same
+    assert same["ended_by_reason"].startswith("not reached in 10,240 images: forget ratio "), same["ended_by_reason"]
+    # a base that copies none of its training points (d1/d2 < 0.01: none) is refused after its
+    # samples are drawn (whether a model copies is known only from them), before any training
+    with pytest.raises(ConfigError, match="copies none of its training images among 2000 samples"):
+        _unlearn(base, target={"kind": "copies", "threshold": 0.01}, run_name="copies-nothing")
+    assert not (storage / "unlearn" / "copies-nothing" / "source_samples").exists()
     # a base that copies none of its training points (d1/d2 < 0.01: none) is refused after its
     # samples are drawn (whether a model copies is known only from them), before any training
     with pytest.raises(ConfigError, match="copies none of its training images among 2000 samples"):
@@ -269,7 +288,8 @@ def test_the_papers_second_flow_forgets_the_upper_moon(tmp_path, storage, tracki
 def test_forgetting_a_digit_by_an_independent_classifier(tmp_path, storage, tracking, ray_local):
     torch.set_num_threads(2)
     base = _base(tmp_path, {**QUICKSTART, "data": {"source": "digits"}, "batch_size": 128, "images": 200_000, "ema_halflife_images": 20_000})
-    result = _unlearn(base, target={"kind": "class", "forget": ["3"]}, lam=5.0, mode="finetune", images=60_000, lr=1e-3, batch_size=128)
+    result = _unlearn(base, target={"kind": "class", "forget": ["3"]}, lam=5.0, mode="finetune", max_images=60_000, probe_every_images=60_000,
+                      lr=1e-3, batch_size=128)
     m = result["metrics"]
     # The issue asks for an 80% fall; measured 66% (0.131 -> 0.044) with this base (FD 51), the
     # same at λ = 10: the rest are samples the independent classifier calls a 3 and the proxy does not.
@@ -282,7 +302,7 @@ def test_forgetting_a_digit_by_an_independent_classifier(tmp_path, storage, trac
 def test_unlearning_the_copies_halves_them_at_similar_quality(tmp_path, storage, tracking, ray_local):
     torch.set_num_threads(2)
     base = _base(tmp_path, QUICKSTART)
-    result = _unlearn(base, target={"kind": "copies"}, lam=5.0, mode="finetune", images=20_000, lr=5e-4, batch_size=32,
+    result = _unlearn(base, target={"kind": "copies"}, lam=5.0, mode="finetune", max_images=20_000, probe_every_images=20_000, lr=5e-4, batch_size=32,
                       n_base=2000, eval_n=500)
     m = result["metrics"]
     assert m["copies_of_targets_before"] > 0.1 and m["copies_of_targets"] <= 0.5 * m["copies_of_targets_before"], m
@@ -326,3 +346,36 @@ def test_shipped_configs_and_the_lambda_space_check_against_the_job():
     checked = check_space(space, registry.get("unlearn"), configs["toy"].model_dump(mode="json"))
     assert space.trials == 10 and {c.lam for c in checked} == {0.0, 1.0, 2.0, 5.0, 10.0}
     assert ["mode0"] in [c.target.forget for c in checked]
+
+
+def test_the_judge_reaches_the_goal_only_with_the_ratio_and_every_kept_label_in_bounds():
+    from genmem.jobs.unlearn import Judge
+
+    data = toy("moons", 400, seed=0)
+    cfg = UnlearnConfig(base="ckpt", target={"kind": "region", "forget": ["upper"]})
+    judge = Judge(cfg, data, [0], None, None, data.x)
+    assert judge(data.x)["forget_ratio"] == pytest.approx(1.0)  # the base against itself
+    assert judge.reached({"forget_ratio": 0.08, "retention_min": 0.9, "retention_max": 1.1}) == (
+        True, "forget ratio 0.080 <= target 0.1, retention 0.90-1.10 within [0.8, 1.25]")
+    assert judge.reached({"forget_ratio": 0.08, "retention_min": 0.7, "retention_max": 1.1})[0] is False
+    assert judge.reached({"forget_ratio": 0.12, "retention_min": 1.0, "retention_max": 1.0})[0] is False
+    assert judge.reached({"forget_ratio": float("nan"), "retention_min": 1.0, "retention_max": 1.0})[0] is False
+    with pytest.raises(ValueError, match="retention"):
+        UnlearnConfig(base="ckpt", retention=(1.1, 1.3))
+    with pytest.raises(ValueError, match="probe_every_images=50000 exceeds max_images=20000"):
+        UnlearnConfig(base="ckpt", max_images=20_000, probe_every_images=50_000)
+
+
+def test_a_proxy_ensemble_retains_only_where_every_member_is_sure():
+    from genmem.methods.unlearning import fit_proxies
+
+    data = toy("circles", 2000, seed=0)
+    retain = data.labels == 1
+    one = fit_proxy(data.x, retain, seed=1, steps=200)
+    three = fit_proxies(data.x, retain, seed=1, members=3, steps=200)
+    logits = torch.stack([m.logits(data.x) for m in three.members])
+    assert torch.equal(logits[0], one.logits(data.x))  # the first member is the single proxy
+    assert not torch.equal(logits[1], logits[0])  # the others have their own seeds
+    assert torch.equal(three.logits(data.x), logits.min(0).values)
+    with pytest.raises(ValueError, match="members=0"):
+        fit_proxies(data.x, retain, seed=1, members=0)

@@ -184,6 +184,7 @@ class ScalingConfig(Strict):
 
 
 BUDGET_TAG = "memorisation_budget"  # the run tag: "over" (flagged), "stopped" (training ended at the budget) or "healed"
+ENDED_TAG = "ended_by"  # a probe with a goal: "target" (reached it, training ended there) or "max_images" (the budget ran out first)
 HEAL_TAG = "memorisation_heal"  # one tag per heal, memorisation_heal_<k>: what it targeted and what it changed
 
 

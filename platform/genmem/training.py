@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from genmem.checkpoint import Checkpoint, chain_source, save_checkpoint
-from genmem.config import BUDGET_TAG, HEAL_TAG, BudgetConfig, TrainConfig
+from genmem.config import BUDGET_TAG, ENDED_TAG, HEAL_TAG, BudgetConfig, TrainConfig
 from genmem.data import ArrayDataset
 from genmem.errors import TrainingError
 from genmem.generative import Process, build_process, data_clip, derive_seed, generate
@@ -46,7 +46,7 @@ from genmem.seeds import Training as Stream
 from genmem.viz import sample_picture, save_png
 
 __all__ = [
-    "Batch", "Engine", "LocalReporter", "Objective", "ProcessObjective", "Reporter", "TrainResult",
+    "Batch", "Engine", "Goal", "LocalReporter", "Objective", "ProcessObjective", "Reporter", "TrainResult",
     "TrainingError", "global_noise", "global_positions", "train_loop",
 ]
 
@@ -185,6 +185,7 @@ class TrainResult:
     seconds: float
     images_per_s: float
     stopped_at: int | None = None  # images seen at the probe over the memorisation budget that ended training
+    ended_by: str | None = None  # a probe with a goal: "target" (reached at ``images_seen``) or "max_images"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -405,6 +406,41 @@ class _Budget:
         self.reporter.note({BUDGET_TAG: verdict, f"{BUDGET_TAG}_reason": why})
 
 
+class Goal(Protocol):
+    """A probe that also says whether training has reached what it is for (unlearning: the
+    forget target): ``reached(measured)`` -> (reached, one sentence of why), judged on rank 0
+    from the probe's own metrics. Training ends at the first probe that reaches it."""
+
+    def __call__(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+
+    def reached(self, measured: dict[str, float]) -> tuple[bool, str]: ...
+
+
+class _Ending:
+    """A goal probe's verdict at each probe, the same on every rank (rank 0 judges; a worker
+    without the probe learns it), and the run's tag when training ends by it or without it."""
+
+    def __init__(self, probe: Callable | None, engine: Engine, reporter: Reporter):
+        self.goal = probe if callable(getattr(probe, "reached", None)) else None
+        self.engine, self.reporter = engine, reporter
+        self.why = ""  # the last verdict's sentence (rank 0)
+
+    def reached(self, measured: dict[str, float]) -> bool:
+        done = False
+        if self.goal is not None and self.engine.is_main:
+            done, self.why = self.goal.reached(measured)
+        if self.engine.world_size == 1:
+            return done
+        return self.engine.mean(torch.tensor(float(done), device=self.engine.device)).item() > 0
+
+    def note(self, ended_by: str, seen: int) -> None:
+        if self.goal is None:
+            return
+        why = (f"reached at {seen:,} images seen: {self.why}" if ended_by == "target"
+               else f"not reached in {seen:,} images: {self.why or 'no probe ran'}")
+        self.reporter.note({ENDED_TAG: ended_by, f"{ENDED_TAG}_reason": why})
+
+
 class _Run:
     """One training run's rank-0 side effects: grids, checkpoints and probes through the reporter."""
 
@@ -470,14 +506,16 @@ def train_loop(
     engine: Engine | None = None,
     resume: Checkpoint | None = None,
     init: Checkpoint | None = None,
-    probe: Callable[[nn.Module, torch.device], dict[str, float]] | None = None,
+    probe: Callable[[nn.Module, torch.device], dict[str, float]] | Goal | None = None,
     heal: Healing | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``train`` for ``cfg.images`` images, minimising ``objective``
     (default: the loss of ``cfg.process``). ``resume``/``init``: see :func:`restore_state`.
     ``probe(model, device)``: metrics of the sampling model every ``cfg.eval_every_images``
-    (rank 0), e.g. the memorised fraction. ``heal``: what a run over its memorisation budget
-    does with ``action: heal`` (:class:`genmem.methods.healing.Healer`)."""
+    (rank 0; in a worker group the other ranks pass None and follow rank 0's verdicts), e.g. the
+    memorised fraction; a :class:`Goal` probe ends training at the first probe that reaches its
+    goal, tagging the run ``ended_by``. ``heal``: what a run over its memorisation budget does
+    with ``action: heal`` (:class:`genmem.methods.healing.Healer`)."""
     engine = engine or Engine()
     cfg = resolve_sampler(cfg, train)
     if heal is not None and objective is not None:
@@ -550,8 +588,11 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
     batch, total_steps = cfg.batch_size, math.ceil(cfg.images / cfg.batch_size)
     beta = ema_beta(batch, cfg.ema_halflife_images) if state.ema is not None else 0.0
     run = _Run(cfg, train, reporter, engine, state)
-    schedule, window = Schedule(cfg, run.seen, probe=probe is not None), _LossWindow(engine, state.step)
-    budget = _Budget(cfg.memorisation_budget, engine, reporter) if cfg.memorisation_budget and probe is not None else None
+    # rank 0 holds the probe; in a worker group every rank comes to each probe, where it learns rank 0's verdicts
+    probing = probe is not None or (engine.world_size > 1 and cfg.eval_every_images > 0)
+    schedule, window = Schedule(cfg, run.seen, probe=probing), _LossWindow(engine, state.step)
+    budget = _Budget(cfg.memorisation_budget, engine, reporter) if cfg.memorisation_budget and probing else None
+    ending = _Ending(probe, engine, reporter)
     stop_at_budget = budget is not None and budget.budget.checkpoints_at_probes
     heal = heal if budget is not None and budget.budget.action == "heal" else None
     last_under: Path | None = None
@@ -559,7 +600,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
     if heal is not None:  # a resumed run trains on what its heals left
         reporter.checkpoint_meta["heals"] = heal.history()
         x_all, objective = heal.data(x_all, objective)
-    ended_at_budget = False
+    ended_at_budget, ended_by = False, None
     t_start = time.perf_counter()
     state.model.train()
     while state.step < total_steps:
@@ -574,7 +615,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
             lr = {"train/lr": state.optimizer.param_groups[0]["lr"]} if cfg.optim.warmup_images > 0 else {}
             reporter.log(state.step, run.seen, {**window.read(state.step, batch), **lr, **_objective_metrics(objective, engine)})
         if "probe" in due:
-            measured = probe(run.sampling_model(), engine.device) if engine.is_main else {}
+            measured = probe(run.sampling_model(), engine.device) if engine.is_main and probe is not None else {}
             reporter.log(state.step, run.seen, measured)
             state.model.train()
             x_all, objective, verdict = _verdict(measured, budget, heal, state, run, objective, x_all)
@@ -585,11 +626,17 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
                 if verdict == "end-checkpoint":
                     last_under = run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"]})
                 break
+            if ending.reached(measured):
+                ended_by = "target"
+                break
         if state.step < total_steps and "grid" in due:
             run.draw_grid()
         if state.step < total_steps and "checkpoint" in due:
             last_under = run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"]})
     seconds = time.perf_counter() - t_start
+    if not ended_at_budget:
+        ended_by = ended_by or "max_images"
+        ending.note(ended_by, run.seen)
     final_loss = window.read(state.step, batch)["train/loss"]
     if ended_at_budget and budget.last_under:
         return TrainResult(checkpoint=last_under, step=state.step, images_seen=run.seen, loss=final_loss,  # the result: the last checkpoint
@@ -601,7 +648,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
     return TrainResult(
         checkpoint=path, step=state.step, images_seen=run.seen, loss=final_loss,
         parameters=count_parameters(engine.unwrap(state.model)), seconds=seconds,
-        images_per_s=(run.seen - state.start_images) / max(seconds, 1e-9),
+        images_per_s=(run.seen - state.start_images) / max(seconds, 1e-9), ended_by=ended_by if ending.goal is not None else None,
     )
 
 

@@ -6,7 +6,11 @@ checkpoint in, unlearned checkpoint out:
 2. an energy proxy (its own seed): a retain classifier on labelled training points for a region
    or class, near-copies of the targeted training images for ``copies``; weights w = sigmoid(-λ F);
 3. weighted training on Ray Train workers: ``finetune`` the base network on (noise, base sample)
-   pairs, or train a new ``flow`` from base samples to base samples (sampled noise -> base -> flow);
+   pairs, or train a new ``flow`` from base samples to base samples (sampled noise -> base -> flow),
+   until the goal: every ``probe_every_images`` rank 0 measures forgetting on ``probe_n`` fresh
+   samples by the same independent measure as step 4, and training ends at the first probe whose
+   forget ratio is at most ``target_ratio`` with every kept label's retention within
+   ``retention`` (tag ``ended_by=target``), or at ``max_images`` (``ended_by=max_images``);
 4. the same ``eval_n`` samples from the unlearned model, measured against the base's by ground
    truth (toy regions), an independent classifier (classes) or the exact nearest-neighbour test
    (copies), never by the proxy; one MLflow run with the metrics and before/after figures.
@@ -20,11 +24,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from torch import nn
+
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from genmem.config import ModelConfig, ScalingConfig, Strict, TrainConfig
+from genmem.generative import generate
 from genmem.data import TOYS, ArrayDataset, toy_regions
 from genmem.errors import ConfigError, DataError
 from genmem.generative import build_process, derive_seed
@@ -34,7 +41,7 @@ from genmem.methods.unlearning import (
     copies_of,
     copy_logits,
     copy_targets,
-    fit_proxy,
+    fit_proxies,
     forgetting,
     retained_mmd,
     weights,
@@ -73,12 +80,28 @@ class UnlearnConfig(Strict):
     seed: int = 0
     n_base: int = Field(4000, gt=1)  # base samples the unlearning trains on
     eval_n: int = Field(2000, gt=1)  # samples compared before and after
-    images: int = Field(200_000, gt=0)  # training budget in images seen
+    # training ends at the first probe that reaches the goal, or at max_images
+    target_ratio: float = Field(0.1, gt=0, lt=1)  # forget ratio (forget mass, or copies of the targets, over the base's)
+    retention: tuple[float, float] = (0.8, 1.25)  # every kept label's share relative to the base's stays within
+    max_images: int = Field(400_000, gt=0)  # training budget in images seen
+    probe_every_images: int = Field(20_000, gt=0)
+    probe_n: int = Field(2000, gt=1)  # samples per probe
     batch_size: int = Field(256, gt=0)
     lr: float = Field(1e-3, gt=0)
     model: ModelConfig | None = None  # flow mode's network; default the base's architecture
     proxy_steps: int = Field(2000, gt=0)
+    proxy_members: int = Field(5, ge=1)  # retain classifiers of different seeds: a sample is kept only where all are sure
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    @model_validator(mode="after")
+    def _goal(self) -> "UnlearnConfig":
+        lo, hi = self.retention
+        if not 0 < lo < 1 < hi:
+            raise ValueError(f"retention={list(self.retention)} must bracket 1 as [low, high] with 0 < low < 1 < high, e.g. [0.8, 1.25]")
+        if self.probe_every_images > self.max_images:
+            raise ValueError(f"probe_every_images={self.probe_every_images} exceeds max_images={self.max_images}: no probe would "
+                             "judge the goal; lower probe_every_images")
+        return self
 
 
 def _labels_to_forget(cfg: UnlearnConfig, train: ArrayDataset) -> list[int]:
@@ -135,7 +158,7 @@ def _proxy_logits(cfg: UnlearnConfig, train: ArrayDataset, base_x: torch.Tensor,
                               f"(d1/d2 < {cfg.target.threshold:.3g}): there is nothing to unlearn")
         return copy_logits(report, targets), targets
     retain = ~torch.isin(train.labels, torch.tensor(forget))
-    proxy = fit_proxy(train.x, retain, seed=derive_seed(cfg.seed, Stream.PROXY), steps=cfg.proxy_steps)
+    proxy = fit_proxies(train.x, retain, seed=derive_seed(cfg.seed, Stream.PROXY), members=cfg.proxy_members, steps=cfg.proxy_steps)
     return proxy.logits(base_x), None
 
 
@@ -143,11 +166,83 @@ def _train_config(change: BeforeAfter, cfg: UnlearnConfig, base: Base) -> TrainC
     """Trained on the base samples, measured on the real data: ``finetune`` starts from the base's
     weights; ``flow`` trains a new flow from base samples (its source) to base samples."""
     data = {"synthetic": [change.uri("base_samples")], "real": False}
+    budget = {"images": cfg.max_images, "eval_every_images": cfg.probe_every_images}
     if cfg.mode == "finetune":
-        return change.train_config(base, cfg, data=data, init_from=cfg.base)
+        return change.train_config(base, cfg, data=data, init_from=cfg.base, **budget)
     sampler = {"method": "heun", "steps": 16} if base.meta["config"]["process"]["kind"] != "flow" else None
     return change.train_config(base, cfg, data=data, source_checkpoint=cfg.base, process={"kind": "flow"}, sampler=sampler,
-                               model=cfg.model.model_dump() if cfg.model is not None else None)
+                               model=cfg.model.model_dump() if cfg.model is not None else None, **budget)
+
+
+class Judge:
+    """Forgetting by the independent measure (never the proxy) on one set of samples against the
+    base's: ground-truth regions (toys), an independent classifier (classes) or the exact
+    nearest-neighbour test (copies of the targets); and whether it meets the goal (forget ratio
+    at most ``target_ratio``, every kept label's retention within ``retention``). Picklable: rank
+    0 of the training run probes with it."""
+
+    def __init__(self, cfg: UnlearnConfig, train: ArrayDataset, forget: list[int], targets: torch.Tensor | None, extractor, before: torch.Tensor):
+        self.forget, self.targets, self.threshold = forget, targets, cfg.target.threshold
+        self.target_ratio, self.bounds = cfg.target_ratio, tuple(cfg.retention)
+        self.toy = train.manifest.source if train.manifest.source in TOYS else None
+        self.extractor = extractor
+        self.n_labels = (len(train.manifest.extra.get("label_names") or []) or int(train.labels.max()) + 1) if train.labels is not None else 0
+        self.train_x = train.x if targets is not None else None  # the copy test's reference
+        self.before_labels = self.labels(before) if forget else None
+        self.copies_before = copies_of(memorisation(before, train.x, threshold=self.threshold), targets) if targets is not None else None
+
+    def labels(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.toy:
+            return torch.as_tensor(toy_regions(self.toy, x.numpy()))
+        return self.extractor.predict(x) if self.extractor is not None else None
+
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        """``forget_ratio`` (forget mass, or copies of the targets, over the base's) and, by
+        labels, ``retention_min``/``retention_max`` over the kept labels."""
+        if self.targets is not None:
+            copies = copies_of(memorisation(x, self.train_x, threshold=self.threshold), self.targets)
+            return {"copies_of_targets": copies, "forget_ratio": copies / self.copies_before if self.copies_before else float("nan")}
+        m = forgetting(self.before_labels, self.labels(x), self.forget, self.n_labels)
+        kept = [v for k, v in m.items() if k.startswith("retention/") and np.isfinite(v)]
+        return {"forget_mass": m["forget_mass"], "forget_ratio": m["forget_ratio"],
+                "retention_min": min(kept, default=float("nan")), "retention_max": max(kept, default=float("nan"))}
+
+    def reached(self, m: dict[str, float]) -> tuple[bool, str]:
+        """Whether ``m`` (what :meth:`__call__` returned) meets the goal, and one clause of why."""
+        ratio, (lo, hi) = m.get("forget_ratio", float("nan")), self.bounds
+        text = f"forget ratio {ratio:.3f} {'<=' if ratio <= self.target_ratio else '>'} target {self.target_ratio:g}"
+        if "retention_min" not in m:
+            return bool(ratio <= self.target_ratio), text
+        kept_ok = lo <= m["retention_min"] and m["retention_max"] <= hi
+        text += f", retention {m['retention_min']:.2f}-{m['retention_max']:.2f} {'within' if kept_ok else 'outside'} [{lo:g}, {hi:g}]"
+        return bool(ratio <= self.target_ratio and kept_ok), text
+
+
+class GoalFactory:
+    """What rank 0 of the training run builds its probe from (picklable): the judge and how many
+    samples each probe draws (a fixed seed, so successive probes differ only by the weights)."""
+
+    def __init__(self, judge: Judge, n: int, seed: int):
+        self.judge, self.n, self.seed = judge, n, seed
+
+    def __call__(self, train_cfg: TrainConfig, train: ArrayDataset, heldout: ArrayDataset) -> "GoalProbe":
+        return GoalProbe(self, train_cfg, tuple(train.shape))
+
+
+class GoalProbe:
+    """The training loop's :class:`genmem.training.Goal`: forgetting on fresh samples of the model
+    being trained (``eval/forget_ratio``, ``eval/retention_min``/``max``), and whether it is reached."""
+
+    def __init__(self, factory: GoalFactory, train_cfg: TrainConfig, shape: tuple[int, ...]):
+        self.factory, self.cfg, self.shape, self.process = factory, train_cfg, shape, build_process(train_cfg.process)
+
+    def __call__(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        f = self.factory
+        x = generate(model, self.process, self.cfg.sampler, self.shape, range(f.n), seed=f.seed, device=device)
+        return {f"eval/{k}": v for k, v in f.judge(x.cpu()).items()}
+
+    def reached(self, measured: dict[str, float]) -> tuple[bool, str]:
+        return self.factory.judge.reached({k.removeprefix("eval/"): v for k, v in measured.items()})
 
 
 class _Measure:
@@ -161,23 +256,16 @@ class _Measure:
                 "retained_mass_before", "retention/")
     headline = ("forget_mass", "retained_mass", "memorised_fraction", "fd_classifier", "mmd_kept")
 
-    def __init__(self, cfg: UnlearnConfig, base: Base, forget: list[int], targets: torch.Tensor | None):
+    def __init__(self, cfg: UnlearnConfig, base: Base, forget: list[int], targets: torch.Tensor | None, judge: Judge):
         train, heldout = base.train, base.heldout
-        self.cfg, self.train, self.forget, self.targets = cfg, train, forget, targets
+        self.cfg, self.train, self.forget, self.targets, self.judge = cfg, train, forget, targets, judge
         # FD's reference: every real image of the kept classes (train and held-out; 32 training
         # images alone would give a singular covariance)
         real = torch.cat([train.x, heldout.x]) if len(heldout) else train.x
         labels = torch.cat([train.labels, heldout.labels]) if len(heldout) and train.labels is not None else train.labels
         self.reference = real if not forget else real[~torch.isin(labels, torch.tensor(forget))]
         self.toy = train.manifest.source in TOYS
-        self.extractor = None
-        if train.x.dim() == 4 and train.labels is not None:
-            self.extractor = get_extractor("classifier", train=train, cache_dir=storage_root() / "features")
-
-    def labels(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.toy:
-            return torch.as_tensor(toy_regions(self.train.manifest.source, x.numpy()))
-        return self.extractor.predict(x) if self.extractor is not None else None
+        self.extractor, self.labels = judge.extractor, judge.labels
 
     def __call__(self, x: torch.Tensor) -> dict[str, float]:
         report = memorisation(x, self.train.x, threshold=self.cfg.target.threshold)
@@ -200,9 +288,16 @@ class _Measure:
             out["fd_to_base"] = frechet_distance(gaussian_stats(self.extractor(after.clamp(-3, 3))), gaussian_stats(self.extractor(before.clamp(-3, 3))))
         lb = self.labels(before)
         if self.forget and lb is not None:
-            n_labels = len(self.train.manifest.extra.get("label_names") or []) or int(self.train.labels.max()) + 1
-            out.update(forgetting(lb, self.labels(after), self.forget, n_labels))
+            out.update(forgetting(lb, self.labels(after), self.forget, self.judge.n_labels))
         return out
+
+
+def _extractor(train: ArrayDataset):
+    """The independent classifier of labelled images (the ``classifier`` feature extractor,
+    cached under the storage root), or None for points and unlabelled data."""
+    if train.x.dim() == 4 and train.labels is not None:
+        return get_extractor("classifier", train=train, cache_dir=storage_root() / "features")
+    return None
 
 
 COLUMNS = ("params.lam", "unlearn/forget_ratio", "unlearn/memorised_fraction", "unlearn/fd_classifier", "unlearn/mmd_kept",
@@ -222,16 +317,22 @@ def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
         w = weights(logits, cfg.lam)
         change.tracker.metrics({"unlearn/weight_mean": w.mean().item(), "unlearn/weight_min": w.min().item(),
                                 "unlearn/targets": float(len(targets)) if targets is not None else 0.0})
-        trained = change.train(_train_config(change, cfg, base), objective_factory=WeightsFactory(w, float(x1.double().sum()), source))
+        judge = Judge(cfg, base.train, forget, targets, _extractor(base.train), before)
+        trained = change.train(_train_config(change, cfg, base), objective_factory=WeightsFactory(w, float(x1.double().sum()), source),
+                               probe_factory=GoalFactory(judge, cfg.probe_n, seed(Stream.PROBE)))
+        change.tracker.tags({"ended_by": trained["ended_by"], "ended_by_reason": trained["ended_by_reason"]})
+        change.tracker.metrics({"unlearn/images_spent": float(trained["images_seen"])})
         after = change.samples(trained["checkpoint"], cfg.eval_n, "after", seed(Stream.EVAL))
-        metrics = change.measure(_Measure(cfg, base, forget, targets), before, after, trained["checkpoint"])
+        metrics = change.measure(_Measure(cfg, base, forget, targets, judge), before, after, trained["checkpoint"],
+                                 note=f"training ended by {trained['ended_by']}: the goal was {trained['ended_by_reason']}")
         mask = torch.isin(base.train.labels, torch.tensor(forget)) if forget else None
         change.tracker.image("before_after", before_after(before, after, base.train.x if before.dim() == 2 else None, mask,
                                                           titles=_panel_titles(cfg, metrics)))
         change.finish(trained)
     return {"run_name": change.run_name, "mlflow_run_id": change.tracker.run_id, "checkpoint": trained["checkpoint"], "mode": cfg.mode,
             "lam": cfg.lam, "target": cfg.target.kind, "forget": forget, "targets": targets.tolist() if targets is not None else None,
-            "base_samples": change.uri("base_samples"), "before": change.uri("before"), "after": change.uri("after"), "metrics": metrics}
+            "base_samples": change.uri("base_samples"), "before": change.uri("before"), "after": change.uri("after"), "metrics": metrics,
+            "ended_by": trained["ended_by"], "ended_by_reason": trained["ended_by_reason"], "images_seen": trained["images_seen"]}
 
 
 def _panel_titles(cfg: UnlearnConfig, m: dict[str, float]) -> tuple[str, str]:
@@ -249,7 +350,7 @@ def _panel_titles(cfg: UnlearnConfig, m: dict[str, float]) -> tuple[str, str]:
 
 def table(result: dict[str, Any]) -> str:
     return format_table(result["metrics"], "unlearned", f"target {result['target']} {result['forget'] or result['targets']}, "
-                        f"mode {result['mode']}, λ={result['lam']:g}")
+                        f"mode {result['mode']}, λ={result['lam']:g}; ended by {result['ended_by']}: the goal was {result['ended_by_reason']}")
 
 
 # The sweep figure's panels: title -> how to read it from a trial's final report.

@@ -132,13 +132,14 @@ class BeforeAfter:
     def uri(self, name: str) -> str:
         return uri_of(self.root / name)
 
-    def train_config(self, base: Base, cfg: BaseModel, data: dict[str, Any] | None = None, **changes: Any) -> TrainConfig:
+    def train_config(self, base: Base, cfg: BaseModel, data: dict[str, Any] | None = None, images: int | None = None,
+                     **changes: Any) -> TrainConfig:
         """The training run that changes the base: the base's saved config with this job's
-        budget (``images``), batch, learning rate, seed and workers, named after this run, its
-        data section updated by ``data`` and its other keys by ``changes`` (a key given as None
-        keeps the derived value)."""
+        budget (``images``, default ``cfg.images``), batch, learning rate, seed and workers, named
+        after this run, its data section updated by ``data`` and its other keys by ``changes`` (a
+        key given as None keeps the derived value)."""
         tree = derived_tree(base.meta["config"], name=f"{cfg.name}-train", run_name=f"{self.run_name}-train", seed=cfg.seed,
-                            images=cfg.images, batch_size=cfg.batch_size, lr=cfg.lr, scaling=cfg.scaling)
+                            images=cfg.images if images is None else images, batch_size=cfg.batch_size, lr=cfg.lr, scaling=cfg.scaling)
         tree["data"] = {**tree["data"], **(data or {})}
         tree.update({k: v for k, v in changes.items() if v is not None})
         return TrainConfig.model_validate(tree)
@@ -147,11 +148,11 @@ class BeforeAfter:
         """Train on Ray workers under a child MLflow run of this one (experiment ``genmem/<kind>``)."""
         return train_model(cfg, Context(parent_run_id=self.tracker.run_id, tags={self.kind: self.run_name}), kind=self.kind, **factories)
 
-    def measure(self, measure: Measure, before: torch.Tensor, after: torch.Tensor, checkpoint: str) -> dict[str, float]:
+    def measure(self, measure: Measure, before: torch.Tensor, after: torch.Tensor, checkpoint: str, note: str = "") -> dict[str, float]:
         """``<name>_before`` and ``<name>`` for each of the measure's names, and its comparisons.
         In MLflow each is one key, ``<kind>/<name>``, at step :data:`BEFORE` (the base's samples)
         and :data:`AFTER` (the changed model's): one chart per measure shows the change, and
-        trials of a sweep compare on the same keys."""
+        trials of a sweep compare on the same keys. ``note``: a clause the run's description ends with."""
         b = _declared(measure(before), measure.names, measure)
         a = _declared(measure(after), measure.names, measure)
         c = _declared(measure.compare(before, after, checkpoint), measure.compared, measure)
@@ -162,7 +163,7 @@ class BeforeAfter:
         self.tracker.metrics({f"{self.kind}/{k}": v for k, v in values.items() if k.removesuffix("_before") not in paired or k in paired},
                              step=AFTER)
         self.tracker.describe(f"{self.kind}: " + headlines.change(metrics, measure.headline)
-                              + f" (charts: step {BEFORE} the base model, step {AFTER} after {self.kind})")
+                              + f" (charts: step {BEFORE} the base model, step {AFTER} after {self.kind})" + (f"; {note}" if note else ""))
         return metrics
 
     def finish(self, trained: TrainJobResult) -> None:

@@ -22,7 +22,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from genmem.checkpoint import load_checkpoint, read_meta
-from genmem.config import BUDGET_TAG, ScalingConfig, TrainConfig, to_yaml, tracked
+from genmem.config import BUDGET_TAG, ENDED_TAG, ScalingConfig, TrainConfig, to_yaml, tracked
 from genmem.data import ArrayDataset, load_dataset
 from genmem.distributed.cluster import Footprint, ensure_ray
 from genmem.distributed.engine import AccelerateEngine
@@ -67,6 +67,8 @@ class TrainJobResult(TypedDict):
     memorisation_budget: str | None  # "over" (flagged), "stopped" (ended at the budget), "healed" or None
     memorisation_budget_reason: str | None
     heals: list[dict[str, Any]]  # action=heal: each heal (genmem.methods.healing.Heal) the result went through
+    ended_by: str | None  # a probe with a goal (genmem.training.Goal): "target" or "max_images"; else None
+    ended_by_reason: str | None
 
 
 class RayReporter:
@@ -257,13 +259,15 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
                                             (probes[0][-1], probes[1][-1]) if probes[0] else None, verdict.get(BUDGET_TAG)))
     if verdict.get(BUDGET_TAG):
         print(f"[genmem train] memorisation budget {verdict[BUDGET_TAG]}: {verdict.get(BUDGET_TAG + '_reason', '')}", flush=True)
+    if verdict.get(ENDED_TAG):
+        print(f"[genmem {kind}] ended by {verdict[ENDED_TAG]}: the goal was {verdict.get(ENDED_TAG + '_reason', '')}", flush=True)
     return TrainJobResult(
         checkpoint=fitted.checkpoint, grid=join(fitted.checkpoint, "samples.png"), run_name=run_name,
         mlflow_run_id=tracker.run_id, tracking_uri=tracking_uri(), step=meta["step"], images_seen=meta["images_seen"],
         loss=fitted.metrics.get("train/loss"), param_spread=fitted.metrics.get("dist/param_spread"),
         parameters=meta["parameters"], num_workers=cfg.scaling.num_workers,
         memorisation_budget=verdict.get(BUDGET_TAG), memorisation_budget_reason=verdict.get(BUDGET_TAG + "_reason"),
-        heals=meta.get("heals", []),
+        heals=meta.get("heals", []), ended_by=verdict.get(ENDED_TAG), ended_by_reason=verdict.get(ENDED_TAG + "_reason"),
     )
 
 
