@@ -46,7 +46,7 @@ CASES = {
     "digit7": (DIGITS_BASE, ["7"], DIGIT_JOB),
     "digit8": (DIGITS_BASE, ["8"], DIGIT_JOB),
 }
-VARIANTS = {  # name: (mode, λ)
+VARIANTS = {  # name: (mode, λ); "shipped": the case's config (configs/unlearn_toy.yaml: flow, configs/unlearn_digit.yaml: finetune)
     "flow5": ("flow", 5.0),
     "finetune5": ("finetune", 5.0),
     "flow20": ("flow", 20.0),
@@ -98,7 +98,7 @@ def run_case(work: Path, case: str, variant: str, args) -> dict:
     from genmem.runs.context import Context
 
     tree, forget, job = CASES[case]
-    mode, lam = VARIANTS[variant]
+    mode, lam = VARIANTS[variant] if variant != "shipped" else ("finetune" if case.startswith("digit") else "flow", 5.0)
     base = base_checkpoint(work, tree)
     import yaml
 

@@ -424,21 +424,25 @@ class _Ending:
         self.goal = probe if callable(getattr(probe, "reached", None)) else None
         self.engine, self.reporter = engine, reporter
         self.why = ""  # the last verdict's sentence (rank 0)
+        self.ended_by: str | None = None
 
     def reached(self, measured: dict[str, float]) -> bool:
         done = False
         if self.goal is not None and self.engine.is_main:
             done, self.why = self.goal.reached(measured)
-        if self.engine.world_size == 1:
-            return done
-        return self.engine.mean(torch.tensor(float(done), device=self.engine.device)).item() > 0
+        if self.engine.world_size > 1:
+            done = self.engine.mean(torch.tensor(float(done), device=self.engine.device)).item() > 0
+        self.ended_by = "target" if done else None
+        return done
 
-    def note(self, ended_by: str, seen: int) -> None:
+    def finish(self, seen: int) -> None:
+        """Training has ended (by the goal or at ``max_images``): tag the run (rank 0)."""
         if self.goal is None:
             return
-        why = (f"reached at {seen:,} images seen: {self.why}" if ended_by == "target"
+        self.ended_by = self.ended_by or "max_images"
+        why = (f"reached at {seen:,} images seen: {self.why}" if self.ended_by == "target"
                else f"not reached in {seen:,} images: {self.why or 'no probe ran'}")
-        self.reporter.note({ENDED_TAG: ended_by, f"{ENDED_TAG}_reason": why})
+        self.reporter.note({ENDED_TAG: self.ended_by, f"{ENDED_TAG}_reason": why})
 
 
 class _Run:
@@ -463,6 +467,13 @@ class _Run:
     @property
     def seen(self) -> int:
         return self.state.step * self.cfg.batch_size
+
+    def probe(self, probe: Callable | None) -> dict[str, float]:
+        """The probe's metrics of the sampling model (rank 0; {} elsewhere), logged."""
+        measured = probe(self.sampling_model(), self.engine.device) if self.engine.is_main and probe is not None else {}
+        self.reporter.log(self.state.step, self.seen, measured)
+        self.state.model.train()
+        return measured
 
     def draw_grid(self) -> None:
         if self.engine.is_main:
@@ -595,13 +606,11 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
     ending = _Ending(probe, engine, reporter)
     stop_at_budget = budget is not None and budget.budget.checkpoints_at_probes
     heal = heal if budget is not None and budget.budget.action == "heal" else None
-    last_under: Path | None = None
-    x_all = train.x.to(engine.device)
+    last_under, x_all = None, train.x.to(engine.device)  # last_under: the last checkpoint under budget
     if heal is not None:  # a resumed run trains on what its heals left
         reporter.checkpoint_meta["heals"] = heal.history()
         x_all, objective = heal.data(x_all, objective)
-    ended_at_budget, ended_by = False, None
-    t_start = time.perf_counter()
+    ended_at_budget, t_start = False, time.perf_counter()
     state.model.train()
     while state.step < total_steps:
         if cfg.model.dropout > 0:  # dropout masks from (seed, step, rank): resumable, worker-count aware
@@ -615,9 +624,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
             lr = {"train/lr": state.optimizer.param_groups[0]["lr"]} if cfg.optim.warmup_images > 0 else {}
             reporter.log(state.step, run.seen, {**window.read(state.step, batch), **lr, **_objective_metrics(objective, engine)})
         if "probe" in due:
-            measured = probe(run.sampling_model(), engine.device) if engine.is_main and probe is not None else {}
-            reporter.log(state.step, run.seen, measured)
-            state.model.train()
+            measured = run.probe(probe)
             x_all, objective, verdict = _verdict(measured, budget, heal, state, run, objective, x_all)
             if verdict.endswith("checkpoint") and state.step < total_steps:
                 due.append("checkpoint")  # under budget: the result if a later probe is over
@@ -627,7 +634,6 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
                     last_under = run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"]})
                 break
             if ending.reached(measured):
-                ended_by = "target"
                 break
         if state.step < total_steps and "grid" in due:
             run.draw_grid()
@@ -635,8 +641,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
             last_under = run.checkpoint(False, {"train/loss": window.read(state.step, batch)["train/loss"]})
     seconds = time.perf_counter() - t_start
     if not ended_at_budget:
-        ended_by = ended_by or "max_images"
-        ending.note(ended_by, run.seen)
+        ending.finish(run.seen)
     final_loss = window.read(state.step, batch)["train/loss"]
     if ended_at_budget and budget.last_under:
         return TrainResult(checkpoint=last_under, step=state.step, images_seen=run.seen, loss=final_loss,  # the result: the last checkpoint
@@ -648,7 +653,7 @@ def _loop(cfg, train, reporter, objective, engine, state, probe, heal=None) -> T
     return TrainResult(
         checkpoint=path, step=state.step, images_seen=run.seen, loss=final_loss,
         parameters=count_parameters(engine.unwrap(state.model)), seconds=seconds,
-        images_per_s=(run.seen - state.start_images) / max(seconds, 1e-9), ended_by=ended_by if ending.goal is not None else None,
+        images_per_s=(run.seen - state.start_images) / max(seconds, 1e-9), ended_by=ending.ended_by,
     )
 
 
