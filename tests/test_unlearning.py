@@ -256,13 +256,15 @@ def test_the_papers_second_flow_trains_until_the_upper_moon_is_forgotten(tmp_pat
     torch.set_num_threads(2)
     base = _base(tmp_path, {**TOY_BASE, "data": {"source": "moons", "n": 6000}})
     result = _unlearn(base, target={"kind": "region", "forget": ["upper"]}, lam=5.0, mode="flow", max_images=200_000,
-                      probe_every_images=20_000, lr=2e-3, scaling={"num_workers": 2, "cpus_per_worker": 1})
+                      probe_every_images=5120, lr=2e-3, scaling={"num_workers": 2, "cpus_per_worker": 1})
     m = result["metrics"]
     assert result["ended_by"] == "target" and result["images_seen"] < 200_000, result
     client = MlflowClient()
     run = client.get_run(result["mlflow_run_id"])
     probes = sorted(client.get_metric_history(run.data.tags["train_run_id"], "eval/forget_ratio"), key=lambda h: h.step)
-    assert probes[-1].step == result["images_seen"] and probes[-1].value <= 0.1 < probes[0].value, [(h.step, h.value) for h in probes]
+    trajectory = [(h.step, h.value) for h in probes]
+    assert len(probes) >= 2 and probes[-1].step == result["images_seen"], trajectory
+    assert probes[-1].value <= 0.1 and all(h.value > 0.1 for h in probes[:-1]), trajectory  # the first probe at the target ends it
     assert run.data.tags["ended_by"] == "target" and run.data.tags["ended_by_reason"].startswith(f"reached at {result['images_seen']:,} images seen: ")
     assert "training ended by target" in run.data.tags["mlflow.note.content"]
     # the reported figure comes from samples independent of the probe's, so it can sit a little above the target
@@ -291,8 +293,8 @@ def test_forgetting_a_digit_by_an_independent_classifier(tmp_path, storage, trac
     result = _unlearn(base, target={"kind": "class", "forget": ["3"]}, lam=5.0, mode="finetune", max_images=60_000, probe_every_images=60_000,
                       lr=1e-3, batch_size=128)
     m = result["metrics"]
-    # The issue asks for an 80% fall; measured 66% (0.131 -> 0.044) with this base (FD 51), the
-    # same at λ = 10: the rest are samples the independent classifier calls a 3 and the proxy does not.
+    # The issue asks for an 80% fall; with one proxy measured 66% (0.131 -> 0.044) with this base (FD 51),
+    # the same at λ = 10: the rest are samples the independent classifier calls a 3 and the proxy does not.
     assert m["forget_mass"] <= 0.4 * m["forget_mass_before"], m
     kept = [v for k, v in m.items() if k.startswith("retention/")]
     assert len(kept) == 9 and all(0.6 <= v <= 1.5 for v in kept), m
