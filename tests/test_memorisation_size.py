@@ -105,7 +105,7 @@ def test_bad_study_data_is_refused_before_any_ray_work(overrides, message, stora
 
 def _study(tmp_path, tree: dict) -> dict[str, float]:
     """One size of the study in this process (the job's training config, sampler and dimension
-    study; no Ray): memorised fraction of ``study.n`` samples and the ``dim/*`` metrics."""
+    study; no Ray): memorised fraction of ``study.n`` samples and the ``learned_dim/*`` metrics."""
     from genmem.checkpoint import load_checkpoint
     from genmem.data import load_dataset
     from genmem.generative import build_process, generate
@@ -133,11 +133,12 @@ def test_a_trained_model_learns_the_manifolds_dimension_from_many_points_and_los
     """d = 3 in D = 16, variances 1, 0.3, 0.1; the same model and budget at 2000 and 8 points."""
     large = _study(tmp_path, {**MANIFOLD, "data": {**MANIFOLD["data"], "train_size": 2000}})
     small = _study(tmp_path, {**MANIFOLD, "data": {**MANIFOLD["data"], "train_size": 8}})
-    assert large["dim/train_q10"] >= 2 and large["dim/train_q90"] <= 4 and large["dim/train_q50"] == 3, large  # measured: 3 at every point
-    assert large["dim/heldout_q50"] == 3 and large["memorised"] < 0.05, large  # measured 0.012
-    assert small["dim/train_q50"] < 3 and small["memorised"] > 0.3, small  # measured 0 and 0.50
-    assert all(large[f"dim/train_kept_{i}"] == 1.0 for i in range(3)), large
-    assert sum(small[f"dim/train_kept_{i}"] for i in range(3)) < 1.5, small  # most tangent directions lost at training points
+    assert large["learned_dim/train_q10"] >= 2 and large["learned_dim/train_q90"] <= 4, large
+    assert large["learned_dim/train_q50"] == 3, large  # measured: 3 at every point
+    assert large["learned_dim/heldout_q50"] == 3 and large["memorised"] < 0.05, large  # measured 0.012
+    assert small["learned_dim/train_q50"] < 3 and small["memorised"] > 0.3, small  # measured 0 and 0.50
+    assert all(large[f"learned_dim/train_kept_{i}"] == 1.0 for i in range(3)), large
+    assert sum(small[f"learned_dim/train_kept_{i}"] for i in range(3)) < 1.5, small  # most tangent directions lost at training points
 
 
 @pytest.mark.slow
@@ -149,7 +150,7 @@ def test_on_digits_memorisation_falls_and_the_learned_dimension_rises_with_the_t
     runs = [_study(tmp_path, {**tree, "data": {"source": "digits", "train_size": n}}) for n in (16, 64, 256)]
     memorised = [r["memorised"] for r in runs]
     assert memorised[0] > memorised[1] > memorised[2] and memorised[0] > 0.5, memorised  # measured 0.69, 0.15, 0.0
-    assert runs[-1]["dim/train_q50"] > runs[0]["dim/train_q50"], [r["dim/train_q50"] for r in runs]  # measured 64 against 0
+    assert runs[-1]["learned_dim/train_q50"] > runs[0]["learned_dim/train_q50"], [r["learned_dim/train_q50"] for r in runs]  # measured 64 against 0
 
 
 def test_a_passes_budget_scales_the_images_with_the_training_set():

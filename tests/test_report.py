@@ -23,7 +23,7 @@ from genmem.jobs.posterior import PosteriorConfig
 from genmem.jobs.posterior import run as posterior_job
 from genmem.jobs.report import ReportConfig, table
 from genmem.jobs.report import run as report_job
-from genmem.report import Point, chart, pareto_front, point, to_csv, to_html
+from genmem.report import SIZE_METHOD, Point, chart, pareto_front, point, size_chart, to_csv, to_html
 
 
 def _p(m: float, q: float, key: str = "fd_pixels", **kw) -> Point:
@@ -84,6 +84,19 @@ def test_csv_and_html_hold_every_point_and_the_chart():
     assert html.count("<tr") == 1 + len(pts) and "τ=1" in html
     header = re.findall(r"<th>([^<]+)</th>", html)
     assert header[:3] == ["method", "setting", "memorised_fraction"] and header[-1] == "run_id"  # the result first, the id last
+
+
+def test_size_study_runs_of_two_or_more_sizes_get_their_own_chart_on_the_page():
+    one_size = [_p(0.4, 2.0, method=SIZE_METHOD, setting="n=32"), _p(0.1, 3.0, method="retrain", setting="n=64")]
+    assert size_chart(one_size) is None  # a retraining setting named like a size is not a size study
+    sizes = [_p(m, q, method=SIZE_METHOD, setting=f"n={n}", experiment=e, run_id=f"{e}{n}")
+             for e in ("genmem/manifold", "genmem/digits") for n, m, q in ((32, 0.6, 4.0), (256, 0.2, 2.0), (2048, 0.01, 1.0))]
+    picture = size_chart(sizes + one_size)
+    assert picture is not None and picture.shape[1] >= 1000  # legible at the UI's size
+    html = to_html(sizes, chart(sizes), sizes=picture)
+    srcs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(srcs) == 2 and np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(srcs[1])))), picture)
+    assert len(re.findall(r'src="data:', to_html(sizes, chart(sizes)))) == 1
 
 
 def test_the_headline_names_the_front_and_a_base_once():

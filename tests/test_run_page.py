@@ -53,8 +53,8 @@ def test_training_and_generations_name_their_budget_and_collapse():
 
 
 def test_a_size_and_a_sweep_read_their_result_in_one_line():
-    metrics = {"eval/memorised_fraction": 0.15, "eval/heldout_memorised_fraction": 0.003, "fd": 0.5234, "dim/train_q50": 3.0,
-               "dim/heldout_q50": 2.0, "dim/true": 3.0}
+    metrics = {"eval/memorised_fraction": 0.15, "eval/heldout_memorised_fraction": 0.003, "fd": 0.5234, "learned_dim/train_q50": 3.0,
+               "learned_dim/heldout_q50": 2.0, "learned_dim/true": 3.0}
     assert headlines.size_study(64, metrics) == ("64 training points: memorised 15.0% (held-out control 0.3%), FD 0.523; "
                                                  "learned dimension 3 (held-out points 2, true 3)")
     assert headlines.size_study(1024, {"fd": 2.0}) == "1,024 training points: FD 2"

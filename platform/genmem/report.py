@@ -206,14 +206,51 @@ def chart(points: list[Point], axis: str = "fraction") -> np.ndarray:
     return figure_to_array(fig)
 
 
-def to_html(points: list[Point], picture: np.ndarray, *, title: str = "genmem memorisation report", axis: str = "fraction") -> str:
-    """A static page, the chart embedded as a PNG data URI and the table below it: one file that
-    MLflow's artifact viewer (or any browser) opens."""
-    from PIL import Image
+SIZE_METHOD = "size study"  # the memorisation job's points; their setting is "n=<training-set size>"
 
-    buf = io.BytesIO()
-    Image.fromarray(picture).save(buf, format="PNG")
-    src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+def size_chart(points: list[Point], axis: str = "fraction") -> np.ndarray | None:
+    """The size study's summary across its runs, however they were run (one by one or swept):
+    memorisation on ``axis`` and quality against training-set size (log x), one line per
+    experiment and quality measure through the mean of each size's runs; ``None`` with fewer
+    than two sizes to draw."""
+    sized = [(float(p.setting.removeprefix("n=")), p) for p in points if p.method == SIZE_METHOD and p.setting.startswith("n=")]
+    if len({n for n, _ in sized}) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from genmem.viz import figure_to_array, log_where_decades
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=100)
+    lines: dict[tuple[str, str], list[tuple[float, Point]]] = {}
+    for n, p in sorted(sized, key=lambda item: item[0]):
+        lines.setdefault((p.experiment or "runs", p.quality_key), []).append((n, p))
+    for i, ((experiment, key), line) in enumerate(sorted(lines.items())):
+        ns = sorted({n for n, _ in line})  # every run as a point, the mean of a size's runs (seeds) as the line
+        for ax, value in ((left, lambda p: p.copying(axis)), (right, lambda p: p.quality)):
+            ax.scatter([n for n, _ in line], [value(p) for _, p in line], s=18, color=f"C{i}", alpha=0.6)
+            ax.plot(ns, [float(np.mean([value(p) for m, p in line if m == n])) for n in ns], "-", color=f"C{i}",
+                    label=f"{experiment} ({key})")
+    for ax, ylabel in ((left, AXES[axis].label), (right, "quality (lower is better)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training-set size")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=10, frameon=False)
+    log_where_decades(right, ys=[p.quality for _, p in sized])
+    fig.suptitle(f"Size study: {AXES[axis].label.split(' (')[0]} and quality against training-set size, "
+                 f"{len(sized)} runs")
+    return figure_to_array(fig)
+
+
+def to_html(points: list[Point], picture: np.ndarray, *, title: str = "genmem memorisation report", axis: str = "fraction",
+            sizes: np.ndarray | None = None) -> str:
+    """A static page, the chart embedded as a PNG data URI and the table below it: one file that
+    MLflow's artifact viewer (or any browser) opens; ``sizes``: :func:`size_chart`'s picture,
+    under the chart."""
     body = rows(points, axis)
     head = "".join(f"<th>{html_lib.escape(c)}</th>" for c in _HTML_COLUMNS)
     lines = []
@@ -231,5 +268,14 @@ def to_html(points: list[Point], picture: np.ndarray, *, title: str = "genmem me
             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}tr.front{background:#eef6ee}img{max-width:100%}"
             f"</style></head><body><h1>{html_lib.escape(title)}</h1><p>{len(body)} point{'s' * (len(body) != 1)} from "
             f"{runs} run{'s' * (runs != 1)}; rows on the Pareto front are shaded.</p>"
-            f"<img alt=\"{html_lib.escape(AXES[axis].label)} against quality\" src=\"{src}\">"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table></body></html>\n")
+            f"<img alt=\"{html_lib.escape(AXES[axis].label)} against quality\" src=\"{_data_uri(picture)}\">"
+            + (f"<img alt=\"the size study against training-set size\" src=\"{_data_uri(sizes)}\">" if sizes is not None else "")
+            + f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table></body></html>\n")
+
+
+def _data_uri(picture: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -45,7 +45,7 @@ from genmem.jobs.base import COMMANDS, Context, Job, numeric
 from genmem.metrics.dimension import DimensionReport, learned_dimension, tangent_kept
 from genmem.metrics.flipd import convolution_score
 from genmem.metrics.memorisation import effective_memorisation
-from genmem.report import Point
+from genmem.report import SIZE_METHOD, Point
 from genmem.runs import headlines
 from genmem.runs.curves import grouped
 from genmem.runs.evaluations import log_evaluation
@@ -141,9 +141,9 @@ def _points(ds: ArrayDataset, k: int, seed: int) -> torch.Tensor:
 
 def dimension_study(cfg: MemorisationConfig, checkpoint: str, train: ArrayDataset, heldout: ArrayDataset
                     ) -> tuple[dict[str, float], dict[str, DimensionReport]]:
-    """The learned dimension at training and held-out points (``dim/<where>_q50`` ...), and with
+    """The learned dimension at training and held-out points (``learned_dim/<where>_q50`` ...), and with
     ``per_direction`` the fraction of points keeping each true tangent direction
-    (``dim/<where>_kept_<i>``, i in decreasing order of variance)."""
+    (``learned_dim/<where>_kept_<i>``, i in decreasing order of variance)."""
     loaded = load_checkpoint(checkpoint)
     dc = cfg.study.dimension
     score = convolution_score(loaded.model.eval(), build_process(loaded.config.process), dc.noise)
@@ -153,20 +153,20 @@ def dimension_study(cfg: MemorisationConfig, checkpoint: str, train: ArrayDatase
                for i, (where, ds) in enumerate((("train", train), ("heldout", heldout)))}
     metrics: dict[str, float] = {}
     for where, rep in reports.items():
-        metrics.update({f"dim/{k}": v for k, v in rep.summary(where).items()})
+        metrics.update({f"learned_dim/{k}": v for k, v in rep.summary(where).items()})
     if dc.per_direction:
         extra = train.manifest.extra
         order = np.argsort(extra["variances"])[::-1]  # largest variance first
         tangent = torch.tensor(extra["F"], dtype=torch.float64)[:, order.copy()]
-        metrics["dim/true"] = float(len(order))
+        metrics["learned_dim/true"] = float(len(order))
         for where, rep in reports.items():
             kept = tangent_kept(rep.jacobians, tangent, dc.noise).double().mean(0)
-            metrics.update({f"dim/{where}_kept_{i}": float(v) for i, v in enumerate(kept)})
+            metrics.update({f"learned_dim/{where}_kept_{i}": float(v) for i, v in enumerate(kept)})
     return metrics, reports
 
 
 # the run list's: one size per row
-COLUMNS = ("params.train_points", "eval/memorised_fraction", "eval/heldout_memorised_fraction", "memorisation/fd", "dim/train_q50",
+COLUMNS = ("params.train_points", "eval/memorised_fraction", "eval/heldout_memorised_fraction", "memorisation/fd", "learned_dim/train_q50",
            "eval/lid_mle")
 
 
@@ -191,7 +191,7 @@ def run(cfg: MemorisationConfig, ctx: Context) -> dict[str, Any]:
         dims, reports = dimension_study(cfg, trained["checkpoint"], train, heldout)
         tracker.metrics(dims)
         tracker.image("score_spectrum", spectrum_plot({where: rep.scaled_spectrum for where, rep in reports.items()}, cfg.study.dimension.noise))
-        metrics = {k.removeprefix("eval/"): v for k, v in result.metrics.items()} | {k.removeprefix("dim/"): v for k, v in dims.items()}
+        metrics = {k.removeprefix("eval/"): v for k, v in result.metrics.items()} | {k.removeprefix("learned_dim/"): v for k, v in dims.items()}
         metrics["fd"] = result.metrics[primary_fd(result.metrics) + "_heldout"]
         metrics.update(train_size=float(size), images=float(train_cfg.images), emm_threshold=cfg.study.threshold)
         tracker.metrics({"memorisation/fd": metrics["fd"], "memorisation/train_size": float(size)})
@@ -272,7 +272,7 @@ def report_points(run: RunView) -> list[Point]:
     """The study's samples at its training-set size (its inner training run holds no point)."""
     if "memorisation/train_size" not in run.metrics:
         return []
-    p = run.point(run.metrics, "eval/", method="size study", setting=f"n={run.metrics['memorisation/train_size']:g}",
+    p = run.point(run.metrics, "eval/", method=SIZE_METHOD, setting=f"n={run.metrics['memorisation/train_size']:g}",
                   model=run.run_name)
     return [p] if p else []
 

@@ -5,7 +5,8 @@ training-set sizes, evaluated checkpoints), with its table, as one MLflow run.
 Each job reads its own runs into points through its registry entry (``report_points``); this
 job only gathers runs, asks the registry, and writes the chart (``report.png``), the table
 (``report.csv``) and a static page holding both (``report.html``) to a run in
-``genmem/report``, and prints the table.
+``genmem/report``, and prints the table. With size-study runs of two or more sizes among them,
+``memorisation_vs_size.png`` (also on the page) draws them against training-set size.
 
 Usage::
 
@@ -25,7 +26,7 @@ from genmem.config import Strict, tracked
 from genmem.errors import TrackingError
 from genmem.jobs import registry
 from genmem.jobs.base import COMMANDS, Context, Job
-from genmem.report import AXES, Point, chart, format_table, measured, pareto_front, rows, to_csv, to_html
+from genmem.report import AXES, Point, chart, format_table, measured, pareto_front, rows, size_chart, to_csv, to_html
 from genmem.tracking import finished_runs, job_run, tracking_uri
 
 
@@ -64,14 +65,16 @@ def run(cfg: ReportConfig, ctx: Context) -> dict[str, Any]:
     if not points:
         raise TrackingError(f"none of the runs among {_sources(cfg)} measured {AXES[axis].label}: runs from before the copy "
                             "tests carry the memorised fraction alone; use --memorisation fraction or evaluate them again")
-    picture = chart(points, axis)
+    picture, sizes = chart(points, axis), size_chart(points, axis)
     front = pareto_front(points, axis)
     with job_run("report", f"{cfg.name}-{_label(cfg)}", params={**tracked(cfg), "sources": _sources(cfg)},
                  tags={"report_runs": ",".join(sorted({p.run_id for p in points}))[:5000], **ctx.tags},
                  parent_run_id=ctx.parent_run_id, columns=("report/points", "report/runs", "report/pareto")) as tracker:
         tracker.image("report", picture)
+        if sizes is not None:  # the size study's runs, against training-set size
+            tracker.image("memorisation_vs_size", sizes)
         tracker.text(to_csv(points, axis), "report.csv")
-        tracker.text(to_html(points, picture, axis=axis), "report.html")
+        tracker.text(to_html(points, picture, axis=axis, sizes=sizes), "report.html")
         tracker.metrics({"report/points": len(points), "report/runs": len({p.run_id for p in points}), "report/pareto": sum(front)})
         tracker.describe(_headline(points, front, axis))
     return {"mlflow_run_id": tracker.run_id, "sources": _sources(cfg), "runs_read": n_runs, "memorisation": axis,

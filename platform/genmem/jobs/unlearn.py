@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from genmem.config import ModelConfig, ScalingConfig, Strict, TrainConfig
+from genmem.config import ENDED_TAG, ModelConfig, ScalingConfig, Strict, TrainConfig
 from genmem.generative import generate
 from genmem.data import TOYS, ArrayDataset, toy_regions
 from genmem.errors import ConfigError, DataError
@@ -286,7 +286,7 @@ class _Measure:
             out["mmd_to_base"] = mmd_rbf(after[:2000], before[:2000], bandwidth=1.0)
         if self.extractor is not None:
             out["fd_to_base"] = frechet_distance(gaussian_stats(self.extractor(after.clamp(-3, 3))), gaussian_stats(self.extractor(before.clamp(-3, 3))))
-        lb = self.labels(before)
+        lb = self.judge.before_labels  # the judge labelled these same samples
         if self.forget and lb is not None:
             out.update(forgetting(lb, self.labels(after), self.forget, self.judge.n_labels))
         return out
@@ -320,7 +320,7 @@ def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
         judge = Judge(cfg, base.train, forget, targets, _extractor(base.train), before)
         trained = change.train(_train_config(change, cfg, base), objective_factory=WeightsFactory(w, float(x1.double().sum()), source),
                                probe_factory=GoalFactory(judge, cfg.probe_n, seed(Stream.PROBE)))
-        change.tracker.tags({"ended_by": trained["ended_by"], "ended_by_reason": trained["ended_by_reason"]})
+        change.tracker.tags({ENDED_TAG: trained["ended_by"], f"{ENDED_TAG}_reason": trained["ended_by_reason"]})
         change.tracker.metrics({"unlearn/images_spent": float(trained["images_seen"])})
         after = change.samples(trained["checkpoint"], cfg.eval_n, "after", seed(Stream.EVAL))
         metrics = change.measure(_Measure(cfg, base, forget, targets, judge), before, after, trained["checkpoint"],

@@ -115,7 +115,7 @@ def sweep(job: str, keys: list[str], finished: int, failed: int, stopped: int, m
 def size_study(size: int, metrics: Mapping[str, float]) -> str:
     """``64 training points: memorised 15.0% (held-out control 0.3%), FD 0.52; learned dimension 3
     (held-out points 3, true 3)``: one size of a size study, from its evaluation (``eval/*``),
-    held-out FD (``fd``) and learned dimension (``dim/*``)."""
+    held-out FD (``fd``) and learned dimension (``learned_dim/*``)."""
     parts = []
     if "eval/memorised_fraction" in metrics:
         text = f"memorised {_pct(metrics['eval/memorised_fraction'])}"
@@ -125,8 +125,8 @@ def size_study(size: int, metrics: Mapping[str, float]) -> str:
     if "fd" in metrics:
         parts.append(f"FD {_num(metrics['fd'])}")
     text = f"{size:,} training points: " + ", ".join(parts)
-    if "dim/train_q50" in metrics:
-        where = [f"held-out points {_num(metrics['dim/heldout_q50'])}"] if "dim/heldout_q50" in metrics else []
-        where += [f"true {_num(metrics['dim/true'])}"] if "dim/true" in metrics else []
-        text += f"; learned dimension {_num(metrics['dim/train_q50'])}" + (f" ({', '.join(where)})" if where else "")
+    if "learned_dim/train_q50" in metrics:
+        where = [f"held-out points {_num(metrics['learned_dim/heldout_q50'])}"] if "learned_dim/heldout_q50" in metrics else []
+        where += [f"true {_num(metrics['learned_dim/true'])}"] if "learned_dim/true" in metrics else []
+        text += f"; learned dimension {_num(metrics['learned_dim/train_q50'])}" + (f" ({', '.join(where)})" if where else "")
     return text
