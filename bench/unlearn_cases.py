@@ -83,7 +83,7 @@ def floor(cfg, base_samples: str, judge_labels) -> dict[str, float]:
     x1 = read_shards(base_samples).x
     proxy = fit_proxies(train.x, ~torch.isin(train.labels, forget), seed=derive_seed(cfg.seed, Stream.PROXY), members=cfg.proxy_members,
                         steps=cfg.proxy_steps)
-    logits = proxy.logits(x1)
+    logits = proxy.logits(x1) - cfg.proxy_margin
     w = weights(logits, cfg.lam).double()
     gt = torch.isin(judge_labels(x1), forget).double()
     proxy_agrees = ((logits > 0).double() == 1 - gt).double().mean().item()

@@ -91,6 +91,8 @@ class UnlearnConfig(Strict):
     model: ModelConfig | None = None  # flow mode's network; default the base's architecture
     proxy_steps: int = Field(500, gt=0)  # per member
     proxy_members: int = Field(5, ge=1)  # retain classifiers of different seeds: a sample is kept only where all are sure
+    # regions and classes: the retain logit a sample must clear to count as kept (0: P(retain) 1/2, 2: 0.88)
+    proxy_margin: float = Field(2.0, ge=0)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
 
     @model_validator(mode="after")
@@ -159,7 +161,7 @@ def _proxy_logits(cfg: UnlearnConfig, train: ArrayDataset, base_x: torch.Tensor,
         return copy_logits(report, targets), targets
     retain = ~torch.isin(train.labels, torch.tensor(forget))
     proxy = fit_proxies(train.x, retain, seed=derive_seed(cfg.seed, Stream.PROXY), members=cfg.proxy_members, steps=cfg.proxy_steps)
-    return proxy.logits(base_x), None
+    return proxy.logits(base_x) - cfg.proxy_margin, None
 
 
 def _train_config(change: BeforeAfter, cfg: UnlearnConfig, base: Base) -> TrainConfig:
