@@ -20,6 +20,10 @@ from genmem.services import free_port  # noqa: F401 (tests import it from here)
 # Ray Train's controller polls its workers every 2 s by default, so every short training run here
 # waited up to 2 s to start and 2 s to end; 0.2 s before any cluster starts (subprocesses inherit it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Each Ray Train fit starts a preemption watcher actor (a process importing ray.train: 1.8-2.3 CPU-s
+# measured per fit here) to drain workers from nodes a cloud reclaims. One machine's clusters are
+# never reclaimed, and no test is about it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # As genmem.tracking does: test modules import MLflow before genmem (see the reason there).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -145,11 +145,11 @@ def test_a_trained_model_learns_the_manifolds_dimension_from_many_points_and_los
 def test_on_digits_memorisation_falls_and_the_learned_dimension_rises_with_the_training_set(tmp_path, storage):
     """One model and a fixed budget of images at 16, 64 and 256 digits (fixed seeds)."""
     tree = {"data": {"source": "digits"}, "model": {"hidden": 256, "depth": 3}, "sampler": {"method": "euler", "steps": 32},
-            "optim": {"lr": 0.002, "warmup_images": 1000}, "batch_size": 64, "images": 96_000, "ema_halflife_images": 1000,
-            "log_every_images": 96_000, "study": {"n": 500, "dimension": {"noise": 0.01, "points": 16}}}
+            "optim": {"lr": 0.002, "warmup_images": 1000}, "batch_size": 64, "images": 80_000, "ema_halflife_images": 1000,
+            "log_every_images": 80_000, "study": {"n": 500, "dimension": {"noise": 0.01, "points": 16}}}
     runs = [_study(tmp_path, {**tree, "data": {"source": "digits", "train_size": n}}) for n in (16, 64, 256)]
     memorised = [r["memorised"] for r in runs]
-    assert memorised[0] > memorised[1] > memorised[2] and memorised[0] > 0.5, memorised  # measured 0.69, 0.15, 0.0
+    assert memorised[0] > memorised[1] > memorised[2] and memorised[0] > 0.5, memorised  # measured 0.66, 0.11, 0.0
     assert runs[-1]["learned_dim/train_q50"] > runs[0]["learned_dim/train_q50"], [r["learned_dim/train_q50"] for r in runs]  # measured 64 against 0
 
 

@@ -34,11 +34,20 @@ def _cfg(run_name: str, images: int) -> TrainConfig:
     ))
 
 
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A tracking stack of this module's own (its server is killed, its database restarted): one
+    for both tests, as its start (initdb, the server's migrations) takes about 14 s."""
+    stack = start_stack(tmp_path_factory.mktemp("outage") / "tracking")
+    yield stack
+    services.down(stack.root)
+
+
 @pytest.fixture
-def server(tmp_path, monkeypatch):
-    """A tracking stack of this test's own: {uri, kill, start} of its MLflow server (killed
-    without warning, started again on the same port) and ``restart_database``."""
-    stack = start_stack(tmp_path / "tracking")
+def server(stack, monkeypatch):
+    """{uri, kill, start} of the module's MLflow server (killed without warning, started again on
+    the same port), up when the test starts, and ``restart_database``."""
+    services.start_mlflow(stack)  # a no-op where it answers; the test before may have left it killed
 
     def kill():
         os.killpg(stack.mlflow_pid, signal.SIGKILL)
@@ -51,8 +60,7 @@ def server(tmp_path, monkeypatch):
         services.start_postgres(stack)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.uri)
-    yield {"uri": stack.uri, "kill": kill, "start": lambda: services.start_mlflow(stack), "restart_database": restart_database}
-    services.down(stack.root)
+    return {"uri": stack.uri, "kill": kill, "start": lambda: services.start_mlflow(stack), "restart_database": restart_database}
 
 
 def _steps(client: MlflowClient, run_id: str) -> list[int]:

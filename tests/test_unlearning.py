@@ -227,7 +227,7 @@ def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tm
     space.write_text("space:\n  lam: {grid: [0.0, 5.0]}\nmetric: forget_mass\nmode: min\n")
     config = {**JOB, "base": base, "target": {"kind": "region", "forget": ["mode1", "mode3", "mode5"]}, "mode": "finetune",
               "max_images": 60_000, "probe_every_images": 60_000, "lr": 1e-3,  # a fixed budget: one probe, at the end
-              "scaling": {"num_workers": 1, "cpus_per_worker": 0.9}}  # both trials at once (each driver holds 0.1)
+              "scaling": {"num_workers": 0, "cpus_per_worker": 0.9}}  # each trial trains in its own process; both at once
     result = sweep(SweepConfig(space=str(space), job="unlearn", base=config), Context())
     assert result["trials"] == 2 and not result["failed"], result
     final = {r["params"]["lam"]: r["final"] for r in result["results"]}
@@ -284,12 +284,12 @@ def test_the_papers_second_flow_trains_until_the_upper_moon_is_forgotten(tmp_pat
 @pytest.mark.slow
 def test_forgetting_a_digit_by_an_independent_classifier(tmp_path, storage, tracking, ray_local):
     torch.set_num_threads(2)
-    base = _base(tmp_path, {**QUICKSTART, "data": {"source": "digits"}, "batch_size": 128, "images": 200_000, "ema_halflife_images": 20_000})
+    base = _base(tmp_path, {**QUICKSTART, "data": {"source": "digits"}, "batch_size": 128, "images": 100_000, "ema_halflife_images": 10_000})
     result = _unlearn(base, target={"kind": "class", "forget": ["3"]}, lam=5.0, mode="finetune", max_images=60_000, probe_every_images=60_000,
                       lr=1e-3, batch_size=128)
     m = result["metrics"]
-    # The issue asks for an 80% fall; with one proxy measured 66% (0.131 -> 0.044) with this base (FD 51),
-    # the same at λ = 10: the rest are samples the independent classifier calls a 3 and the proxy does not.
+    # The issue asks for an 80% fall; measured 75% (0.124 -> 0.031) with this base (FD 52; 100,000 images), five proxies
+    # and margin 2; one proxy without the margin fell 66%: the rest are samples the independent classifier calls a 3.
     assert m["forget_mass"] <= 0.4 * m["forget_mass_before"], m
     kept = [v for k, v in m.items() if k.startswith("retention/")]
     assert len(kept) == 9 and all(0.6 <= v <= 1.5 for v in kept), m
