@@ -338,6 +338,29 @@ def toy_checkpoint(mlflow_server):
 
 
 @pytest.fixture(scope="session")
+def trained_base(tmp_path_factory):
+    """``trained_base(tree) -> checkpoint path``: a base trained in this process (seed 0), once
+    a session per training config, so tests that differ in their job and not their base share it
+    (the 100,000-image digits MLP of the fine-tuning and unlearning tests)."""
+    from genmem.config import TrainConfig
+    from genmem.data import load_dataset
+    from genmem.training import LocalReporter, train_loop
+
+    bases: dict[str, str] = {}
+
+    def train(tree: dict) -> str:
+        cfg = TrainConfig.model_validate({**tree, "log_every_images": tree["images"], "seed": 0})
+        key = cfg.model_dump_json()
+        if key not in bases:
+            data, _ = load_dataset(cfg.data)
+            out = tmp_path_factory.mktemp("base")
+            bases[key] = str(train_loop(cfg, data, LocalReporter(out, cfg.images, quiet=True)).checkpoint)
+        return bases[key]
+
+    return train
+
+
+@pytest.fixture(scope="session")
 def loop_sweep(tmp_path_factory, mlflow_server):
     """λ ∈ {0.25, fully synthetic} on moons with 200 real points, 3 retrained generations each,
     as one Tune sweep on the session's 2-CPU cluster (the two trials run side by side); shared by

@@ -237,7 +237,7 @@ def test_large_alpha_keeps_the_base_and_smaller_alpha_moves_further_toward_the_r
 
 
 @pytest.mark.slow
-def test_a_class_reward_on_digits_trades_diversity_for_reward_as_alpha_falls(tmp_path):
+def test_a_class_reward_on_digits_trades_diversity_for_reward_as_alpha_falls(tmp_path, trained_base):
     """Digits, r = log p(3 | x) under the dataset's classifier, fixed seeds: the mean reward rises
     and the samples' diversity falls as α falls (α = 1 is the class-conditional p(x | 3))."""
     from genmem.checkpoint import load_checkpoint
@@ -255,7 +255,7 @@ def test_a_class_reward_on_digits_trades_diversity_for_reward_as_alpha_falls(tmp
             "log_every_images": 100_000, "seed": 0}
     cfg = TrainConfig.model_validate(tree)
     train, _ = load_dataset(cfg.data)
-    base_path = train_loop(cfg, train, LocalReporter(tmp_path / "base", cfg.images, quiet=True)).checkpoint
+    base_path = trained_base(tree)  # the unlearning tests' digits base too
     clf = ClassifierFeatures.fit(train.x, train.labels, seed=0)
     reward = ClassLogProb(nn.Sequential(clf.net.body, clf.net.head), 3)
     # 3,200 images a fine-tune, measured: reward -4.23 < -0.88 < -0.28 and diversity 5.19 > 4.73 > 4.39 at α = 4, 1, 1/4
@@ -399,9 +399,9 @@ def test_the_job_tilts_six_gaussians_toward_the_exact_kl_target(tmp_path, storag
 
     torch.set_num_threads(2)
     base = _toy_base(tmp_path)
-    result = _finetune_job(base, alpha=1.0, images=22_000, eval_every_images=11_000, probe_n=400)
+    result = _finetune_job(base, alpha=1.0, images=16_000, eval_every_images=8_000, probe_n=400)
     m = result["metrics"]
-    assert m["reward"] > m["reward_before"] + 0.5, m  # the exact tilt moves the mean reward by Var(r)/α ≈ 2.3
+    assert m["reward"] > m["reward_before"] + 0.5, m  # the exact tilt moves the mean reward by Var(r)/α ≈ 2.3 (measured 2.34)
     assert m["mmd_target"] < 0.5 * m["mmd_target_before"], m  # closer to p* than the base is
     assert 0.1 < m["path_kl"] < 5, m
     client = MlflowClient()

@@ -282,9 +282,9 @@ def test_the_papers_second_flow_trains_until_the_upper_moon_is_forgotten(tmp_pat
 
 
 @pytest.mark.slow
-def test_forgetting_a_digit_by_an_independent_classifier(tmp_path, storage, tracking, ray_local):
+def test_forgetting_a_digit_by_an_independent_classifier(tmp_path, storage, tracking, ray_local, trained_base):
     torch.set_num_threads(2)
-    base = _base(tmp_path, {**QUICKSTART, "data": {"source": "digits"}, "batch_size": 128, "images": 100_000, "ema_halflife_images": 10_000})
+    base = trained_base({**QUICKSTART, "data": {"source": "digits"}, "batch_size": 128, "images": 100_000, "ema_halflife_images": 10_000})
     result = _unlearn(base, target={"kind": "class", "forget": ["3"]}, lam=5.0, mode="finetune", max_images=60_000, probe_every_images=60_000,
                       lr=1e-3, batch_size=128)
     m = result["metrics"]
