@@ -74,18 +74,15 @@ def floor(cfg, base_samples: str, judge_labels) -> dict[str, float]:
 
     from genmem.data import read_shards
     from genmem.evaluation import training_data
-    from genmem.generative import derive_seed
-    from genmem.methods.unlearning import fit_proxies, weights
-    from genmem.seeds import Unlearn as Stream
+    from genmem.jobs.unlearn import _proxy_logits
+    from genmem.methods.unlearning import weights
 
     _, train, _ = training_data(cfg.base)
-    forget = torch.tensor([train.label_of(f) for f in cfg.target.forget])
+    forget = [train.label_of(f) for f in cfg.target.forget]
     x1 = read_shards(base_samples).x
-    proxy = fit_proxies(train.x, ~torch.isin(train.labels, forget), seed=derive_seed(cfg.seed, Stream.PROXY), members=cfg.proxy_members,
-                        steps=cfg.proxy_steps)
-    logits = proxy.logits(x1) - cfg.proxy_margin
+    logits, _ = _proxy_logits(cfg, train, x1, forget)  # the job's own proxy, margin included
     w = weights(logits, cfg.lam).double()
-    gt = torch.isin(judge_labels(x1), forget).double()
+    gt = torch.isin(judge_labels(x1), torch.tensor(forget)).double()
     proxy_agrees = ((logits > 0).double() == 1 - gt).double().mean().item()
     return {"floor": ((w * gt).sum() / w.sum() / gt.mean().clamp(min=1e-12)).item(), "proxy_agreement": proxy_agrees}
 
