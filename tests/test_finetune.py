@@ -375,16 +375,6 @@ JOB = {"reward": {"kind": "linear", "a": [1.0, 0.0]}, "steps": 32, "loss_steps":
        "scaling": {"num_workers": 1, "cpus_per_worker": 2}}
 
 
-def _toy_base(tmp_path) -> str:
-    from genmem.config import TrainConfig
-    from genmem.data import load_dataset
-    from genmem.training import LocalReporter, train_loop
-
-    cfg = TrainConfig.model_validate({**TOY_BASE, "log_every_images": TOY_BASE["images"], "seed": 0})
-    train, _ = load_dataset(cfg.data)
-    return str(train_loop(cfg, train, LocalReporter(tmp_path / "base", cfg.images, quiet=True)).checkpoint)
-
-
 def _finetune_job(base: str, **cfg) -> dict:
     from genmem.jobs.base import Context
     from genmem.jobs.finetune import FinetuneConfig
@@ -394,11 +384,11 @@ def _finetune_job(base: str, **cfg) -> dict:
 
 
 @pytest.mark.slow
-def test_the_job_tilts_six_gaussians_toward_the_exact_kl_target(tmp_path, storage, tracking, ray_local):
+def test_the_job_tilts_six_gaussians_toward_the_exact_kl_target(storage, tracking, ray_local, trained_base):
     from mlflow import MlflowClient
 
     torch.set_num_threads(2)
-    base = _toy_base(tmp_path)
+    base = trained_base(TOY_BASE)
     result = _finetune_job(base, alpha=1.0, images=16_000, eval_every_images=8_000, probe_n=400)
     m = result["metrics"]
     assert m["reward"] > m["reward_before"] + 0.5, m  # the exact tilt moves the mean reward by Var(r)/α ≈ 2.3 (measured 2.34)
@@ -418,14 +408,14 @@ def test_the_job_tilts_six_gaussians_toward_the_exact_kl_target(tmp_path, storag
 
 
 @pytest.mark.before_ray
-def test_the_job_refuses_bad_input_before_any_ray_work(tmp_path, storage, tracking):
+def test_the_job_refuses_bad_input_before_any_ray_work(tmp_path, storage, tracking, trained_base):
     import ray
 
     from genmem.errors import CheckpointError, ConfigError
     from genmem.jobs.finetune import FinetuneConfig
 
     ray.shutdown()
-    base = _toy_base_small(tmp_path)
+    base = trained_base({**TOY_BASE, "images": 2560})
     with pytest.raises(ValueError, match="alpha"):
         FinetuneConfig.model_validate({**JOB, "base": base, "alpha": 0})
     with pytest.raises(ValueError, match="unknown divergence 'tv': choose one of kl, chi2"):
@@ -443,16 +433,6 @@ def test_the_job_refuses_bad_input_before_any_ray_work(tmp_path, storage, tracki
     with pytest.raises(CheckpointError):
         _finetune_job(str(tmp_path / "nowhere"))
     assert not ray.is_initialized()
-
-
-def _toy_base_small(tmp_path) -> str:
-    from genmem.config import TrainConfig
-    from genmem.data import load_dataset
-    from genmem.training import LocalReporter, train_loop
-
-    cfg = TrainConfig.model_validate({**TOY_BASE, "images": 2560, "log_every_images": 2560, "seed": 0})
-    train, _ = load_dataset(cfg.data)
-    return str(train_loop(cfg, train, LocalReporter(tmp_path / "small", cfg.images, quiet=True)).checkpoint)
 
 
 def detached_reward(x: torch.Tensor) -> torch.Tensor:

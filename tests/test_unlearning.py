@@ -187,30 +187,21 @@ def test_chained_generation_starts_from_the_source_models_samples():
 
 from mlflow import MlflowClient  # noqa: E402
 
-from genmem.config import TrainConfig  # noqa: E402
-from genmem.data import load_dataset, read_shards  # noqa: E402
+from genmem.data import read_shards  # noqa: E402
 from genmem.errors import CheckpointError, ConfigError  # noqa: E402
 from genmem.jobs.base import Context  # noqa: E402
 from genmem.jobs.unlearn import UnlearnConfig  # noqa: E402
 from genmem.jobs.unlearn import run as unlearn  # noqa: E402
 from genmem.jobs.sweep import SweepConfig  # noqa: E402
 from genmem.jobs.sweep import run as sweep  # noqa: E402
-from genmem.training import LocalReporter, train_loop  # noqa: E402
 
 TOY_BASE = {"model": {"kind": "mlp", "hidden": 128, "depth": 3}, "process": {"kind": "flow"}, "sampler": {"method": "heun", "steps": 16},
             "batch_size": 256, "images": 80_000, "ema_halflife_images": 10_000, "optim": {"lr": 0.002, "warmup_images": 5000}}
 QUICKSTART = {"data": {"source": "digits", "train_size": 32}, "model": {"kind": "mlp", "hidden": 256, "depth": 3},
               "sampler": {"method": "heun", "steps": 16}, "optim": {"lr": 0.002, "warmup_images": 5000}, "batch_size": 32,
               "images": 60_000, "ema_halflife_images": 5000}
-# Unlearning trains in this process (Ray Train's local mode) except in the λ sweep, whose trials run worker groups.
+# Unlearning trains in this process (Ray Train's local mode) except in the moons test, which runs a two-worker group.
 JOB = {"n_base": 2000, "eval_n": 1000, "batch_size": 256, "scaling": {"num_workers": 0, "cpus_per_worker": 2}}
-
-
-def _base(tmp_path, tree: dict) -> str:
-    """A base checkpoint trained in process (the job under test is the unlearning, not training)."""
-    cfg = TrainConfig.model_validate({**tree, "log_every_images": tree["images"], "seed": 0})
-    train, _ = load_dataset(cfg.data)
-    return str(train_loop(cfg, train, LocalReporter(tmp_path / cfg.data.source, cfg.images, quiet=True)).checkpoint)
 
 
 def _unlearn(base: str, **cfg) -> dict:
@@ -218,11 +209,11 @@ def _unlearn(base: str, **cfg) -> dict:
 
 
 @pytest.mark.slow
-def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tmp_path, storage, tracking, ray_local):
+def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tmp_path, storage, tracking, ray_local, trained_base):
     """A real Tune sweep over λ (the shipped space's axis): λ = 0 gives back the base, λ = 5
     forgets three of the six modes, and the parent run holds forgetting and quality against λ."""
     torch.set_num_threads(2)
-    base = _base(tmp_path, {**TOY_BASE, "data": {"source": "6gaussians", "n": 6000}})
+    base = trained_base({**TOY_BASE, "data": {"source": "6gaussians", "n": 6000}})
     space = tmp_path / "lam.yaml"
     space.write_text("space:\n  lam: {grid: [0.0, 5.0]}\nmetric: forget_mass\nmode: min\n")
     config = {**JOB, "base": base, "target": {"kind": "region", "forget": ["mode1", "mode3", "mode5"]}, "mode": "finetune",
@@ -250,11 +241,11 @@ def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tm
 
 
 @pytest.mark.slow
-def test_the_papers_second_flow_trains_until_the_upper_moon_is_forgotten(tmp_path, storage, tracking, ray_local):
+def test_the_papers_second_flow_trains_until_the_upper_moon_is_forgotten(storage, tracking, ray_local, trained_base):
     """The goal stop on a two-worker group (rank 0 probes, both ranks end at the same step): the
     forget ratio by ground truth reaches 0.1 before max_images; λ = 0 never does and says so."""
     torch.set_num_threads(2)
-    base = _base(tmp_path, {**TOY_BASE, "data": {"source": "moons", "n": 6000}})
+    base = trained_base({**TOY_BASE, "data": {"source": "moons", "n": 6000}})
     result = _unlearn(base, target={"kind": "region", "forget": ["upper"]}, lam=5.0, mode="flow", max_images=200_000,
                       probe_every_images=5120, lr=2e-3, scaling={"num_workers": 2, "cpus_per_worker": 1})
     m = result["metrics"]
@@ -282,7 +273,7 @@ def test_the_papers_second_flow_trains_until_the_upper_moon_is_forgotten(tmp_pat
 
 
 @pytest.mark.slow
-def test_forgetting_a_digit_by_an_independent_classifier(tmp_path, storage, tracking, ray_local, trained_base):
+def test_forgetting_a_digit_by_an_independent_classifier(storage, tracking, ray_local, trained_base):
     torch.set_num_threads(2)
     base = trained_base({**QUICKSTART, "data": {"source": "digits"}, "batch_size": 128, "images": 100_000, "ema_halflife_images": 10_000})
     result = _unlearn(base, target={"kind": "class", "forget": ["3"]}, lam=5.0, mode="finetune", max_images=60_000, probe_every_images=60_000,
@@ -296,9 +287,9 @@ def test_forgetting_a_digit_by_an_independent_classifier(tmp_path, storage, trac
 
 
 @pytest.mark.slow
-def test_unlearning_the_copies_halves_them_at_similar_quality(tmp_path, storage, tracking, ray_local):
+def test_unlearning_the_copies_halves_them_at_similar_quality(storage, tracking, ray_local, trained_base):
     torch.set_num_threads(2)
-    base = _base(tmp_path, QUICKSTART)
+    base = trained_base(QUICKSTART)
     result = _unlearn(base, target={"kind": "copies"}, lam=5.0, mode="finetune", max_images=20_000, probe_every_images=20_000, lr=5e-4, batch_size=32,
                       n_base=2000, eval_n=500)
     m = result["metrics"]
@@ -307,11 +298,11 @@ def test_unlearning_the_copies_halves_them_at_similar_quality(tmp_path, storage,
 
 
 @pytest.mark.before_ray
-def test_bad_input_is_refused_before_any_ray_work(tmp_path, storage, tracking):
+def test_bad_input_is_refused_before_any_ray_work(tmp_path, storage, tracking, trained_base):
     import ray
 
     ray.shutdown()
-    base = _base(tmp_path, {**TOY_BASE, "images": 2560, "data": {"source": "circles", "n": 500}})
+    base = trained_base({**TOY_BASE, "images": 2560, "data": {"source": "circles", "n": 500}})
     with pytest.raises(ValueError, match="lam"):
         UnlearnConfig.model_validate({"base": base, "lam": -1})
     with pytest.raises(ConfigError, match="'middle', which is not a region of the base's data: choose among outer, inner"):
@@ -320,7 +311,7 @@ def test_bad_input_is_refused_before_any_ray_work(tmp_path, storage, tracking):
         _unlearn(base, target={"kind": "region", "forget": ["outer", "inner"]})
     with pytest.raises(CheckpointError):
         _unlearn(str(tmp_path / "nowhere"), target={"kind": "region", "forget": ["outer"]})
-    manifold = _base(tmp_path, {**TOY_BASE, "images": 2560, "data": {"source": "manifold", "n": 500}})
+    manifold = trained_base({**TOY_BASE, "images": 2560, "data": {"source": "manifold", "n": 500}})
     with pytest.raises(ConfigError, match="needs a 2-D toy"):
         _unlearn(manifold, target={"kind": "region", "forget": [0]})
     with pytest.raises(ConfigError, match="no labels: use target.kind=copies"):
