@@ -52,7 +52,7 @@ def run_jobs(out: Path) -> dict[str, dict]:
         "unlearn": genmem(out, "unlearn", "--config", "configs/unlearn_toy.yaml", "--base", ck, "--set", "max_images=20000",
                           "--set", "n_base=1000", "--set", "eval_n=1000", *TOY),
         "memorisation": genmem(out, "memorisation", "--config", "configs/size_manifold.yaml", "--train-size", "16",
-                               "--set", "max_images=20000", "--set", "study.n=300", *TOY),
+                               "--set", "images=20000", "--set", "study.n=300", *TOY),
         "report": genmem(out, "report"),
     }
 

@@ -69,10 +69,10 @@ def test_unset_settings_are_not_params(tmp_path):
     from genmem.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker.start("probe", "probe", params={"a": None, "b": {"c": 1, "d": None}, "e": "x"}, uri=uri)
+    tracker = Tracker.start("probe", "probe", params={"a": None, "b": {"c": 1, "d": None}, "e": "x", "f": [], "g": [0]}, uri=uri)
     tracker.describe("memorised 1.0%")
     run = MlflowClient(uri).get_run(tracker.run_id)
-    assert run.data.params == {"b.c": "1", "e": "x"}
+    assert run.data.params == {"b.c": "1", "e": "x", "g": "[0]"}
     assert run.data.tags["mlflow.note.content"] == "memorised 1.0%"
 
 

@@ -324,8 +324,8 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        flat = flatten(params)  # a setting left unset (None) is no param: the run list shows what was set
-        items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in flat.items() if v is not None]
+        flat = flatten(params)  # a setting left unset (None, an empty list) is no param: the run list shows what was set
+        items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in flat.items() if v is not None and v != [] and v != {}]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self._c.log_batch(self.run_id, params=items[i : i + 100])
 
