@@ -1,5 +1,5 @@
 """What a user sees in the MLflow UI: one small run of each job kind into a fresh store, then
-headless Chromium screenshots of each experiment's run list and of the job runs' pages.
+headless Chromium screenshots of each experiment's run list and of the job runs' pages and charts.
 
     python examples/ui_tour.py OUT            # runs the jobs, serves the UI, writes OUT/*.png
     python examples/ui_tour.py OUT --shots    # screenshots of a store OUT already holds
@@ -7,7 +7,7 @@ headless Chromium screenshots of each experiment's run list and of the job runs'
 The jobs run as the commands a user types (``python -m genmem.cli``), so the tree on
 ``PYTHONPATH`` is the one shown: point it at another checkout to see that tree's UI. Needs
 Debian's ``chromium`` (``apt install chromium``) for the screenshots; the runs need nothing else.
-About 5 minutes on 2 cores.
+About 6 minutes of jobs on 2 cores, then the screenshots.
 """
 
 from __future__ import annotations
@@ -72,9 +72,11 @@ def serve(out: Path) -> subprocess.Popen:
 
 
 def shoot(url: str, path: Path, height: int = 1100) -> None:
-    """A screenshot of ``url`` once the page's scripts have run (Chromium's virtual time)."""
+    """A screenshot of ``url`` once the page's scripts have run (Chromium's virtual time: the
+    metric charts fetch each history, and 20 s of it left them spinning)."""
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size=1680,{height}",
-                    "--virtual-time-budget=20000", f"--screenshot={path}", url], capture_output=True, timeout=180, check=True)
+                    "--virtual-time-budget=90000", "--run-all-compositor-stages-before-draw", f"--screenshot={path}", url],
+                   capture_output=True, timeout=180, check=True)
     print(f"{path.name}: {url}", flush=True)
 
 
@@ -85,7 +87,8 @@ def urls(result: dict) -> list[tuple[str, str]]:
     for kind, summary in result.items():
         run = summary["mlflow_url"]
         listing = summary.get("experiment_url") or run.split("/runs/")[0] + "/runs?" + run.split("?")[1]
-        out += [(f"{kind}-list", listing), (f"{kind}-run", run)]
+        charts = run.replace("?", "/model-metrics?", 1)
+        out += [(f"{kind}-list", listing), (f"{kind}-run", run), (f"{kind}-charts", charts)]
     arms = [a for a in result["posterior"].get("arms", []) if a.get("mlflow_run_id")]
     if arms:
         run = result["posterior"]["mlflow_url"]

@@ -41,6 +41,7 @@ def test_posterior_job_on_a_worker_group_of_two_logs_three_arms(toy_checkpoint, 
     client = MlflowClient(tracking)
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.metrics["posterior/workers"] == 2
+    assert "posterior/prior_precision" not in run.data.metrics and run.data.params["prior_precision"] == "1.0"  # a setting, not a result
     assert not [k for k in run.data.metrics if k.count("/") > 1], "no metric name encodes an arm"
     assert run.data.tags["mlflow.note.content"].startswith(f"θ* memorised {100 * rows['theta_star']['memorised_fraction']:.1f}%, ")
     assert "; euclidean τ=0.5 " in run.data.tags["mlflow.note.content"] and "; riemannian τ=0.5 " in run.data.tags["mlflow.note.content"]

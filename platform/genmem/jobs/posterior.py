@@ -238,7 +238,8 @@ def run(cfg: PosteriorConfig, ctx: Context) -> dict[str, Any]:
                 la.optimize_prior_precision()
             prior_precision, solved = la.prior_precision, None
             state_ref, train_ref = ray.put(la.state_dict()), ray.put(train.x)
-        tracker.metrics({"posterior/prior_precision": prior_precision})
+        if cfg.optimize_prior:  # a result then; otherwise the param prior_precision says it
+            tracker.metrics({"posterior/prior_precision": prior_precision})
         arms = _Arms(cfg, root, train, heldout, tracker, {k: v for k, v in tags.items() if k != "samples_root"})
         rows = [arms.theta_star()]
         rows += [arms.weight_arm(method, scale, state_ref, train_ref, solved) for method in cfg.methods for scale in cfg.scales]
