@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
@@ -36,7 +38,10 @@ TOY_BASE = {"model": {"kind": "mlp", "hidden": 128, "depth": 3}, "process": {"ki
             "batch_size": 256, "images": 80_000, "ema_halflife_images": 10_000, "optim": {"lr": 0.002, "warmup_images": 5000}}
 DIGITS_BASE = {"data": {"source": "digits"}, "model": {"kind": "mlp", "hidden": 256, "depth": 3}, "sampler": {"method": "heun", "steps": 16},
                "optim": {"lr": 0.002, "warmup_images": 5000}, "batch_size": 128, "images": 200_000, "ema_halflife_images": 20_000}
-TOY_JOB = {"n_base": 4000, "eval_n": 2000, "batch_size": 256, "lr": 1e-3}  # configs/unlearn_toy.yaml
+# the shipped digits model (configs/digits_flow.yaml: a U-Net, 200,000 images), which configs/unlearn_digit.yaml is for
+DIGITS_UNET_BASE = {**yaml.safe_load((ROOT / "configs" / "digits_flow.yaml").read_text()), "grid_every_images": 0,
+                    "checkpoint_every_images": 0}
+TOY_JOB = {"n_base": 4000, "eval_n": 10_000, "probe_n": 10_000, "batch_size": 256, "lr": 1e-3}  # configs/unlearn_toy.yaml
 DIGIT_JOB = {"n_base": 4000, "eval_n": 1000, "batch_size": 128, "lr": 5e-4}  # configs/unlearn_digit.yaml
 
 CASES = {
@@ -45,6 +50,8 @@ CASES = {
     "cell11": ({**TOY_BASE, "data": {"source": "checkerboard", "n": 6000}}, ["cell(1,1)"], TOY_JOB),
     "digit7": (DIGITS_BASE, ["7"], DIGIT_JOB),
     "digit8": (DIGITS_BASE, ["8"], DIGIT_JOB),
+    "digit7u": (DIGITS_UNET_BASE, ["7"], DIGIT_JOB),
+    "digit8u": (DIGITS_UNET_BASE, ["8"], DIGIT_JOB),
 }
 VARIANTS = {  # name: (mode, λ); "shipped": the case's config (configs/unlearn_toy.yaml: flow, configs/unlearn_digit.yaml: finetune)
     "flow5": ("flow", 5.0),
@@ -59,7 +66,7 @@ def base_checkpoint(work: Path, tree: dict) -> str:
     from genmem.data import load_dataset
     from genmem.training import LocalReporter, train_loop
 
-    key = tree["data"]["source"]
+    key = tree["data"]["source"] + ("-unet" if tree["model"]["kind"] == "unet" else "")
     out = work / "bases" / key
     if (out / "checkpoint" / "meta.json").is_file():
         return str(out / "checkpoint")
@@ -97,8 +104,6 @@ def run_case(work: Path, case: str, variant: str, args) -> dict:
     tree, forget, job = CASES[case]
     mode, lam = VARIANTS[variant] if variant != "shipped" else ("finetune" if case.startswith("digit") else "flow", 5.0)
     base = base_checkpoint(work, tree)
-    import yaml
-
     overrides = {} if args.goal else {"target_ratio": 1e-9, "max_images": args.max_images, "probe_every_images": args.probe_every}
     for item in args.set:
         key, value = item.split("=", 1)
@@ -107,7 +112,7 @@ def run_case(work: Path, case: str, variant: str, args) -> dict:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value)
-    cfg = UnlearnConfig.model_validate({**job, "base": base, "target": {"kind": "region" if case not in ("digit7", "digit8") else "class",
+    cfg = UnlearnConfig.model_validate({**job, "base": base, "target": {"kind": "class" if case.startswith("digit") else "region",
                                         "forget": forget}, "mode": mode, "lam": lam, "run_name": f"{case}-{variant}{'-goal' if args.goal else ''}{args.tag}",
                                         "scaling": {"num_workers": 0, "cpus_per_worker": 2}, **overrides})
     t0 = time.perf_counter()
@@ -116,16 +121,18 @@ def run_case(work: Path, case: str, variant: str, args) -> dict:
     m = result["metrics"]
     client = MlflowClient()
     train_run = client.get_run(result["mlflow_run_id"]).data.tags["train_run_id"]
-    trajectory = [(h.step, h.value) for h in sorted(client.get_metric_history(train_run, "eval/forget_ratio"), key=lambda h: h.step)]
+    trajectory, upper = ([(h.step, h.value) for h in sorted(client.get_metric_history(train_run, key), key=lambda h: h.step)]
+                         for key in ("eval/forget_ratio", "eval/forget_ratio_hi"))
     from genmem.evaluation import training_data
 
     _, train, _ = training_data(base)
     judge = Judge(cfg, train, [train.label_of(f) for f in forget], None, _extractor(train), before_samples(result))
     kept = [v for k, v in m.items() if k.startswith("retention/")]
-    row = {"case": case, "variant": variant + args.tag, "set": args.set, "goal": args.goal, "forget_ratio": m.get("forget_ratio"), "forget_mass_before": m.get("forget_mass_before"),
+    row = {"case": case, "variant": variant + args.tag, "set": args.set, "goal": args.goal, "forget_ratio": m.get("forget_ratio"), "forget_ratio_lo": m.get("forget_ratio_lo"),
+           "forget_ratio_hi": m.get("forget_ratio_hi"), "forget_mass_before": m.get("forget_mass_before"),
            "retention_min": min(kept), "retention_max": max(kept), "mmd_kept": m.get("mmd_kept"), "mmd_kept_before": m.get("mmd_kept_before"),
            "fd_classifier": m.get("fd_classifier"), "fd_classifier_before": m.get("fd_classifier_before"),
-           "images": result["images_seen"], "ended_by": result["ended_by"], "seconds": round(seconds, 1), "trajectory": trajectory,
+           "images": result["images_seen"], "ended_by": result["ended_by"], "seconds": round(seconds, 1), "trajectory": trajectory, "upper": upper,
            **floor(cfg, result["base_samples"], judge.labels)}
     return row
 

@@ -10,7 +10,9 @@ checkpoint in, unlearned checkpoint out:
    until the goal: every ``probe_every_images`` rank 0 measures forgetting on ``probe_n`` fresh
    samples by the same independent measure as step 4, and training ends at the first probe whose
    forget ratio is at most ``target_ratio`` with every kept label's retention within
-   ``retention`` (tag ``ended_by=target``), or at ``max_images`` (``ended_by=max_images``);
+   ``retention``, both judged at one-sided ``confidence`` against the probe's sampling noise
+   (the ratio's upper bound at the target; no kept label surely outside) (tag
+   ``ended_by=target``), or at ``max_images`` (``ended_by=max_images``);
 4. the same ``eval_n`` samples from the unlearned model, measured against the base's by ground
    truth (toy regions), an independent classifier (classes) or the exact nearest-neighbour test
    (copies), never by the proxy; one MLflow run with the metrics and before/after figures.
@@ -22,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+from statistics import NormalDist
 from typing import Any, Literal
 
 from torch import nn
@@ -43,6 +46,8 @@ from genmem.methods.unlearning import (
     copy_targets,
     fit_proxies,
     forgetting,
+    forgetting_bounds,
+    ratio_bounds,
     retained_mmd,
     weights,
 )
@@ -83,6 +88,9 @@ class UnlearnConfig(Strict):
     # training ends at the first probe that reaches the goal, or at max_images
     target_ratio: float = Field(0.1, gt=0, lt=1)  # forget ratio (forget mass, or copies of the targets, over the base's)
     retention: tuple[float, float] = (0.8, 1.25)  # every kept label's share relative to the base's stays within
+    # one-sided confidence of the goal's verdict against the probe's sampling noise: the forget ratio's upper
+    # bound must be at most target_ratio, and no kept label surely outside `retention` (0.5: the point estimates)
+    confidence: float = Field(0.95, ge=0.5, lt=1)
     max_images: int = Field(400_000, gt=0)  # training budget in images seen
     probe_every_images: int = Field(20_000, gt=0)
     probe_n: int = Field(2000, gt=1)  # samples per probe
@@ -186,11 +194,13 @@ class Judge:
     def __init__(self, cfg: UnlearnConfig, train: ArrayDataset, forget: list[int], targets: torch.Tensor | None, extractor, before: torch.Tensor):
         self.forget, self.targets, self.threshold = forget, targets, cfg.target.threshold
         self.target_ratio, self.bounds = cfg.target_ratio, tuple(cfg.retention)
+        self.confidence, self.z = cfg.confidence, float(NormalDist().inv_cdf(cfg.confidence))
         self.toy = train.manifest.source if train.manifest.source in TOYS else None
         self.extractor = extractor
         self.n_labels = (len(train.manifest.extra.get("label_names") or []) or int(train.labels.max()) + 1) if train.labels is not None else 0
         self.train_x = train.x if targets is not None else None  # the copy test's reference
         self.before_labels = self.labels(before) if forget else None
+        self.n_before = len(before)
         self.copies_before = copies_of(memorisation(before, train.x, threshold=self.threshold), targets) if targets is not None else None
 
     def labels(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -199,25 +209,40 @@ class Judge:
         return self.extractor.predict(x) if self.extractor is not None else None
 
     def __call__(self, x: torch.Tensor) -> dict[str, float]:
-        """``forget_ratio`` (forget mass, or copies of the targets, over the base's) and, by
-        labels, ``retention_min``/``retention_max`` over the kept labels."""
+        """``forget_ratio`` (forget mass, or copies of the targets, over the base's) and its upper
+        bound ``forget_ratio_hi`` at the judge's confidence; by labels, ``retention_min``/``_max``
+        over the kept labels and their bounds (:func:`forgetting_bounds`)."""
         if self.targets is not None:
             copies = copies_of(memorisation(x, self.train_x, threshold=self.threshold), self.targets)
-            return {"copies_of_targets": copies, "forget_ratio": copies / self.copies_before if self.copies_before else float("nan")}
-        m = forgetting(self.before_labels, self.labels(x), self.forget, self.n_labels)
+            _, hi = ratio_bounds(copies * len(x), len(x), self.copies_before * self.n_before, self.n_before, self.z)
+            return {"copies_of_targets": copies, "forget_ratio": copies / self.copies_before if self.copies_before else float("nan"),
+                    "forget_ratio_hi": hi}
+        labels = self.labels(x)
+        m = forgetting(self.before_labels, labels, self.forget, self.n_labels)
+        bounds = forgetting_bounds(self.before_labels, labels, self.forget, self.n_labels, self.z)
         kept = [v for k, v in m.items() if k.startswith("retention/") and np.isfinite(v)]
-        return {"forget_mass": m["forget_mass"], "forget_ratio": m["forget_ratio"],
-                "retention_min": min(kept, default=float("nan")), "retention_max": max(kept, default=float("nan"))}
+        return {"forget_mass": m["forget_mass"], "forget_ratio": m["forget_ratio"], "forget_ratio_hi": bounds["forget_ratio_hi"],
+                "retention_min": min(kept, default=float("nan")), "retention_max": max(kept, default=float("nan")),
+                "retention_min_hi": bounds["retention_min_hi"], "retention_max_lo": bounds["retention_max_lo"]}
 
     def reached(self, m: dict[str, float]) -> tuple[bool, str]:
-        """Whether ``m`` (what :meth:`__call__` returned) meets the goal, and one clause of why."""
+        """Whether ``m`` (what :meth:`__call__` returned) meets the goal, and one clause of why.
+        With bounds in ``m`` the verdict allows for the probe's sampling noise: the forget ratio's
+        upper bound must be at most the target, and a kept label is out of bounds only where its
+        own bound says so; without them (or at confidence 0.5) the point estimates decide."""
         ratio, (lo, hi) = m.get("forget_ratio", float("nan")), self.bounds
-        text = f"forget ratio {ratio:.3f} {'<=' if ratio <= self.target_ratio else '>'} target {self.target_ratio:g}"
+        ratio_hi = m.get("forget_ratio_hi", ratio)
+        noisy = "forget_ratio_hi" in m and self.z > 0
+        text = f"forget ratio {ratio:.3f}" + (f" (at most {ratio_hi:.3f} at {self.confidence:.0%})" if noisy else "")
+        text += f" {'<=' if ratio_hi <= self.target_ratio else '>'} target {self.target_ratio:g}"
         if "retention_min" not in m:
-            return bool(ratio <= self.target_ratio), text
-        kept_ok = lo <= m["retention_min"] and m["retention_max"] <= hi
-        text += f", retention {m['retention_min']:.2f}-{m['retention_max']:.2f} {'within' if kept_ok else 'outside'} [{lo:g}, {hi:g}]"
-        return bool(ratio <= self.target_ratio and kept_ok), text
+            return bool(ratio_hi <= self.target_ratio), text
+        low, high = m.get("retention_min_hi", m["retention_min"]), m.get("retention_max_lo", m["retention_max"])
+        kept_ok = bool(lo <= low and high <= hi)
+        text += f", retention {m['retention_min']:.2f}-{m['retention_max']:.2f} "
+        text += (("no kept label surely" if kept_ok else "a kept label surely") + f" outside [{lo:g}, {hi:g}]" if noisy
+                 else f"{'within' if kept_ok else 'outside'} [{lo:g}, {hi:g}]")
+        return bool(ratio_hi <= self.target_ratio and kept_ok), text
 
 
 class GoalFactory:
@@ -254,8 +279,8 @@ class _Measure:
 
     names = ("memorised_fraction", "mmd", "mmd_kept", "fd_classifier", "copies_of_targets")
     # how far the unlearned model moved from the base (λ = 0 should not move it), and the forgetting table
-    compared = ("mmd_to_base", "fd_to_base", "forget_mass", "forget_mass_before", "forget_ratio", "retained_mass",
-                "retained_mass_before", "retention/")
+    compared = ("mmd_to_base", "fd_to_base", "forget_mass", "forget_mass_before", "forget_ratio", "forget_ratio_lo", "forget_ratio_hi",
+                "retained_mass", "retained_mass_before", "retention/")
     headline = ("forget_mass", "retained_mass", "memorised_fraction", "fd_classifier", "mmd_kept")
 
     def __init__(self, cfg: UnlearnConfig, base: Base, forget: list[int], targets: torch.Tensor | None, judge: Judge):
@@ -290,7 +315,10 @@ class _Measure:
             out["fd_to_base"] = frechet_distance(gaussian_stats(self.extractor(after.clamp(-3, 3))), gaussian_stats(self.extractor(before.clamp(-3, 3))))
         lb = self.judge.before_labels  # the judge labelled these same samples
         if self.forget and lb is not None:
-            out.update(forgetting(lb, self.labels(after), self.forget, self.judge.n_labels))
+            la = self.labels(after)
+            out.update(forgetting(lb, la, self.forget, self.judge.n_labels))
+            bounds = forgetting_bounds(lb, la, self.forget, self.judge.n_labels, z=NormalDist().inv_cdf(0.975))  # two-sided 95%
+            out.update(forget_ratio_lo=bounds["forget_ratio_lo"], forget_ratio_hi=bounds["forget_ratio_hi"])
         return out
 
 

@@ -207,6 +207,39 @@ def forgetting(before: Tensor, after: Tensor, forget: Sequence[int], n_labels: i
     return out
 
 
+def ratio_bounds(k_after: float, n_after: int, k_before: float, n_before: int, z: float) -> tuple[float, float]:
+    """Bounds on the ratio of two binomial proportions, (k_after / n_after) / (k_before / n_before),
+    at z standard errors of its logarithm (Katz's log interval, as scipy's ``relative_risk``): z =
+    1.645 gives one-sided 95% bounds, z = 0 the ratio itself. No event after counts as half an
+    event for the upper bound (the lower is then 0); none before leaves the ratio undefined (nan)."""
+    if k_before <= 0 or n_after <= 0 or n_before <= 0:
+        return float("nan"), float("nan")
+    k = max(k_after, 0.5)
+    log_ratio = np.log(k / n_after) - np.log(k_before / n_before)
+    se = np.sqrt(max(1 / k - 1 / n_after, 0.0) + max(1 / k_before - 1 / n_before, 0.0))
+    lo = float(np.exp(log_ratio - z * se)) if k_after > 0 else 0.0
+    return lo, float(np.exp(log_ratio + z * se))
+
+
+def forgetting_bounds(before: Tensor, after: Tensor, forget: Sequence[int], n_labels: int, z: float) -> dict[str, float]:
+    """:func:`forgetting`'s ratios with their sampling noise, from the label counts: the forget
+    ratio's bounds ``forget_ratio_lo``/``_hi`` at z, and over the kept labels the lowest upper
+    bound ``retention_min_hi`` and the highest lower bound ``retention_max_lo``: a kept label is
+    surely below a bound b only where ``retention_min_hi`` < b, surely above only where
+    ``retention_max_lo`` > b."""
+    before, after = torch.as_tensor(before), torch.as_tensor(after)
+    cb = torch.bincount(before[before >= 0], minlength=n_labels)[:n_labels].double()
+    ca = torch.bincount(after[after >= 0], minlength=n_labels)[:n_labels].double()
+    forget_mask = torch.zeros(n_labels, dtype=torch.bool)
+    forget_mask[list(forget)] = True
+    lo, hi = ratio_bounds(ca[forget_mask].sum().item(), len(after), cb[forget_mask].sum().item(), len(before), z)
+    nb, na = cb[~forget_mask].sum().item(), ca[~forget_mask].sum().item()
+    kept = [ratio_bounds(ca[k].item(), na, cb[k].item(), nb, z) for k in torch.nonzero(~forget_mask).flatten().tolist()]
+    kept = [b for b in kept if np.isfinite(b[1])]
+    return {"forget_ratio_lo": lo, "forget_ratio_hi": hi, "retention_min_hi": min((b[1] for b in kept), default=float("nan")),
+            "retention_max_lo": max((b[0] for b in kept), default=float("nan"))}
+
+
 def retained_mmd(samples: Tensor, data: Tensor, data_labels: Tensor, forget: Sequence[int], bandwidth: float = 1.0,
                  max_points: int = 2000, seed: int = 0) -> float:
     """MMD (RBF, σ = 1 as the reference code) of samples to the data of the retained regions
