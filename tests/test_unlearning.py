@@ -257,8 +257,12 @@ def test_the_papers_second_flow_trains_until_the_upper_moon_is_forgotten(storage
     assert len(probes) >= 2 and probes[-1].step == result["images_seen"], trajectory
     upper = sorted(client.get_metric_history(run.data.tags["train_run_id"], "eval/forget_ratio_hi"), key=lambda h: h.step)
     assert [h.step for h in upper] == [h.step for h in probes] and all(u.value >= p.value for u, p in zip(upper, probes)), trajectory
-    # the first probe whose 95% upper bound is at the target ends it
-    assert upper[-1].value <= 0.1 and all(h.value > 0.1 for h in upper[:-1]), [(h.step, h.value) for h in upper]
+    # the first probe whose 95% upper bound is at the target, with the kept part not surely farther from the
+    # kept data than 1.5x the base's, ends it
+    kept_lo = [h.value for h in sorted(client.get_metric_history(run.data.tags["train_run_id"], "eval/kept_mmd_lo"), key=lambda h: h.step)]
+    bar = 1.5 * max(run.data.metrics["unlearn/kept_mmd_base_hi"], 0.0)
+    assert len(kept_lo) == len(upper) and upper[-1].value <= 0.1 and kept_lo[-1] <= bar, (trajectory, kept_lo, bar)
+    assert all(h.value > 0.1 or k > bar for h, k in zip(upper[:-1], kept_lo[:-1])), ([(h.step, h.value) for h in upper], kept_lo, bar)
     assert run.data.tags["ended_by"] == "target" and run.data.tags["ended_by_reason"].startswith(f"reached at {result['images_seen']:,} images seen: ")
     assert "training ended by target" in run.data.tags["mlflow.note.content"]
     # the reported figure comes from samples independent of the probe's, so it can sit a little above the target
@@ -364,6 +368,38 @@ def test_the_judge_reaches_the_goal_only_with_the_ratio_and_every_kept_label_in_
         UnlearnConfig(base="ckpt", retention=(1.1, 1.3))
     with pytest.raises(ValueError, match="probe_every_images=50000 exceeds max_images=20000"):
         UnlearnConfig(base="ckpt", max_images=20_000, probe_every_images=50_000)
+
+
+def test_the_judge_holds_the_kept_part_within_its_tolerance_of_the_bases_distance_to_the_kept_data():
+    """The goal's kept clause: the MMD² of the kept part to one fixed subset of the kept data is
+    mmd_rbf's, between its bootstrap bounds; fresh draws of the data pass; the kept part moved by
+    0.25 is surely above 1.5x the base's and stops the goal; at confidence 0.5 the point values decide."""
+    from genmem.jobs.unlearn import Judge
+    from genmem.metrics.two_d import mmd_rbf
+
+    data = toy("moons", 4000, seed=0)
+    cfg = UnlearnConfig(base="ckpt", target={"kind": "region", "forget": ["upper"]})
+    judge = Judge(cfg, data, [0], None, None, toy("moons", 3000, seed=1).x)
+    fresh = toy("moons", 3000, seed=2)
+    kept = fresh.x[fresh.labels != 0]
+    value, lo, hi = judge.kept(kept)
+    assert value == pytest.approx(mmd_rbf(torch.from_numpy(judge.kept.reference), kept, bandwidth=1.0), rel=1e-9, abs=1e-12)
+    assert lo < value < hi and lo < 0 < hi, (lo, value, hi)  # the same distribution: no evidence either way
+    m = judge(fresh.x)
+    assert (m["kept_mmd"], m["kept_mmd_lo"], m["kept_mmd_hi"]) == pytest.approx((value, lo, hi))
+    assert judge.reached({**m, "forget_ratio": 0.05, "forget_ratio_hi": 0.08})[0] is True
+    moved = fresh.x.clone()
+    moved[fresh.labels != 0] += 0.25
+    m = judge(moved)
+    assert m["kept_mmd_lo"] > 1.5 * judge.kept_base[2] > 0, (m, judge.kept_base)
+    reached, why = judge.reached({**m, "forget_ratio": 0.05, "forget_ratio_hi": 0.08})
+    assert reached is False and why.endswith(f"kept MMD² {m['kept_mmd']:.2g} surely above 1.5x the base's {judge.kept_base[0]:.2g}"), why
+    point = {"forget_ratio": 0.05, "retention_min": 1.0, "retention_max": 1.0}
+    assert judge.reached({**point, "kept_mmd": 1.4 * judge.kept_base[0]})[0] is True
+    assert judge.reached({**point, "kept_mmd": 1.6 * judge.kept_base[0]})[0] is False
+    assert judge.reached({**point, "kept_mmd": float("nan")})[0] is True  # no kept samples measured: no evidence
+    with pytest.raises(ValueError, match="kept_tolerance"):
+        UnlearnConfig(base="ckpt", kept_tolerance=0.9)
 
 
 def test_the_ratio_bounds_are_scipys_relative_risk_interval_and_cover_at_their_level():

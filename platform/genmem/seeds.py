@@ -56,13 +56,15 @@ class AdjointMatching(IntEnum):
 class Unlearn(IntEnum):
     """The unlearn job: base samples it trains on, flow mode's independent source samples, the
     samples compared before and after, the proxy, the probes during training (samples
-    independent of the final comparison's, so the stop does not select the figure reported)."""
+    independent of the final comparison's, so the stop does not select the figure reported),
+    the kept data subset and bootstrap of the goal's kept distance."""
 
     BASE = 1
     SOURCE = 2
     EVAL = 3
     PROXY = 4
     PROBE = 5
+    KEPT = 6
 
 
 class Finetune(IntEnum):

@@ -10,9 +10,10 @@ checkpoint in, unlearned checkpoint out:
    until the goal: every ``probe_every_images`` rank 0 measures forgetting on ``probe_n`` fresh
    samples by the same independent measure as step 4, and training ends at the first probe whose
    forget ratio is at most ``target_ratio`` with every kept label's retention within
-   ``retention``, both judged at one-sided ``confidence`` against the probe's sampling noise
-   (the ratio's upper bound at the target; no kept label surely outside) (tag
-   ``ended_by=target``), or at ``max_images`` (``ended_by=max_images``);
+   ``retention`` and the kept part's MMD² to the kept data within ``kept_tolerance`` times the
+   base's, all judged at one-sided ``confidence`` against the probe's sampling noise (the
+   ratio's upper bound at the target; no kept label, and not the kept part, surely outside)
+   (tag ``ended_by=target``), or at ``max_images`` (``ended_by=max_images``);
 4. the same ``eval_n`` samples from the unlearned model, measured against the base's by ground
    truth (toy regions), an independent classifier (classes) or the exact nearest-neighbour test
    (copies), never by the proxy; one MLflow run with the metrics and before/after figures.
@@ -40,6 +41,7 @@ from genmem.errors import ConfigError, DataError
 from genmem.generative import build_process, derive_seed
 from genmem.jobs.base import COMMANDS, Context, Job, numeric
 from genmem.methods.unlearning import (
+    KeptDistance,
     WeightedObjective,
     copies_of,
     copy_logits,
@@ -91,6 +93,9 @@ class UnlearnConfig(Strict):
     # one-sided confidence of the goal's verdict against the probe's sampling noise: the forget ratio's upper
     # bound must be at most target_ratio, and no kept label surely outside `retention` (0.5: the point estimates)
     confidence: float = Field(0.95, ge=0.5, lt=1)
+    # the kept part's MMD^2 to the kept data (regions: RBF on the points; classes: KID's kernel on the independent
+    # classifier's features) may exceed the base's by this factor: the goal fails where it is surely above
+    kept_tolerance: float = Field(1.5, ge=1)
     max_images: int = Field(400_000, gt=0)  # training budget in images seen
     probe_every_images: int = Field(20_000, gt=0)
     probe_n: int = Field(2000, gt=1)  # samples per probe
@@ -188,8 +193,9 @@ class Judge:
     """Forgetting by the independent measure (never the proxy) on one set of samples against the
     base's: ground-truth regions (toys), an independent classifier (classes) or the exact
     nearest-neighbour test (copies of the targets); and whether it meets the goal (forget ratio
-    at most ``target_ratio``, every kept label's retention within ``retention``). Picklable: rank
-    0 of the training run probes with it."""
+    at most ``target_ratio``, every kept label's retention within ``retention``, the kept part no
+    farther from the kept data than ``kept_tolerance`` times the base's: :class:`KeptDistance`,
+    for regions and classes). Picklable: rank 0 of the training run probes with it."""
 
     def __init__(self, cfg: UnlearnConfig, train: ArrayDataset, forget: list[int], targets: torch.Tensor | None, extractor, before: torch.Tensor):
         self.forget, self.targets, self.threshold = forget, targets, cfg.target.threshold
@@ -201,6 +207,13 @@ class Judge:
         self.train_x = train.x if targets is not None else None  # the copy test's reference
         self.before_labels = self.labels(before) if forget else None
         self.n_before = len(before)
+        self.kept_tolerance, self.kept, self.kept_base = cfg.kept_tolerance, None, None
+        if forget and (self.toy or extractor is not None):  # the kept part's distance to the kept data, the base's first
+            kept_before = before[~torch.isin(self.before_labels, torch.tensor(forget))]
+            self.kept = KeptDistance(train.x[~torch.isin(train.labels, torch.tensor(forget))], confidence=cfg.confidence,
+                                     features=None if self.toy else extractor, size=min(1000, len(kept_before)),
+                                     seed=derive_seed(cfg.seed, Stream.KEPT))
+            self.kept_base = self.kept(kept_before)
         self.copies_before = copies_of(memorisation(before, train.x, threshold=self.threshold), targets) if targets is not None else None
 
     def labels(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -221,9 +234,12 @@ class Judge:
         m = forgetting(self.before_labels, labels, self.forget, self.n_labels)
         bounds = forgetting_bounds(self.before_labels, labels, self.forget, self.n_labels, self.z)
         kept = [v for k, v in m.items() if k.startswith("retention/") and np.isfinite(v)]
-        return {"forget_mass": m["forget_mass"], "forget_ratio": m["forget_ratio"], "forget_ratio_hi": bounds["forget_ratio_hi"],
-                "retention_min": min(kept, default=float("nan")), "retention_max": max(kept, default=float("nan")),
-                "retention_min_hi": bounds["retention_min_hi"], "retention_max_lo": bounds["retention_max_lo"]}
+        out = {"forget_mass": m["forget_mass"], "forget_ratio": m["forget_ratio"], "forget_ratio_hi": bounds["forget_ratio_hi"],
+               "retention_min": min(kept, default=float("nan")), "retention_max": max(kept, default=float("nan")),
+               "retention_min_hi": bounds["retention_min_hi"], "retention_max_lo": bounds["retention_max_lo"]}
+        if self.kept is not None:
+            out["kept_mmd"], out["kept_mmd_lo"], out["kept_mmd_hi"] = self.kept(x[~torch.isin(labels, torch.tensor(self.forget))])
+        return out
 
     def reached(self, m: dict[str, float]) -> tuple[bool, str]:
         """Whether ``m`` (what :meth:`__call__` returned) meets the goal, and one clause of why.
@@ -242,7 +258,20 @@ class Judge:
         text += f", retention {m['retention_min']:.2f}-{m['retention_max']:.2f} "
         text += (("no kept label surely" if kept_ok else "a kept label surely") + f" outside [{lo:g}, {hi:g}]" if noisy
                  else f"{'within' if kept_ok else 'outside'} [{lo:g}, {hi:g}]")
-        return bool(ratio_hi <= self.target_ratio and kept_ok), text
+        close, clause = self._kept_close(m, noisy)
+        return bool(ratio_hi <= self.target_ratio and kept_ok and close), text + clause
+
+    def _kept_close(self, m: dict[str, float], noisy: bool) -> tuple[bool, str]:
+        """Whether the kept part is no farther from the kept data than ``kept_tolerance`` times
+        the base's, failing only where surely farther (the probe's lower bound above the tolerance
+        times the base's upper bound; the point values at confidence 0.5), and the clause saying so."""
+        if "kept_mmd" not in m or self.kept_base is None:
+            return True, ""
+        base, _, base_hi = self.kept_base
+        value, bound = (m.get("kept_mmd_lo", m["kept_mmd"]), base_hi) if noisy else (m["kept_mmd"], base)
+        close = not value > self.kept_tolerance * max(bound, 0.0)  # nan (no kept samples) is no evidence
+        verdict = ("not surely above" if close else "surely above") if noisy else ("within" if close else "above")
+        return close, f", kept MMD² {m['kept_mmd']:.2g} {verdict} {self.kept_tolerance:g}x the base's {base:.2g}"
 
 
 class GoalFactory:
@@ -348,6 +377,8 @@ def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
         change.tracker.metrics({"unlearn/weight_mean": w.mean().item(), "unlearn/weight_min": w.min().item(),
                                 "unlearn/targets": float(len(targets)) if targets is not None else 0.0})
         judge = Judge(cfg, base.train, forget, targets, _extractor(base.train), before)
+        if judge.kept_base is not None:  # what the goal's kept clause holds the probes to
+            change.tracker.metrics({"unlearn/kept_mmd_base": judge.kept_base[0], "unlearn/kept_mmd_base_hi": judge.kept_base[2]})
         trained = change.train(_train_config(change, cfg, base), objective_factory=WeightsFactory(w, float(x1.double().sum()), source),
                                probe_factory=GoalFactory(judge, cfg.probe_n, seed(Stream.PROBE)))
         change.tracker.tags({ENDED_TAG: trained["ended_by"], f"{ENDED_TAG}_reason": trained["ended_by_reason"]})

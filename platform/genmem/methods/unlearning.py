@@ -19,7 +19,8 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genmem.generative import Process, derive_seed
+from genmem.metrics.frechet import mmd_bounds
 from genmem.metrics.memorisation import MemorisationReport
-from genmem.metrics.two_d import mmd_rbf
+from genmem.metrics.two_d import mmd_rbf, rbf_kernel
 from genmem.seeds import UnlearningProxy as Stream
 from genmem.training import Batch, global_positions
 
@@ -248,3 +250,31 @@ def retained_mmd(samples: Tensor, data: Tensor, data_labels: Tensor, forget: Seq
     g = torch.Generator().manual_seed(seed)
     pick = lambda x: x[torch.randperm(len(x), generator=g)[:max_points]]  # noqa: E731
     return mmd_rbf(pick(samples), pick(kept), bandwidth=bandwidth)
+
+
+class KeptDistance:
+    """How far the kept part of a model's samples lies from the kept data, with its sampling
+    noise: the unbiased MMD^2 to one seeded subset of ``size`` kept data rows, the same subset for
+    every set of samples measured (the base's and each probe's compare on it), and its one-sided
+    bounds at ``confidence`` by a bootstrap over the samples (:func:`mmd_bounds`). Points: the
+    RBF kernel, σ = 1, as ``mmd_kept``; with ``features`` (images: the independent classifier's)
+    KID's polynomial kernel on them. Picklable."""
+
+    def __init__(self, reference: Tensor, *, confidence: float, features: Callable[[Tensor], Tensor] | None = None,
+                 size: int = 1000, draws: int = 200, seed: int = 0):
+        self.features, self.draws, self.seed, self.level = features, draws, seed, 2 * confidence - 1
+        self.kernel = None if features is not None else partial(rbf_kernel, bandwidth=1.0)
+        ref = self._features(reference)
+        self.reference = ref[np.random.default_rng(seed).choice(len(ref), min(size, len(ref)), replace=False)]
+
+    def _features(self, x: Tensor) -> np.ndarray:
+        x = x.detach().cpu()
+        return (self.features(x.clamp(-3, 3)) if self.features is not None else x.flatten(1)).double().numpy()
+
+    def __call__(self, kept: Tensor) -> tuple[float, float, float]:
+        """(MMD^2, lower bound, upper bound) of these kept samples; nan with fewer than two."""
+        if len(kept) < 2:
+            return float("nan"), float("nan"), float("nan")
+        kernel = {"kernel": self.kernel} if self.kernel is not None else {}
+        return mmd_bounds(self.reference, self._features(kept), draws=self.draws, subset_size=len(self.reference), seed=self.seed,
+                          level=self.level, **kernel)

@@ -11,13 +11,13 @@ from genmem.metrics.copying import CopyTest, data_copying, mann_whitney_z
 from genmem.metrics.evidence import CopyEvidence, CopyReference, CopySettings
 from genmem.metrics.features import ClassifierFeatures, InceptionFeatures, PixelFeatures, get_extractor, reference_stats
 from genmem.metrics.flipd import flipd, flow_score, lid_spectral
-from genmem.metrics.frechet import GaussianStats, fd_interval, frechet_distance, gaussian_stats, kid, kid_interval
+from genmem.metrics.frechet import GaussianStats, fd_interval, frechet_distance, gaussian_stats, kid, kid_interval, mmd_bounds
 from genmem.metrics.kmeans import Cells, kmeans
 from genmem.metrics.lid import lid_mle, lid_twonn
 from genmem.metrics.memorisation import MemorisationReport, memorisation
 from genmem.metrics.neighbours import knn
 from genmem.metrics.prdc import prdc
-from genmem.metrics.two_d import mmd_rbf, region_fraction, sliced_wasserstein
+from genmem.metrics.two_d import mmd_rbf, rbf_kernel, region_fraction, sliced_wasserstein
 
 __all__ = [
     "Cells",
@@ -48,8 +48,10 @@ __all__ = [
     "lid_twonn",
     "mann_whitney_z",
     "memorisation",
+    "mmd_bounds",
     "mmd_rbf",
     "prdc",
+    "rbf_kernel",
     "reference_stats",
     "region_fraction",
     "size_matched_gap",

@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,23 +176,33 @@ def fd_interval(fake_features: torch.Tensor | np.ndarray, reference: GaussianSta
 
 def kid_interval(real_features: torch.Tensor | np.ndarray, fake_features: torch.Tensor | np.ndarray, *, draws: int,
                  subset_size: int = 1000, seed: int = 0, level: float = 0.95, pool: int = 4000) -> tuple[float, float]:
-    """A percentile bootstrap interval of KID over the generated rows: each draw takes
-    ``subset_size`` generated rows with replacement (from a seeded ``pool`` of them where there
-    are more) against one seeded real subset of that size, and computes the unbiased MMD^2
-    leaving out the pairs of a generated row with itself (a resampled duplicate would otherwise
-    count as a perfect match and bias KID by about k(y, y) / size). With c the draw's count of each
-    generated row and K their kernel matrix, those pairs sum to c'Kc - sum_u c_u^2 K_uu: every draw
-    is one product with the kernel matrices, computed once."""
-    x, y = _as_float64(real_features), _as_float64(fake_features)
+    """A percentile bootstrap interval of KID over the generated rows (:func:`mmd_bounds` with KID's kernel)."""
+    return mmd_bounds(real_features, fake_features, draws=draws, subset_size=subset_size, seed=seed, level=level, pool=pool)[1:]
+
+
+def mmd_bounds(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, *, draws: int, subset_size: int = 1000, seed: int = 0,
+               level: float = 0.95, pool: int = 4000, kernel: Callable[[np.ndarray, np.ndarray], np.ndarray] = _poly_kernel,
+               ) -> tuple[float, float, float]:
+    """The unbiased MMD^2 of the generated rows (a seeded ``pool`` of them where there are more)
+    to one seeded real subset of ``subset_size`` rows, and its percentile bootstrap interval over
+    the generated rows: each draw takes ``subset_size`` generated rows with replacement and
+    computes the unbiased MMD^2 leaving out the pairs of a generated row with itself (a resampled
+    duplicate would otherwise count as a perfect match and bias the MMD^2 by about k(y, y) / size).
+    With c the draw's count of each generated row and K their kernel matrix, those pairs sum to
+    c'Kc - sum_u c_u^2 K_uu: every draw is one product with the kernel matrices, computed once.
+    ``kernel`` defaults to KID's (Bińkowski et al. 2018)."""
+    x, y = _as_float64(real), _as_float64(fake)
     rng = np.random.default_rng(seed)
     if y.shape[0] > pool:
         y = y[rng.choice(y.shape[0], pool, replace=False)]
     size = min(subset_size, x.shape[0], y.shape[0])
     xs = x[rng.choice(x.shape[0], size, replace=False)]
-    kxx, kyy, kxy = _poly_kernel(xs, xs), _poly_kernel(y, y), _poly_kernel(xs, y)
+    kxx, kyy, kxy = kernel(xs, xs), kernel(y, y), kernel(xs, y)
     xx = (kxx.sum() - np.trace(kxx)) / (size * (size - 1))
-    counts = rng.multinomial(size, np.full(y.shape[0], 1 / y.shape[0]), size=draws).astype(np.float64)  # (draws, m)
+    m = y.shape[0]
+    estimate = float(xx + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2.0 * kxy.mean())
+    counts = rng.multinomial(size, np.full(m, 1 / m), size=draws).astype(np.float64)  # (draws, m)
     same = (counts**2) @ np.diag(kyy)
     yy = (np.einsum("bu,bu->b", counts @ kyy, counts) - same) / (size**2 - (counts**2).sum(1))
     xy = counts @ kxy.sum(0) / (size * size)
-    return intervals.percentile(torch.from_numpy(xx + yy - 2.0 * xy), level)
+    return (estimate, *intervals.percentile(torch.from_numpy(xx + yy - 2.0 * xy), level))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -24,6 +25,13 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) ->
     m, n = len(x), len(y)
     kxx, kyy, kxy = k[:m, :m], k[m:, m:], k[:m, m:]
     return ((kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1)) - 2 * kxy.mean()).item()
+
+
+def rbf_kernel(x: np.ndarray, y: np.ndarray, bandwidth: float = 1.0) -> np.ndarray:
+    """The RBF kernel matrix exp(-|x_i - y_j|^2 / (2 σ^2)) of two row sets, :func:`mmd_rbf`'s
+    (for :func:`genmem.metrics.frechet.mmd_bounds`, e.g. ``partial(rbf_kernel, bandwidth=1.0)``)."""
+    d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    return np.exp(-np.clip(d2, 0.0, None) / (2 * bandwidth**2))
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
