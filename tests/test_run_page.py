@@ -126,3 +126,38 @@ def test_memorised_pairs_put_generated_above_nearest_training_at_a_readable_widt
         assert dark_rows.any() and first_dark > picture.shape[0] / 3, shape  # the nearest training row is the lower one
     vectors = memorised_pairs(torch.zeros(4, 2), torch.ones(4, 2), [0.2, 0.3, 0.4, 0.5], 1 / 3)
     assert vectors.shape[1] >= MIN_WIDTH_PX
+
+
+def test_trials_setting_the_run_list_view_at_once_all_get_their_experiment(tracking):
+    """The trials of a sweep open their experiment at the same moment, each setting its run-list
+    view: on the PostgreSQL-backed server one insert of the tag loses the race (a unique-key
+    violation, seen in a λ sweep). Every caller still gets the experiment, and the view is set."""
+    import json
+    import threading
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from genmem.tracking import VIEW_TAG, experiment_id
+
+    columns = ("params.lam", "unlearn/forget_ratio")
+    for _ in range(3):
+        kind = f"race-{uuid.uuid4().hex[:8]}"
+        experiment_id(kind)  # created without a view, as before a job with columns ran
+        barrier, got, failed = threading.Barrier(8), [], []
+
+        def open_it():
+            barrier.wait()
+            try:
+                got.append(experiment_id(kind, columns=columns))
+            except Exception as exc:  # noqa: BLE001 - what a trial would die of
+                failed.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failed and len(set(got)) == 1 and len(got) == 8, failed
+        view = json.loads(MlflowClient().get_experiment(got[0]).tags[VIEW_TAG])
+        assert view["selectedColumns"][1:] == ["params.`lam`", "metrics.`unlearn/forget_ratio`"]

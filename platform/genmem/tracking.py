@@ -187,8 +187,26 @@ def experiment_id(kind: str, uri: str | None = None, columns: Sequence[str] = ()
             if exp is None:
                 raise
     if columns and exp.tags.get(VIEW_TAG) != tags[VIEW_TAG]:
-        client.set_experiment_tag(exp.experiment_id, VIEW_TAG, tags[VIEW_TAG])
+        _set_experiment_tag(client, exp.experiment_id, VIEW_TAG, tags[VIEW_TAG])
     return exp.experiment_id
+
+
+def _set_experiment_tag(client, experiment: str, key: str, value: str, attempts: int = 3) -> None:
+    """Set an experiment tag that other processes (the trials of a sweep) may be setting at the
+    same moment: the store's insert can lose that race (PostgreSQL: a unique-key violation on
+    ``experiment_tag_pk``). Then the tag is read back, and written again only where it differs."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_experiment_tag(experiment, key, value)
+            return
+        except MlflowException:
+            if client.get_experiment(experiment).tags.get(key) == value:
+                return  # the other writer's value is this one
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def find_run(kind: str, key: str, uri: str | None = None) -> str | None:
