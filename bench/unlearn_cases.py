@@ -42,7 +42,7 @@ DIGITS_BASE = {"data": {"source": "digits"}, "model": {"kind": "mlp", "hidden": 
 DIGITS_UNET_BASE = {**yaml.safe_load((ROOT / "configs" / "digits_flow.yaml").read_text()), "grid_every_images": 0,
                     "checkpoint_every_images": 0}
 TOY_JOB = {"n_base": 4000, "eval_n": 10_000, "probe_n": 10_000, "batch_size": 256, "lr": 1e-3}  # configs/unlearn_toy.yaml
-DIGIT_JOB = {"n_base": 4000, "eval_n": 1000, "batch_size": 128, "lr": 5e-4}  # configs/unlearn_digit.yaml
+DIGIT_JOB = {"n_base": 4000, "eval_n": 3000, "batch_size": 128, "lr": 5e-4}  # configs/unlearn_digit.yaml
 
 CASES = {
     "gauss03": ({**TOY_BASE, "data": {"source": "6gaussians", "n": 6000}}, ["mode0", "mode3"], TOY_JOB),

@@ -402,6 +402,21 @@ def test_the_judge_holds_the_kept_part_within_its_tolerance_of_the_bases_distanc
         UnlearnConfig(base="ckpt", kept_tolerance=0.9)
 
 
+def test_the_kept_distance_on_features_is_standardised_so_their_scale_does_not_matter():
+    """Images are compared on classifier features with KID's cubic kernel, after standardising by
+    the kept data: features 50 times larger give the same MMD² and bounds, and a part moved by
+    half a standard deviation is surely farther than one drawn like the data."""
+    from genmem.methods.unlearning import KeptDistance
+
+    g = torch.Generator().manual_seed(0)
+    ref, same, moved = (torch.randn(1500, 8, generator=g) * 0.5 for _ in range(3))
+    moved = moved + 0.25
+    small, large = (KeptDistance(ref, confidence=0.95, features=lambda x, c=c: c * x.flatten(1)) for c in (1.0, 50.0))
+    assert small(same) == pytest.approx(large(same), rel=1e-4)  # up to the 1e-6 the spread is floored at
+    assert small(moved) == pytest.approx(large(moved), rel=1e-4)
+    assert small(moved)[1] > small(same)[2] and small(same)[1] < 0 < small(same)[2], (small(same), small(moved))
+
+
 def test_the_ratio_bounds_are_scipys_relative_risk_interval_and_cover_at_their_level():
     from scipy.stats import norm
     from scipy.stats.contingency import relative_risk

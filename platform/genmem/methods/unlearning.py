@@ -258,23 +258,33 @@ class KeptDistance:
     every set of samples measured (the base's and each probe's compare on it), and its one-sided
     bounds at ``confidence`` by a bootstrap over the samples (:func:`mmd_bounds`). Points: the
     RBF kernel, σ = 1, as ``mmd_kept``; with ``features`` (images: the independent classifier's)
-    KID's polynomial kernel on them. Picklable."""
+    KID's polynomial kernel on them, standardised by the kept data's mean and spread per feature:
+    on raw classifier features (norm about 68) the base's kept part read 9.6 with an upper bound
+    of 108 (the U-Net digits, 3,000 samples); standardised, 1,000 of its samples read -0.002
+    [-0.006, 0.003]. Picklable."""
 
     def __init__(self, reference: Tensor, *, confidence: float, features: Callable[[Tensor], Tensor] | None = None,
                  size: int = 1000, draws: int = 200, seed: int = 0):
         self.features, self.draws, self.seed, self.level = features, draws, seed, 2 * confidence - 1
         self.kernel = None if features is not None else partial(rbf_kernel, bandwidth=1.0)
+        self.shift, self.scale = 0.0, 1.0
         ref = self._features(reference)
+        if features is not None:
+            self.shift, self.scale = ref.mean(0), ref.std(0) + 1e-6
+            ref = (ref - self.shift) / self.scale
         self.reference = ref[np.random.default_rng(seed).choice(len(ref), min(size, len(ref)), replace=False)]
 
     def _features(self, x: Tensor) -> np.ndarray:
         x = x.detach().cpu()
         return (self.features(x.clamp(-3, 3)) if self.features is not None else x.flatten(1)).double().numpy()
 
+    def _standardised(self, x: Tensor) -> np.ndarray:
+        return (self._features(x) - self.shift) / self.scale
+
     def __call__(self, kept: Tensor) -> tuple[float, float, float]:
         """(MMD^2, lower bound, upper bound) of these kept samples; nan with fewer than two."""
         if len(kept) < 2:
             return float("nan"), float("nan"), float("nan")
         kernel = {"kernel": self.kernel} if self.kernel is not None else {}
-        return mmd_bounds(self.reference, self._features(kept), draws=self.draws, subset_size=len(self.reference), seed=self.seed,
+        return mmd_bounds(self.reference, self._standardised(kept), draws=self.draws, subset_size=len(self.reference), seed=self.seed,
                           level=self.level, **kernel)
