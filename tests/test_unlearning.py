@@ -417,6 +417,21 @@ def test_the_kept_distance_on_features_is_standardised_so_their_scale_does_not_m
     assert small(moved)[1] > small(same)[2] and small(same)[1] < 0 < small(same)[2], (small(same), small(moved))
 
 
+def test_the_kept_distances_bounds_are_as_wide_as_its_estimate_varies():
+    """The bootstrap draws as many rows as the estimate uses, so the bounds' width is the
+    estimate's own spread: over 30 independent sets of 2,000 points against one 500-row reference
+    the estimates spread as the bounds say. Draws of 500 rows (KID's convention, the reference's
+    size) would make them twice as wide."""
+    from genmem.methods.unlearning import KeptDistance
+
+    g = torch.Generator().manual_seed(0)
+    kept = KeptDistance(torch.randn(500, 2, generator=g), confidence=0.95, size=500)
+    values = np.array([kept(torch.randn(2000, 2, generator=g) * 1.1 + 0.1) for _ in range(30)])
+    spread = values[:, 0].std(ddof=1)
+    width = np.median(values[:, 2] - values[:, 1]) / (2 * 1.6449)  # the one-sided 95% bounds span 2 z of a normal spread
+    assert 0.7 < width / spread < 1.4, (width, spread)
+
+
 def test_the_ratio_bounds_are_scipys_relative_risk_interval_and_cover_at_their_level():
     from scipy.stats import norm
     from scipy.stats.contingency import relative_risk

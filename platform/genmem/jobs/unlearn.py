@@ -94,7 +94,7 @@ class UnlearnConfig(Strict):
     # bound must be at most target_ratio, and no kept label surely outside `retention` (0.5: the point estimates)
     confidence: float = Field(0.95, ge=0.5, lt=1)
     # the kept part's MMD^2 to the kept data (regions: RBF on the points; classes: KID's kernel on the independent
-    # classifier's features) may exceed the base's by this factor: the goal fails where it is surely above
+    # classifier's standardised features) may exceed the base's by this factor: the goal fails where it is surely above
     kept_tolerance: float = Field(1.5, ge=1)
     max_images: int = Field(400_000, gt=0)  # training budget in images seen
     probe_every_images: int = Field(20_000, gt=0)

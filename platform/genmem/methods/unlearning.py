@@ -256,7 +256,8 @@ class KeptDistance:
     """How far the kept part of a model's samples lies from the kept data, with its sampling
     noise: the unbiased MMD^2 to one seeded subset of ``size`` kept data rows, the same subset for
     every set of samples measured (the base's and each probe's compare on it), and its one-sided
-    bounds at ``confidence`` by a bootstrap over the samples (:func:`mmd_bounds`). Points: the
+    bounds at ``confidence`` by a bootstrap over the samples (:func:`mmd_bounds`, each draw as
+    many rows as the estimate has). Points: the
     RBF kernel, σ = 1, as ``mmd_kept``; with ``features`` (images: the independent classifier's)
     KID's polynomial kernel on them, standardised by the kept data's mean and spread per feature:
     on raw classifier features (norm about 68) the base's kept part read 9.6 with an upper bound
@@ -287,4 +288,4 @@ class KeptDistance:
             return float("nan"), float("nan"), float("nan")
         kernel = {"kernel": self.kernel} if self.kernel is not None else {}
         return mmd_bounds(self.reference, self._standardised(kept), draws=self.draws, subset_size=len(self.reference), seed=self.seed,
-                          level=self.level, **kernel)
+                          level=self.level, draw_rows=len(kept), **kernel)  # bounds on the estimate from every kept row (up to the pool)

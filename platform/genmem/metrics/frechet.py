@@ -182,15 +182,16 @@ def kid_interval(real_features: torch.Tensor | np.ndarray, fake_features: torch.
 
 def mmd_bounds(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, *, draws: int, subset_size: int = 1000, seed: int = 0,
                level: float = 0.95, pool: int = 4000, kernel: Callable[[np.ndarray, np.ndarray], np.ndarray] = _poly_kernel,
-               ) -> tuple[float, float, float]:
+               draw_rows: int | None = None) -> tuple[float, float, float]:
     """The unbiased MMD^2 of the generated rows (a seeded ``pool`` of them where there are more)
     to one seeded real subset of ``subset_size`` rows, and its percentile bootstrap interval over
-    the generated rows: each draw takes ``subset_size`` generated rows with replacement and
-    computes the unbiased MMD^2 leaving out the pairs of a generated row with itself (a resampled
-    duplicate would otherwise count as a perfect match and bias the MMD^2 by about k(y, y) / size).
-    With c the draw's count of each generated row and K their kernel matrix, those pairs sum to
-    c'Kc - sum_u c_u^2 K_uu: every draw is one product with the kernel matrices, computed once.
-    ``kernel`` defaults to KID's (Bińkowski et al. 2018)."""
+    the generated rows: each draw takes ``draw_rows`` generated rows with replacement (default
+    ``subset_size``, KID's convention, which bounds a KID of that many rows; every row of the pool
+    bounds the estimate itself) and computes the unbiased MMD^2 leaving out the pairs of a
+    generated row with itself (a resampled duplicate would otherwise count as a perfect match and
+    bias the MMD^2 by about k(y, y) / n). With c the draw's count of each generated row and K
+    their kernel matrix, those pairs sum to c'Kc - sum_u c_u^2 K_uu: every draw is one product
+    with the kernel matrices, computed once. ``kernel`` defaults to KID's (Bińkowski et al. 2018)."""
     x, y = _as_float64(real), _as_float64(fake)
     rng = np.random.default_rng(seed)
     if y.shape[0] > pool:
@@ -200,9 +201,10 @@ def mmd_bounds(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
     kxx, kyy, kxy = kernel(xs, xs), kernel(y, y), kernel(xs, y)
     xx = (kxx.sum() - np.trace(kxx)) / (size * (size - 1))
     m = y.shape[0]
+    n = size if draw_rows is None else min(draw_rows, m)
     estimate = float(xx + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2.0 * kxy.mean())
-    counts = rng.multinomial(size, np.full(m, 1 / m), size=draws).astype(np.float64)  # (draws, m)
+    counts = rng.multinomial(n, np.full(m, 1 / m), size=draws).astype(np.float64)  # (draws, m)
     same = (counts**2) @ np.diag(kyy)
-    yy = (np.einsum("bu,bu->b", counts @ kyy, counts) - same) / (size**2 - (counts**2).sum(1))
-    xy = counts @ kxy.sum(0) / (size * size)
+    yy = (np.einsum("bu,bu->b", counts @ kyy, counts) - same) / (n**2 - (counts**2).sum(1))
+    xy = counts @ kxy.sum(0) / (size * n)
     return (estimate, *intervals.percentile(torch.from_numpy(xx + yy - 2.0 * xy), level))
