@@ -187,6 +187,7 @@ def test_chained_generation_starts_from_the_source_models_samples():
 
 from mlflow import MlflowClient  # noqa: E402
 
+from genmem.checkpoint import read_meta  # noqa: E402
 from genmem.data import read_shards  # noqa: E402
 from genmem.errors import CheckpointError, ConfigError  # noqa: E402
 from genmem.jobs.base import Context  # noqa: E402
@@ -238,6 +239,37 @@ def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tm
     assert any(a.path.startswith("before_after") for a in client.list_artifacts(by_lam[5.0].info.run_id))
     samples = next((storage / "unlearn").glob(f"{result['sweep']}-*/base_samples"))
     assert read_shards(samples).manifest.source.startswith("checkpoint:")  # base samples keep their provenance
+
+
+@pytest.mark.slow
+def test_resampled_pools_come_from_the_model_being_trained_and_hold_less_of_the_forget_region(storage, tracking, ray_local, trained_base):
+    """With resample_every_images each pool is drawn from the last pool's trained model and is a
+    training run that starts from its weights: the pools' ground-truth forget share falls, their
+    mean weight rises, and images and the reason count every pool."""
+    torch.set_num_threads(2)
+    base = trained_base({**TOY_BASE, "data": {"source": "6gaussians", "n": 6000}})
+    result = _unlearn(base, target={"kind": "region", "forget": ["mode1", "mode3", "mode5"]}, mode="finetune", lr=1e-3, run_name="pools",
+                      target_ratio=1e-6, resample_every_images=20_480, probe_every_images=20_480, max_images=61_440)
+    assert result["ended_by"] == "max_images" and result["images_seen"] == 61_440, result
+    assert result["ended_by_reason"].startswith("not reached in 61,440 images over 3 pools: forget ratio "), result["ended_by_reason"]
+    folder = storage / "unlearn" / "pools"
+    pools = [read_shards(folder / name) for name in ("base_samples", "pool_2", "pool_3")]
+    share = [float(np.isin(toy_regions("6gaussians", p.x.numpy()), [1, 3, 5]).mean()) for p in pools]
+    assert share[0] > 0.4 and share[1] < 0.6 * share[0] and share[2] < 0.8 * share[1], share
+    client = MlflowClient()
+    run = client.get_run(result["mlflow_run_id"])
+    mean_w = [h.value for h in sorted(client.get_metric_history(run.info.run_id, "unlearn/weight_mean"), key=lambda h: h.step)]
+    assert len(mean_w) == 3 and mean_w[0] < mean_w[1] < mean_w[2] <= 0.5, mean_w
+    runs = {r.data.tags["mlflow.runName"]: r for r in client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
+    assert sorted(runs) == ["pools-train", "pools-train-2", "pools-train-3"], sorted(runs)
+    for k, name in enumerate(["pools-train-2", "pools-train-3"]):  # each starts from the one before, on its own pool
+        before = runs["pools-train" if k == 0 else "pools-train-2"].data.tags["checkpoint_uri"]
+        assert runs[name].data.params["init_from"] == before, (name, runs[name].data.params["init_from"], before)
+        assert pools[k + 1].manifest.source == f"checkpoint:{read_meta(before)['checkpoint_id']}", pools[k + 1].manifest.source
+        assert len(client.get_metric_history(runs[name].info.run_id, "eval/forget_ratio")) == 1
+    assert run.data.tags["train_run_id"] == runs["pools-train-3"].info.run_id
+    assert run.data.metrics["unlearn/images_spent"] == 61_440
 
 
 @pytest.mark.slow
@@ -482,12 +514,12 @@ def test_a_proxy_ensemble_retains_only_where_every_member_is_sure():
 
 
 def test_the_proxy_margin_shifts_the_retain_logit_so_only_sure_samples_count_as_kept():
-    from genmem.jobs.unlearn import _proxy_logits
+    from genmem.jobs.unlearn import Proxy
 
     data = toy("circles", 1000, seed=0)
     region = {"target": {"kind": "region", "forget": ["outer"]}, "proxy_members": 2, "proxy_steps": 100}
     across = torch.stack([torch.linspace(-3, 3, 2001), torch.zeros(2001)], 1)  # a line through both rings and between them
-    sure, plain = (_proxy_logits(UnlearnConfig(base="ckpt", proxy_margin=m, **region), data, across, [0])[0] for m in (2.0, 0.0))
+    sure, plain = (Proxy(UnlearnConfig(base="ckpt", proxy_margin=m, **region), data, across, [0]).logits(across) for m in (2.0, 0.0))
     assert torch.allclose(sure, plain - 2.0)  # the same proxy, its logit shifted by the margin
     assert (weights(sure, 5.0) <= weights(plain, 5.0)).all()  # no sample weighs more
     near = (torch.sigmoid(plain) > 0.5) & (torch.sigmoid(plain) < 0.88)  # kept at margin 0, not at margin 2
@@ -495,3 +527,12 @@ def test_the_proxy_margin_shifts_the_retain_logit_so_only_sure_samples_count_as_
     assert UnlearnConfig(base="ckpt").proxy_margin == 2.0
     with pytest.raises(ValueError, match="proxy_margin"):
         UnlearnConfig(base="ckpt", proxy_margin=-1)
+
+
+def test_resampling_the_pool_is_refused_where_no_pool_could_be_judged_or_drawn():
+    with pytest.raises(ValueError, match="use mode=finetune, or leave resample_every_images unset"):
+        UnlearnConfig(base="ckpt", mode="flow", resample_every_images=40_000)
+    with pytest.raises(ValueError, match="probe_every_images=20000 exceeds resample_every_images=10000: a pool would end before its first probe"):
+        UnlearnConfig(base="ckpt", mode="finetune", resample_every_images=10_000)
+    assert UnlearnConfig(base="ckpt", mode="finetune", resample_every_images=20_000).resample_every_images == 20_000
+    assert UnlearnConfig(base="ckpt").resample_every_images is None  # one pool, the paper's method

@@ -223,9 +223,10 @@ def derived_tree(saved: dict[str, Any], *, name: str, run_name: str, seed: int, 
 
 def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "train", hooks: Sequence[Hook] = (),
                 objective_factory: ObjectiveFactory | None = None, probe_factory: ProbeFactory | None = None,
-                columns: Sequence[str] = ()) -> TrainJobResult:
+                columns: Sequence[str] = (), announce: bool = True) -> TrainJobResult:
     """Train on Ray workers under an MLflow run of experiment ``genmem/<kind>`` (``columns``: what
-    its run list shows, where this run's job owns the experiment).
+    its run list shows, where this run's job owns the experiment; ``announce``: print the goal's
+    verdict, which a job that trains in parts says itself).
 
     The Ray run name is ``cfg.run_name``, else the context's key, else a fresh unique name; a
     named run that exists resumes from its last checkpoint and reopens its MLflow run."""
@@ -259,7 +260,7 @@ def train_model(cfg: TrainConfig, ctx: Context | None = None, *, kind: str = "tr
                                             (probes[0][-1], probes[1][-1]) if probes[0] else None, verdict.get(BUDGET_TAG)))
     if verdict.get(BUDGET_TAG):
         print(f"[genmem train] memorisation budget {verdict[BUDGET_TAG]}: {verdict.get(BUDGET_TAG + '_reason', '')}", flush=True)
-    if verdict.get(ENDED_TAG):
+    if verdict.get(ENDED_TAG) and announce:
         print(f"[genmem {kind}] ended by {verdict[ENDED_TAG]}: the goal was {verdict.get(ENDED_TAG + '_reason', '')}", flush=True)
     return TrainJobResult(
         checkpoint=fitted.checkpoint, grid=join(fitted.checkpoint, "samples.png"), run_name=run_name,
