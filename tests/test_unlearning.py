@@ -5,10 +5,12 @@ real Ray cluster with a real MLflow server and Parquet (slow)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from genmem.config import SamplerConfig
@@ -244,12 +246,13 @@ def test_a_lambda_sweep_keeps_the_base_at_zero_forgets_at_five_and_draws_both(tm
 @pytest.mark.slow
 def test_resampled_pools_come_from_the_model_being_trained_and_hold_less_of_the_forget_region(storage, tracking, ray_local, trained_base):
     """With resample_every_images each pool is drawn from the last pool's trained model and is a
-    training run that starts from its weights: the pools' ground-truth forget share falls, their
-    mean weight rises, and images and the reason count every pool."""
+    training run that starts from its weights, on every pool so far (accumulate_pools, as the
+    digit config): the pools' ground-truth forget share falls, their mean weight rises, and images
+    and the reason count every pool."""
     torch.set_num_threads(2)
     base = trained_base({**TOY_BASE, "data": {"source": "6gaussians", "n": 6000}})
     result = _unlearn(base, target={"kind": "region", "forget": ["mode1", "mode3", "mode5"]}, mode="finetune", lr=1e-3, run_name="pools",
-                      target_ratio=1e-6, resample_every_images=20_480, probe_every_images=20_480, max_images=61_440)
+                      target_ratio=1e-6, resample_every_images=20_480, accumulate_pools=True, probe_every_images=20_480, max_images=61_440)
     assert result["ended_by"] == "max_images" and result["images_seen"] == 61_440, result
     assert result["ended_by_reason"].startswith("not reached in 61,440 images over 3 pools: forget ratio "), result["ended_by_reason"]
     folder = storage / "unlearn" / "pools"
@@ -269,6 +272,7 @@ def test_resampled_pools_come_from_the_model_being_trained_and_hold_less_of_the_
         assert pools[k + 1].manifest.source == f"checkpoint:{read_meta(before)['checkpoint_id']}", pools[k + 1].manifest.source
         assert len(client.get_metric_history(runs[name].info.run_id, "eval/forget_ratio")) == 1
     assert run.data.tags["train_run_id"] == runs["pools-train-3"].info.run_id
+    assert [Path(u).name for u in yaml.safe_load(runs["pools-train-3"].data.params["data.synthetic"])] == ["base_samples", "pool_2", "pool_3"]
     assert run.data.metrics["unlearn/images_spent"] == 61_440
 
 
@@ -536,3 +540,24 @@ def test_resampling_the_pool_is_refused_where_no_pool_could_be_judged_or_drawn()
         UnlearnConfig(base="ckpt", mode="finetune", resample_every_images=10_000)
     assert UnlearnConfig(base="ckpt", mode="finetune", resample_every_images=20_000).resample_every_images == 20_000
     assert UnlearnConfig(base="ckpt").resample_every_images is None  # one pool, the paper's method
+    with pytest.raises(ValueError, match="accumulate_pools keeps the redrawn pools, and no pool is redrawn: set resample_every_images"):
+        UnlearnConfig(base="ckpt", mode="finetune", accumulate_pools=True)
+
+
+def test_each_pool_trains_on_its_own_samples_or_with_every_earlier_pool(tmp_path):
+    """Pool k (0 the base's samples) is a training run of its own, from the last one's checkpoint,
+    on its own samples, or with ``accumulate_pools`` on every pool so far in the order they were drawn."""
+    from genmem.config import ScalingConfig, TrainConfig
+    from genmem.jobs.unlearn import _train_config
+    from genmem.runs.before_after import Base, BeforeAfter
+
+    base = Base("base-ckpt", {"config": TrainConfig(data={"source": "moons"}).model_dump(mode="json")}, None, None)
+    change = BeforeAfter("unlearn", "r", tmp_path, None, ScalingConfig())  # the tracker is not read to derive a config
+    for accumulate, expected in ((False, ["pool_3"]), (True, ["base_samples", "pool_2", "pool_3"])):
+        cfg = UnlearnConfig(base="base-ckpt", mode="finetune", resample_every_images=20_000, accumulate_pools=accumulate)
+        third = _train_config(change, cfg, base, pool=2, start="ckpt-2", images=20_000)
+        assert [Path(u).name for u in third.data.synthetic] == expected and not third.data.real
+        assert (third.init_from, third.run_name, third.images, third.eval_every_images) == ("ckpt-2", "r-train-3", 20_000, 20_000)
+        first = _train_config(change, cfg, base)
+        assert [Path(u).name for u in first.data.synthetic] == ["base_samples"] and first.init_from == "base-ckpt"
+        assert (first.run_name, first.images) == ("r-train", cfg.max_images)

@@ -103,6 +103,8 @@ class UnlearnConfig(Strict):
     # base's samples, as the paper). The U-Net digits kept 0.165 of their 8s after 200,000 images on one pool, 0.116
     # on two pools of 100,000 each
     resample_every_images: int | None = Field(None, gt=0)
+    # train on every pool drawn so far, the base's first (as retrain's accumulate), instead of the last one alone
+    accumulate_pools: bool = False
     probe_n: int = Field(2000, gt=1)  # samples per probe
     batch_size: int = Field(256, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -121,6 +123,9 @@ class UnlearnConfig(Strict):
         if self.probe_every_images > self.max_images:
             raise ValueError(f"probe_every_images={self.probe_every_images} exceeds max_images={self.max_images}: no probe would "
                              "judge the goal; lower probe_every_images")
+        if self.accumulate_pools and self.resample_every_images is None:
+            raise ValueError("accumulate_pools keeps the redrawn pools, and no pool is redrawn: set resample_every_images, "
+                             "e.g. 100000, or leave accumulate_pools unset")
         if self.resample_every_images is not None:
             if self.mode != "finetune":
                 raise ValueError("resample_every_images redraws the pool from the network being trained, which is built for "
@@ -207,7 +212,7 @@ def _train_config(change: BeforeAfter, cfg: UnlearnConfig, base: Base, pool: int
     """Trained on the base samples (or ``pool_<k>``, drawn from ``start``), measured on the real
     data: ``finetune`` starts from ``start`` (default the base's weights); ``flow`` trains a new flow
     from base samples (its source) to base samples."""
-    data = {"synthetic": [change.uri(_pool_name(pool))], "real": False}
+    data = {"synthetic": [change.uri(_pool_name(k)) for k in range(0 if cfg.accumulate_pools else pool, pool + 1)], "real": False}
     budget = {"images": images or cfg.max_images, "eval_every_images": cfg.probe_every_images}
     if cfg.mode == "finetune":
         named = {"run_name": f"{change.run_name}-train-{pool + 1}"} if pool else {}
@@ -400,16 +405,19 @@ def _train_pools(change: BeforeAfter, cfg: UnlearnConfig, base: Base, proxy: Pro
     """Weighted training until the goal or ``max_images``: on the base's samples alone, or with
     ``resample_every_images`` on pools drawn in turn from the model being trained, each pool a
     training run (``<run>-train``, ``<run>-train-2``, ...) that starts from the last one's weights
-    and EMA, its samples kept as ``pool_2``, ``pool_3``, ... The pool's mean and least weight go to
+    and EMA, its samples kept as ``pool_2``, ``pool_3``, ... (``accumulate_pools``: trained on with
+    every earlier pool's rows, the base's first). The pool's mean and least weight go to
     the job's run at step k (k pools redrawn); the result is the last run's, with the images and
     the reason counted over every pool."""
     per_pool = cfg.resample_every_images or cfg.max_images
-    spent, pool, start = 0, 0, None
+    spent, pool, start, pools = 0, 0, None, []
     while True:
         w = weights(proxy.logits(x1), cfg.lam)
         change.tracker.metrics({"unlearn/weight_mean": w.mean().item(), "unlearn/weight_min": w.min().item()}, step=pool)
+        pools = [*pools, (x1, w)] if cfg.accumulate_pools else [(x1, w)]  # in the order the training set lists their rows
+        rows, w = torch.cat([x for x, _ in pools]), torch.cat([v for _, v in pools])
         trained = change.train(_train_config(change, cfg, base, pool, start, min(per_pool, cfg.max_images - spent)),
-                               objective_factory=WeightsFactory(w, float(x1.double().sum()), source), probe_factory=probes,
+                               objective_factory=WeightsFactory(w, float(rows.double().sum()), source), probe_factory=probes,
                                announce=cfg.resample_every_images is None)
         spent += trained["images_seen"]
         if trained["ended_by"] == "target" or cfg.max_images - spent < cfg.probe_every_images:  # no probe would judge a shorter pool
