@@ -13,7 +13,10 @@ checkpoint in, unlearned checkpoint out:
    ``retention`` and the kept part's MMD² to the kept data within ``kept_tolerance`` times the
    base's, all judged at one-sided ``confidence`` against the probe's sampling noise (the
    ratio's upper bound at the target; no kept label, and not the kept part, surely outside)
-   (tag ``ended_by=target``), or at ``max_images`` (``ended_by=max_images``);
+   (tag ``ended_by=target``), or at ``max_images`` (``ended_by=max_images``); with
+   ``resample_every_images`` (finetune) the pool is drawn again from the model being trained
+   every that many images, each pool a training run of its own (``accumulate_pools``: on every
+   pool so far);
 4. the same ``eval_n`` samples from the unlearned model, measured against the base's by ground
    truth (toy regions), an independent classifier (classes) or the exact nearest-neighbour test
    (copies), never by the proxy; one MLflow run with the metrics and before/after figures.
