@@ -165,6 +165,20 @@ def test_load_dataset_train_size_and_key(store):
     assert dataset_key(DataConfig(source="moons", seed=1)) != dataset_key(DataConfig(source="moons", seed=2))
 
 
+def test_exclude_labels_removes_their_rows_and_keeps_every_other_row_of_each_split(store):
+    full_train, full_heldout = load_dataset(DataConfig(source="digits", train_size=900))
+    train, heldout = load_dataset(DataConfig(source="digits", train_size=900, exclude_labels=["8", 3]))
+    for full, part in ((full_train, train), (full_heldout, heldout)):
+        keep = ~torch.isin(full.labels, torch.tensor([3, 8]))
+        assert 0 < len(part) < len(full) and torch.equal(part.index, full.index[keep]) and torch.equal(part.x, full.x[keep])
+        assert part.manifest.sha256 == content_hash(part.x, part.labels) != full.manifest.sha256
+    assert dataset_key(DataConfig(source="digits", exclude_labels=["8"])) == dataset_key(DataConfig(source="digits"))
+    with pytest.raises(DataError, match=r"data.exclude_labels names '11', which is not a label of the digits data: choose among 0, 1"):
+        load_dataset(DataConfig(source="digits", exclude_labels=["11"]))
+    with pytest.raises(DataError, match="data.exclude_labels names labels, but the manifold data has none"):
+        load_dataset(DataConfig(source="manifold", n=200, exclude_labels=[0]))
+
+
 def test_provenance_columns_round_trip(tmp_path):
     x = torch.randn(7, 3, 4, 4)
     cols = {

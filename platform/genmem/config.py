@@ -66,6 +66,9 @@ class DataConfig(Strict):
     # self-consuming loop); every row of each folder is used. real=False trains on them alone.
     synthetic: list[str] = Field(default_factory=list)
     real: bool = True
+    # labels (names such as "8", or indices) whose rows leave both splits after the split and
+    # train_size: the rest is row for row the data without them (exact unlearning's reference model)
+    exclude_labels: list[str | int] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import DataError
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -110,6 +112,23 @@ class ArrayDataset:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def label_indices(self, items: list[str | int], what: str) -> list[int]:
+        """The label indices that ``items`` name, refusing one no row carries (``what``: the
+        setting that named them, for the message)."""
+        if self.labels is None:
+            raise DataError(f"{what} names labels, but the {self.manifest.source} data has none: leave {what} unset")
+        out = []
+        for item in items:
+            if (k := self.label_of(item)) is None:
+                raise DataError(f"{what} names {item!r}, which is not a label of the {self.manifest.source} data: choose among "
+                                f"{self.label_choices()}")
+            out.append(k)
+        return sorted(set(out))
+
+    def without_labels(self, labels: list[int]) -> ArrayDataset:
+        """The rows whose label is none of ``labels``, in their order."""
+        return self.take(torch.nonzero(~torch.isin(self.labels, torch.tensor(labels, dtype=self.labels.dtype))).flatten())
 
     def take(self, idx: torch.Tensor) -> ArrayDataset:
         """The rows ``idx``, with n and sha256 of the manifest recomputed."""

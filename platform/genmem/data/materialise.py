@@ -79,7 +79,8 @@ def load_dataset(cfg: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
 
     The first call builds the source, splits it with ``cfg.seed`` and writes ``train/`` and
     ``heldout/`` shard folders in one atomic step; every call then reads them back, checking
-    each against its manifest. ``cfg.train_size`` finally takes a seeded subset of train.
+    each against its manifest. ``cfg.train_size`` finally takes a seeded subset of train, and
+    ``cfg.exclude_labels`` removes those labels' rows from both splits.
 
     Usage::
 
@@ -97,6 +98,9 @@ def load_dataset(cfg: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
     train, heldout = read_shards(folder / "train"), read_shards(folder / "heldout")
     if cfg.train_size is not None:
         train = subset(train, cfg.train_size, cfg.seed)
+    if cfg.exclude_labels:
+        gone = train.label_indices(cfg.exclude_labels, "data.exclude_labels")
+        train, heldout = train.without_labels(gone), heldout.without_labels(gone)
     if cfg.synthetic:
         generated = [as_synthetic(read_shards(path)) for path in cfg.synthetic]
         extra = {"n_real": len(train) if cfg.real else 0, "n_synthetic": sum(len(g) for g in generated),
