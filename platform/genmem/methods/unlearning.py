@@ -223,6 +223,27 @@ def ratio_bounds(k_after: float, n_after: int, k_before: float, n_before: int, z
     return lo, float(np.exp(log_ratio + z * se))
 
 
+def excess_bounds(k_after: float, n_after: int, k_ref: float, n_ref: int, k_before: float, n_before: int,
+                  z: float) -> tuple[float, float, float]:
+    """The forget ratio above a reference model's, (p_after - p_ref) / p_before for three
+    independent binomial proportions (k events in n samples each), and its bounds at z by
+    Fieller's theorem for the ratio of two normal estimates, N = p_after - p_ref over D = p_before:
+    the d with (N - d D)^2 <= z^2 (Var N + d^2 Var D). z = 1.645 gives one-sided 95% bounds. No
+    event counts as half an event in the variances (as :func:`ratio_bounds`); no event before, or
+    a p_before within z errors of 0, leaves the bounds unbounded (inf)."""
+    if k_before <= 0 or min(n_after, n_ref, n_before) <= 0:
+        return float("nan"), float("-inf"), float("inf")
+    p = lambda k, n: k / n  # noqa: E731
+    var = lambda k, n: max(k, 0.5) / n * (1 - min(max(k, 0.5) / n, 1.0)) / n  # noqa: E731
+    num, den = p(k_after, n_after) - p(k_ref, n_ref), p(k_before, n_before)
+    var_num, var_den = var(k_after, n_after) + var(k_ref, n_ref), var(k_before, n_before)
+    a = den**2 - z**2 * var_den
+    if a <= 0:
+        return num / den, float("-inf"), float("inf")
+    half = z * np.sqrt(max(var_num * den**2 + var_den * num**2 - z**2 * var_num * var_den, 0.0))
+    return num / den, float((num * den - half) / a), float((num * den + half) / a)
+
+
 def forgetting_bounds(before: Tensor, after: Tensor, forget: Sequence[int], n_labels: int, z: float) -> dict[str, float]:
     """:func:`forgetting`'s ratios with their sampling noise, from the label counts: the forget
     ratio's bounds ``forget_ratio_lo``/``_hi`` at z, and over the kept labels the lowest upper
