@@ -16,7 +16,9 @@ or λ; a trajectory still falling at the end names the budget.
 With ``--goal`` the variants run with the job's own stop (its defaults: target_ratio, retention,
 max_images) instead: the "after" table. The variant ``retrain`` is exact unlearning's reference:
 the base's config trained from scratch without the forget rows, judged by the same measure (the
-U-Net digits without their 8s: 0.096, upper bound 0.132, of 3,000 samples). With
+U-Net digits without their 8s: 0.096, upper bound 0.132, of 3,000 samples), trained with
+``data.exclude_labels``; ``--reference`` gives that model to the job as its ``reference``, so the
+goal and the row hold the forget ratio above it (``forget_excess``). With
 ``resample_every_images`` the trajectory runs over every pool's training run.
 
     .venv/bin/python bench/unlearn_cases.py --out /tmp/unlearn_cases.jsonl [--cases gauss03 ...] [--variants flow5 ...] [--goal]
@@ -68,20 +70,17 @@ VARIANTS = {  # name: (mode, λ); "shipped": the case's config (configs/unlearn_
 def base_checkpoint(work: Path, tree: dict, without: list[str] = ()) -> str:
     """The case's base (seed 0, cached under ``work``); ``without``: trained on its data less
     the rows of those labels (exact unlearning's reference)."""
-    import torch
-
     from genmem.config import TrainConfig
     from genmem.data import load_dataset
     from genmem.training import LocalReporter, train_loop
 
-    key = tree["data"]["source"] + ("-unet" if tree["model"]["kind"] == "unet" else "") + "".join(f"-no-{f}" for f in without)
+    key = tree["data"]["source"] + ("-unet" if tree["model"]["kind"] == "unet" else "") + "".join(f"-without-{f}" for f in without)
     out = work / "bases" / key
     if (out / "checkpoint" / "meta.json").is_file():
         return str(out / "checkpoint")
+    tree = {**tree, "data": {**tree["data"], "exclude_labels": list(without)}} if without else tree
     cfg = TrainConfig.model_validate({**tree, "log_every_images": tree["images"], "seed": 0})
     train, _ = load_dataset(cfg.data)
-    if without:
-        train = train.take(torch.nonzero(~torch.isin(train.labels, torch.tensor([train.label_of(f) for f in without]))).flatten())
     return str(train_loop(cfg, train, LocalReporter(out, cfg.images, quiet=True)).checkpoint)
 
 
@@ -154,6 +153,8 @@ def run_case(work: Path, case: str, variant: str, args) -> dict:
     base = base_checkpoint(work, tree)
     job = {k: v for k, v in job.items() if mode == "finetune" or k not in ("resample_every_images", "accumulate_pools")}  # finetune only
     overrides = {} if args.goal else {"target_ratio": 1e-9, "max_images": args.max_images, "probe_every_images": args.probe_every}
+    if args.reference:
+        overrides["reference"] = base_checkpoint(work, tree, forget)
     for item in args.set:
         key, value = item.split("=", 1)
         node = overrides
@@ -177,6 +178,7 @@ def run_case(work: Path, case: str, variant: str, args) -> dict:
     kept = [v for k, v in m.items() if k.startswith("retention/")]
     row = {"case": case, "variant": variant + args.tag, "set": args.set, "goal": args.goal, "forget_ratio": m.get("forget_ratio"), "forget_ratio_lo": m.get("forget_ratio_lo"),
            "forget_ratio_hi": m.get("forget_ratio_hi"), "forget_mass_before": m.get("forget_mass_before"),
+           **{k: m[k] for k in ("forget_ratio_reference", "forget_excess", "forget_excess_lo", "forget_excess_hi") if k in m},
            "retention_min": min(kept), "retention_max": max(kept), "mmd_kept": m.get("mmd_kept"), "mmd_kept_before": m.get("mmd_kept_before"),
            "fd_classifier": m.get("fd_classifier"), "fd_classifier_before": m.get("fd_classifier_before"),
            "images": result["images_seen"], "ended_by": result["ended_by"], "seconds": round(seconds, 1), "trajectory": trajectory, "upper": upper,
@@ -201,6 +203,7 @@ def main() -> None:
     ap.add_argument("--goal", action="store_true", help="the job's own stop and defaults instead of a fixed budget")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="unlearn config overrides (YAML values), e.g. lr=3e-4")
     ap.add_argument("--tag", default="", help="appended to the run names (variants with --set)")
+    ap.add_argument("--reference", action="store_true", help="exact unlearning's model (variant retrain's) as the job's reference")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="unlearn-cases-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -193,7 +193,7 @@ from genmem.checkpoint import read_meta  # noqa: E402
 from genmem.data import read_shards  # noqa: E402
 from genmem.errors import CheckpointError, ConfigError  # noqa: E402
 from genmem.jobs.base import Context  # noqa: E402
-from genmem.jobs.unlearn import UnlearnConfig  # noqa: E402
+from genmem.jobs.unlearn import UnlearnConfig, preflight  # noqa: E402
 from genmem.jobs.unlearn import run as unlearn  # noqa: E402
 from genmem.jobs.sweep import SweepConfig  # noqa: E402
 from genmem.jobs.sweep import run as sweep  # noqa: E402
@@ -274,6 +274,30 @@ def test_resampled_pools_come_from_the_model_being_trained_and_hold_less_of_the_
     assert run.data.tags["train_run_id"] == runs["pools-train-3"].info.run_id
     assert [Path(u).name for u in yaml.safe_load(runs["pools-train-3"].data.params["data.synthetic"])] == ["base_samples", "pool_2", "pool_3"]
     assert run.data.metrics["unlearn/images_spent"] == 61_440
+
+
+@pytest.mark.slow
+def test_with_exact_unlearnings_model_as_reference_the_goal_holds_what_is_left_above_it(storage, tracking, ray_local, trained_base):
+    """A model trained without the three modes (data.exclude_labels) is the reference: its samples
+    are kept with their provenance, the probes and the report measure the forget ratio above its
+    own, and the goal ends on that excess."""
+    torch.set_num_threads(2)
+    forget = ["mode1", "mode3", "mode5"]
+    base = trained_base({**TOY_BASE, "data": {"source": "6gaussians", "n": 6000}})
+    reference = trained_base({**TOY_BASE, "data": {"source": "6gaussians", "n": 6000, "exclude_labels": forget}})
+    result = _unlearn(base, target={"kind": "region", "forget": forget}, mode="finetune", lr=1e-3, run_name="against-reference",
+                      reference=reference, probe_every_images=10_240, max_images=61_440)
+    m = result["metrics"]
+    assert read_shards(storage / "unlearn" / "against-reference" / "reference").manifest.source == f"checkpoint:{read_meta(reference)['checkpoint_id']}"
+    assert 0 <= m["forget_ratio_reference"] < 0.1 and m["forget_excess"] == pytest.approx(m["forget_ratio"] - m["forget_ratio_reference"]), m
+    assert m["forget_excess_lo"] < m["forget_excess"] < m["forget_excess_hi"], m
+    assert result["ended_by"] == "target" and result["images_seen"] < 61_440, result
+    assert f" above the reference's {m['forget_ratio_reference']:.3f} (at most " in result["ended_by_reason"], result["ended_by_reason"]
+    client = MlflowClient()
+    run = client.get_run(result["mlflow_run_id"])
+    upper = sorted(client.get_metric_history(run.data.tags["train_run_id"], "eval/forget_excess_hi"), key=lambda h: h.step)
+    assert upper[-1].step == result["images_seen"] and upper[-1].value <= 0.1 < min([1.0] + [h.value for h in upper[:-1]]), upper
+    assert run.data.metrics["unlearn/forget_excess"] == pytest.approx(m["forget_excess"])
 
 
 @pytest.mark.slow
@@ -359,6 +383,13 @@ def test_bad_input_is_refused_before_any_ray_work(tmp_path, storage, tracking, t
         _unlearn(manifold, target={"kind": "region", "forget": [0]})
     with pytest.raises(ConfigError, match="no labels: use target.kind=copies"):
         _unlearn(manifold, target={"kind": "class", "forget": [0]})
+    # exact unlearning's reference: the base's rows less the forget set's, nothing else
+    without_outer = trained_base({**TOY_BASE, "images": 2560, "data": {"source": "circles", "n": 500, "exclude_labels": ["outer"]}})
+    preflight(UnlearnConfig.model_validate({**JOB, "base": base, "target": {"kind": "region", "forget": ["outer"]}, "reference": without_outer}))
+    for reference, forget in ((base, "outer"), (without_outer, "inner")):
+        with pytest.raises(ConfigError, match=f"reference checkpoint {reference} was not trained on the base's training rows less the "
+                                              f"forget set's: train it with the base's data settings and data.exclude_labels=\\['{forget}'\\]"):
+            _unlearn(base, target={"kind": "region", "forget": [forget]}, reference=reference)
     assert not ray.is_initialized()
 
 
@@ -404,6 +435,33 @@ def test_the_judge_reaches_the_goal_only_with_the_ratio_and_every_kept_label_in_
         UnlearnConfig(base="ckpt", retention=(1.1, 1.3))
     with pytest.raises(ValueError, match="probe_every_images=50000 exceeds max_images=20000"):
         UnlearnConfig(base="ckpt", max_images=20_000, probe_every_images=50_000)
+
+
+def test_with_a_reference_the_judge_holds_the_forget_ratio_above_the_references_to_the_target():
+    """Exact unlearning's samples as the null: the goal's ratio is (after - reference) / before,
+    with its bound, so a ratio of 0.13 where the reference reads 0.09 meets a target of 0.1."""
+    from genmem.jobs.unlearn import Judge
+    from genmem.methods.unlearning import excess_bounds
+
+    data = toy("moons", 3000, seed=0)
+    upper = data.labels == 0
+    keep = lambda share: torch.cat([data.x[~upper], data.x[upper][: int(share * upper.sum())]])  # noqa: E731
+    cfg = UnlearnConfig(base="ckpt", target={"kind": "region", "forget": ["upper"]})
+    judge = Judge(cfg, data, [0], None, None, data.x, reference=keep(0.045))
+    after = keep(0.07)
+    m = judge(after)
+    k = lambda x: int((torch.as_tensor(toy_regions("moons", x.numpy())) == 0).sum())  # noqa: E731
+    assert judge.reference_ratio == pytest.approx(k(keep(0.045)) / len(keep(0.045)) / (k(data.x) / 3000))
+    assert m["forget_excess"] == pytest.approx(m["forget_ratio"] - judge.reference_ratio)
+    assert m["forget_excess_hi"] == excess_bounds(k(after), len(after), k(keep(0.045)), len(keep(0.045)), k(data.x), 3000, judge.z)[2]
+    assert 0.12 < m["forget_ratio"] and m["forget_excess_hi"] < 0.1, m
+    verdict, text = judge.reached(m)
+    assert verdict and text.startswith(f"forget ratio {m['forget_ratio']:.3f}, {m['forget_excess']:.3f} above the reference's "
+                                       f"{judge.reference_ratio:.3f} (at most {m['forget_excess_hi']:.3f} at 95%) <= target 0.1, "), text
+    assert judge.reached({**m, "forget_excess_hi": 0.11})[0] is False
+    assert Judge(cfg, data, [0], None, None, data.x).reached(m)[0] is False  # without the reference: the ratio itself
+    with pytest.raises(ValueError, match="reference is a model trained without the forget set's labels, and target.kind=copies"):
+        UnlearnConfig(base="ckpt", target={"kind": "copies"}, reference="ref")
 
 
 def test_the_judge_holds_the_kept_part_within_its_tolerance_of_the_bases_distance_to_the_kept_data():

@@ -2,16 +2,17 @@
 checkpoint in, unlearned checkpoint out:
 
 1. base samples from Ray sampling tasks, kept as Parquet with provenance (x1; in ``flow`` mode
-   an independent set x0 too), and ``eval_n`` samples of the base for the "before" column;
+   an independent set x0 too), and ``eval_n`` samples of the base for the "before" column (and of
+   ``reference``, exact unlearning's model, where given: trained without the forget set);
 2. an energy proxy (its own seed): a retain classifier on labelled training points for a region
    or class, near-copies of the targeted training images for ``copies``; weights w = sigmoid(-λ F);
 3. weighted training on Ray Train workers: ``finetune`` the base network on (noise, base sample)
    pairs, or train a new ``flow`` from base samples to base samples (sampled noise -> base -> flow),
    until the goal: every ``probe_every_images`` rank 0 measures forgetting on ``probe_n`` fresh
    samples by the same independent measure as step 4, and training ends at the first probe whose
-   forget ratio is at most ``target_ratio`` with every kept label's retention within
-   ``retention`` and the kept part's MMD² to the kept data within ``kept_tolerance`` times the
-   base's, all judged at one-sided ``confidence`` against the probe's sampling noise (the
+   forget ratio (with a reference: above the reference's) is at most ``target_ratio`` with every
+   kept label's retention within ``retention`` and the kept part's MMD² to the kept data within
+   ``kept_tolerance`` times the base's, all judged at one-sided ``confidence`` against the probe's sampling noise (the
    ratio's upper bound at the target; no kept label, and not the kept part, surely outside)
    (tag ``ended_by=target``), or at ``max_images`` (``ended_by=max_images``); with
    ``resample_every_images`` (finetune) the pool is drawn again from the model being trained
@@ -19,7 +20,8 @@ checkpoint in, unlearned checkpoint out:
    pool so far);
 4. the same ``eval_n`` samples from the unlearned model, measured against the base's by ground
    truth (toy regions), an independent classifier (classes) or the exact nearest-neighbour test
-   (copies), never by the proxy; one MLflow run with the metrics and before/after figures.
+   (copies), never by the proxy, and with a reference the forget ratio above the reference's
+   (``forget_excess``, two-sided 95% bounds); one MLflow run with the metrics and figures.
 
 Usage::
 
@@ -40,6 +42,7 @@ from pydantic import Field, model_validator
 from genmem.config import ENDED_TAG, ModelConfig, ScalingConfig, Strict, TrainConfig
 from genmem.generative import generate
 from genmem.data import TOYS, ArrayDataset, toy_regions
+from genmem.evaluation import training_data
 from genmem.errors import ConfigError, DataError
 from genmem.generative import build_process, derive_seed
 from genmem.jobs.base import COMMANDS, Context, Job, numeric
@@ -49,6 +52,7 @@ from genmem.methods.unlearning import (
     copies_of,
     copy_logits,
     copy_targets,
+    excess_bounds,
     fit_proxies,
     forgetting,
     forgetting_bounds,
@@ -99,6 +103,10 @@ class UnlearnConfig(Strict):
     # the kept part's MMD^2 to the kept data (regions: RBF on the points; classes: KID's kernel on the independent
     # classifier's standardised features) may exceed the base's by this factor: the goal fails where it is surely above
     kept_tolerance: float = Field(1.5, ge=1)
+    # exact unlearning's model (genmem train on the base's data with data.exclude_labels = the forget set): the
+    # goal and the report take the forget ratio above this model's, (after - reference) / before, as what is left
+    # to forget, with bounds for both models' sampling noise (None: a reference that draws none of the forget set)
+    reference: str | None = None
     max_images: int = Field(400_000, gt=0)  # training budget in images seen
     probe_every_images: int = Field(20_000, gt=0)
     # finetune: every this many images the pool of n_base samples is drawn again from the model being trained and
@@ -126,6 +134,9 @@ class UnlearnConfig(Strict):
         if self.probe_every_images > self.max_images:
             raise ValueError(f"probe_every_images={self.probe_every_images} exceeds max_images={self.max_images}: no probe would "
                              "judge the goal; lower probe_every_images")
+        if self.reference is not None and self.target.kind == "copies":
+            raise ValueError("reference is a model trained without the forget set's labels, and target.kind=copies picks its "
+                             "images from the base's samples: leave reference unset")
         if self.accumulate_pools and self.resample_every_images is None:
             raise ValueError("accumulate_pools keeps the redrawn pools, and no pool is redrawn: set resample_every_images, "
                              "e.g. 100000, or leave accumulate_pools unset")
@@ -160,10 +171,23 @@ def _labels_to_forget(cfg: UnlearnConfig, train: ArrayDataset) -> list[int]:
 
 
 def _checked(cfg: UnlearnConfig) -> tuple[Base, list[int]]:
-    """Tracking, storage, the base checkpoint and its data, and the target, before any Ray work:
-    the checked base and the labels to forget."""
+    """Tracking, storage, the base checkpoint and its data, the target and the reference, before
+    any Ray work: the checked base and the labels to forget."""
     base = check_base(cfg.base, cfg.batch_size, cfg.scaling)
-    return base, _labels_to_forget(cfg, base.train) if cfg.target.kind != "copies" else []
+    forget = _labels_to_forget(cfg, base.train) if cfg.target.kind != "copies" else []
+    if cfg.reference is not None:
+        _check_reference(cfg.reference, base, forget)
+    return base, forget
+
+
+def _check_reference(uri: str, base: Base, forget: list[int]) -> None:
+    """The reference must be trained on exactly the base's training rows less the forget set's."""
+    meta, train, _ = training_data(uri)  # a clear error for a missing or foreign folder
+    if tuple(meta["shape"]) != tuple(base.train.shape) or train.manifest.sha256 != base.train.without_labels(forget).manifest.sha256:
+        names = base.train.manifest.extra.get("label_names")
+        gone = [names[k] if names else k for k in forget]
+        raise ConfigError(f"reference checkpoint {uri} was not trained on the base's training rows less the forget set's: train it "
+                          f"with the base's data settings and data.exclude_labels={gone}")
 
 
 def preflight(cfg: UnlearnConfig) -> None:
@@ -231,9 +255,12 @@ class Judge:
     nearest-neighbour test (copies of the targets); and whether it meets the goal (forget ratio
     at most ``target_ratio``, every kept label's retention within ``retention``, the kept part no
     farther from the kept data than ``kept_tolerance`` times the base's: :class:`KeptDistance`,
-    for regions and classes). Picklable: rank 0 of the training run probes with it."""
+    for regions and classes). With ``reference`` samples (exact unlearning's model) the goal's ratio
+    is the excess over the reference's, ``forget_excess``: :func:`excess_bounds`. Picklable: rank 0
+    of the training run probes with it."""
 
-    def __init__(self, cfg: UnlearnConfig, train: ArrayDataset, forget: list[int], targets: torch.Tensor | None, extractor, before: torch.Tensor):
+    def __init__(self, cfg: UnlearnConfig, train: ArrayDataset, forget: list[int], targets: torch.Tensor | None, extractor, before: torch.Tensor,
+                 reference: torch.Tensor | None = None):
         self.forget, self.targets, self.threshold = forget, targets, cfg.target.threshold
         self.target_ratio, self.bounds = cfg.target_ratio, tuple(cfg.retention)
         self.confidence, self.z = cfg.confidence, float(NormalDist().inv_cdf(cfg.confidence))
@@ -251,6 +278,20 @@ class Judge:
                                      seed=derive_seed(cfg.seed, Stream.KEPT))
             self.kept_base = self.kept(kept_before)
         self.copies_before = copies_of(memorisation(before, train.x, threshold=self.threshold), targets) if targets is not None else None
+        self.k_before = self.count(self.before_labels) if forget else 0
+        self.reference = (self.count(self.labels(reference)), len(reference)) if reference is not None and forget else None
+
+    def count(self, labels: torch.Tensor) -> int:
+        """How many of ``labels`` are the forget set's."""
+        return int(torch.isin(labels, torch.tensor(self.forget)).sum())
+
+    def excess(self, labels: torch.Tensor, z: float) -> tuple[float, float, float]:
+        """The forget ratio of samples labelled ``labels`` above the reference's, and its bounds at z."""
+        return excess_bounds(self.count(labels), len(labels), *self.reference, self.k_before, self.n_before, z)
+
+    @property
+    def reference_ratio(self) -> float:
+        return self.reference[0] / self.reference[1] / (self.k_before / self.n_before) if self.k_before else float("nan")
 
     def labels(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.toy:
@@ -275,6 +316,8 @@ class Judge:
                "retention_min_hi": bounds["retention_min_hi"], "retention_max_lo": bounds["retention_max_lo"]}
         if self.kept is not None:
             out["kept_mmd"], out["kept_mmd_lo"], out["kept_mmd_hi"] = self.kept(x[~torch.isin(labels, torch.tensor(self.forget))])
+        if self.reference is not None:
+            out["forget_excess"], _, out["forget_excess_hi"] = self.excess(labels, self.z)
         return out
 
     def reached(self, m: dict[str, float]) -> tuple[bool, str]:
@@ -282,10 +325,14 @@ class Judge:
         With bounds in ``m`` the verdict allows for the probe's sampling noise: the forget ratio's
         upper bound must be at most the target, and a kept label is out of bounds only where its
         own bound says so; without them (or at confidence 0.5) the point estimates decide."""
-        ratio, (lo, hi) = m.get("forget_ratio", float("nan")), self.bounds
-        ratio_hi = m.get("forget_ratio_hi", ratio)
-        noisy = "forget_ratio_hi" in m and self.z > 0
-        text = f"forget ratio {ratio:.3f}" + (f" (at most {ratio_hi:.3f} at {self.confidence:.0%})" if noisy else "")
+        (lo, hi), text = self.bounds, f"forget ratio {m.get('forget_ratio', float('nan')):.3f}"
+        key = "forget_excess" if self.reference is not None else "forget_ratio"
+        ratio = m.get(key, float("nan"))
+        ratio_hi = m.get(f"{key}_hi", ratio)
+        noisy = f"{key}_hi" in m and self.z > 0
+        if key == "forget_excess":
+            text += f", {ratio:.3f} above the reference's {self.reference_ratio:.3f}"
+        text += (f" (at most {ratio_hi:.3f} at {self.confidence:.0%})" if noisy else "")
         text += f" {'<=' if ratio_hi <= self.target_ratio else '>'} target {self.target_ratio:g}"
         if "retention_min" not in m:
             return bool(ratio_hi <= self.target_ratio), text
@@ -345,7 +392,8 @@ class _Measure:
     names = ("memorised_fraction", "mmd", "mmd_kept", "fd_classifier", "copies_of_targets")
     # how far the unlearned model moved from the base (λ = 0 should not move it), and the forgetting table
     compared = ("mmd_to_base", "fd_to_base", "forget_mass", "forget_mass_before", "forget_ratio", "forget_ratio_lo", "forget_ratio_hi",
-                "retained_mass", "retained_mass_before", "retention/")
+                "forget_ratio_reference", "forget_excess", "forget_excess_lo", "forget_excess_hi", "retained_mass", "retained_mass_before",
+                "retention/")
     headline = ("forget_mass", "retained_mass", "memorised_fraction", "fd_classifier", "mmd_kept")
 
     def __init__(self, cfg: UnlearnConfig, base: Base, forget: list[int], targets: torch.Tensor | None, judge: Judge):
@@ -382,8 +430,12 @@ class _Measure:
         if self.forget and lb is not None:
             la = self.labels(after)
             out.update(forgetting(lb, la, self.forget, self.judge.n_labels))
-            bounds = forgetting_bounds(lb, la, self.forget, self.judge.n_labels, z=NormalDist().inv_cdf(0.975))  # two-sided 95%
+            z = NormalDist().inv_cdf(0.975)  # two-sided 95%
+            bounds = forgetting_bounds(lb, la, self.forget, self.judge.n_labels, z=z)
             out.update(forget_ratio_lo=bounds["forget_ratio_lo"], forget_ratio_hi=bounds["forget_ratio_hi"])
+            if self.judge.reference is not None:
+                out["forget_ratio_reference"] = self.judge.reference_ratio
+                out["forget_excess"], out["forget_excess_lo"], out["forget_excess_hi"] = self.judge.excess(la, z)
         return out
 
 
@@ -450,8 +502,10 @@ def run(cfg: UnlearnConfig, ctx: Context) -> dict[str, Any]:
         targets = proxy.targets
         source = change.samples(cfg.base, cfg.n_base, "source_samples", seed(Stream.SOURCE)) if cfg.mode == "flow" else None
         before = change.samples(cfg.base, cfg.eval_n, "before", seed(Stream.EVAL))
+        # exact unlearning's samples, from the same noise as the before and after columns
+        reference = change.samples(cfg.reference, cfg.eval_n, "reference", seed(Stream.EVAL)) if cfg.reference is not None else None
         change.tracker.metrics({"unlearn/targets": float(len(targets)) if targets is not None else 0.0})
-        judge = Judge(cfg, base.train, forget, targets, _extractor(base.train), before)
+        judge = Judge(cfg, base.train, forget, targets, _extractor(base.train), before, reference)
         if judge.kept_base is not None:  # what the goal's kept clause holds the probes to
             change.tracker.metrics({"unlearn/kept_mmd_base": judge.kept_base[0], "unlearn/kept_mmd_base_hi": judge.kept_base[2]})
         trained = _train_pools(change, cfg, base, proxy, x1, source, GoalFactory(judge, cfg.probe_n, seed(Stream.PROBE)))
@@ -477,7 +531,7 @@ def _panel_titles(cfg: UnlearnConfig, m: dict[str, float]) -> tuple[str, str]:
             ("forget_mass", "forget mass", "{:.3f}".format), ("copies_of_targets", "copies of targets", "{:.3f}".format),
             ("memorised_fraction", "memorised", lambda v: f"{100 * v:.1f}%")) if key + suffix in m]
         if not suffix and "forget_ratio" in m:
-            parts.append(f"ratio {m['forget_ratio']:.3f}")
+            parts.append(f"ratio {m['forget_ratio']:.3f}" + (f" (reference {m['forget_ratio_reference']:.3f})" if "forget_ratio_reference" in m else ""))
         return ", ".join(parts)
 
     return f"base\n{figures('_before')}", f"unlearned ({cfg.mode}, λ={cfg.lam:g})\n{figures('')}"
