@@ -110,16 +110,9 @@ def retrain_case(work: Path, case: str, args) -> dict:
             "trajectory": [], "floor": float("nan")}
 
 
-def probe_history(client, parent_run_id: str, key: str) -> list[tuple[int, float]]:
-    """``key`` at every probe of the job's training runs (one per pool, in order), against the images spent over all pools."""
-    runs = sorted(client.search_runs([client.get_run(parent_run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"),
-                  key=lambda r: r.info.start_time)
-    out, offset = [], 0
-    for r in runs:
-        out += [(offset + h.step, h.value) for h in sorted(client.get_metric_history(r.info.run_id, key), key=lambda h: h.step)]
-        batch = int(r.data.params["batch_size"])
-        offset += -(-int(r.data.params["images"]) // batch) * batch
-    return out
+def probe_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """The job's ``goal/<key>`` curve: every probe over all pools, against the images spent."""
+    return [(h.step, h.value) for h in sorted(client.get_metric_history(run_id, f"goal/{key}"), key=lambda h: h.step)]
 
 
 def floor(cfg, base_samples: str, judge_labels) -> dict[str, float]:
@@ -170,7 +163,7 @@ def run_case(work: Path, case: str, variant: str, args) -> dict:
     seconds = time.perf_counter() - t0
     m = result["metrics"]
     client = MlflowClient()
-    trajectory, upper = (probe_history(client, result["mlflow_run_id"], key) for key in ("eval/forget_ratio", "eval/forget_ratio_hi"))
+    trajectory, upper = (probe_history(client, result["mlflow_run_id"], key) for key in ("forget_ratio", "forget_ratio_hi"))
     from genmem.evaluation import training_data
 
     _, train, _ = training_data(base)

@@ -274,6 +274,10 @@ def test_resampled_pools_come_from_the_model_being_trained_and_hold_less_of_the_
     assert run.data.tags["train_run_id"] == runs["pools-train-3"].info.run_id
     assert [Path(u).name for u in yaml.safe_load(runs["pools-train-3"].data.params["data.synthetic"])] == ["base_samples", "pool_2", "pool_3"]
     assert run.data.metrics["unlearn/images_spent"] == 61_440
+    # the job's run holds the goal's whole trajectory against the images spent over every pool
+    curve = sorted(client.get_metric_history(run.info.run_id, "goal/forget_ratio"), key=lambda h: h.step)
+    probes = [h for r in ("pools-train", "pools-train-2", "pools-train-3") for h in client.get_metric_history(runs[r].info.run_id, "eval/forget_ratio")]
+    assert [h.step for h in curve] == [20_480, 40_960, 61_440] and [h.value for h in curve] == [h.value for h in probes], (curve, probes)
 
 
 @pytest.mark.slow
@@ -298,6 +302,8 @@ def test_with_exact_unlearnings_model_as_reference_the_goal_holds_what_is_left_a
     upper = sorted(client.get_metric_history(run.data.tags["train_run_id"], "eval/forget_excess_hi"), key=lambda h: h.step)
     assert upper[-1].step == result["images_seen"] and upper[-1].value <= 0.1 < min([1.0] + [h.value for h in upper[:-1]]), upper
     assert run.data.metrics["unlearn/forget_excess"] == pytest.approx(m["forget_excess"])
+    assert [h.value for h in sorted(client.get_metric_history(run.info.run_id, "goal/forget_excess_hi"), key=lambda h: h.step)] == [
+        h.value for h in upper]
 
 
 @pytest.mark.slow

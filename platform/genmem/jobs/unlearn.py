@@ -69,6 +69,7 @@ from genmem.runs.curves import curves_against
 from genmem.runs.training import TrainJobResult, footprint
 from genmem.seeds import Unlearn as Stream
 from genmem.storage import storage_root
+from genmem.tracking import Tracker
 from genmem.viz import before_after
 
 
@@ -451,6 +452,18 @@ COLUMNS = ("params.lam", "unlearn/forget_ratio", "unlearn/memorised_fraction", "
            "unlearn/copies_of_targets")  # the run list's: the last step of each is the unlearned model's
 
 
+GOAL_CURVES = ("forget_ratio", "forget_ratio_hi", "forget_excess", "forget_excess_hi")  # the probes' figures the job's run holds
+
+
+def _goal_curves(change: BeforeAfter, trained: TrainJobResult, offset: int) -> None:
+    """A training run's probes on the job's run as ``goal/<figure>`` at the images spent over
+    every pool so far (``offset`` before this one), so one chart holds the whole trajectory."""
+    run = Tracker(trained["mlflow_run_id"], trained["tracking_uri"])
+    for name in GOAL_CURVES:
+        for step, value in zip(*run.history(f"eval/{name}")):
+            change.tracker.metrics({f"goal/{name}": value}, step=offset + step)
+
+
 def _pool_name(pool: int) -> str:
     return "base_samples" if pool == 0 else f"pool_{pool + 1}"  # as its training run, <run>-train-<pool + 1>
 
@@ -462,8 +475,8 @@ def _train_pools(change: BeforeAfter, cfg: UnlearnConfig, base: Base, proxy: Pro
     training run (``<run>-train``, ``<run>-train-2``, ...) that starts from the last one's weights
     and EMA, its samples kept as ``pool_2``, ``pool_3``, ... (``accumulate_pools``: trained on with
     every earlier pool's rows, the base's first). The pool's mean and least weight go to
-    the job's run at step k (k pools redrawn); the result is the last run's, with the images and
-    the reason counted over every pool."""
+    the job's run at step k (k pools redrawn), its probes to the job's run as ``goal/*`` curves;
+    the result is the last run's, with the images and the reason counted over every pool."""
     per_pool = cfg.resample_every_images or cfg.max_images
     spent, pool, start, pools = 0, 0, None, []
     while True:
@@ -474,6 +487,7 @@ def _train_pools(change: BeforeAfter, cfg: UnlearnConfig, base: Base, proxy: Pro
         trained = change.train(_train_config(change, cfg, base, pool, start, min(per_pool, cfg.max_images - spent)),
                                objective_factory=WeightsFactory(w, float(rows.double().sum()), source), probe_factory=probes,
                                announce=cfg.resample_every_images is None)
+        _goal_curves(change, trained, spent)
         spent += trained["images_seen"]
         if trained["ended_by"] == "target" or cfg.max_images - spent < cfg.probe_every_images:  # no probe would judge a shorter pool
             break
