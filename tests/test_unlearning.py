@@ -323,6 +323,8 @@ def test_the_papers_second_flow_trains_until_the_upper_moon_is_forgotten(storage
     assert len(probes) >= 2 and probes[-1].step == result["images_seen"], trajectory
     upper = sorted(client.get_metric_history(run.data.tags["train_run_id"], "eval/forget_ratio_hi"), key=lambda h: h.step)
     assert [h.step for h in upper] == [h.step for h in probes] and all(u.value >= p.value for u, p in zip(upper, probes)), trajectory
+    goal = sorted(client.get_metric_history(run.info.run_id, "goal/forget_ratio"), key=lambda h: h.step)
+    assert [(h.step, h.value) for h in goal] == trajectory  # on the job's run too, from the two-worker group's rank 0
     # the first probe whose 95% upper bound is at the target, with the kept part not surely farther from the
     # kept data than 1.5x the base's, ends it
     kept_lo = [h.value for h in sorted(client.get_metric_history(run.data.tags["train_run_id"], "eval/kept_mmd_lo"), key=lambda h: h.step)]

@@ -12,12 +12,12 @@ checkpoint in, unlearned checkpoint out:
    samples by the same independent measure as step 4, and training ends at the first probe whose
    forget ratio (with a reference: above the reference's) is at most ``target_ratio`` with every
    kept label's retention within ``retention`` and the kept part's MMD² to the kept data within
-   ``kept_tolerance`` times the base's, all judged at one-sided ``confidence`` against the probe's sampling noise (the
-   ratio's upper bound at the target; no kept label, and not the kept part, surely outside)
-   (tag ``ended_by=target``), or at ``max_images`` (``ended_by=max_images``); with
-   ``resample_every_images`` (finetune) the pool is drawn again from the model being trained
-   every that many images, each pool a training run of its own (``accumulate_pools``: on every
-   pool so far);
+   ``kept_tolerance`` times the base's, all judged at one-sided ``confidence`` against the
+   probe's sampling noise (the ratio's upper bound at the target; no kept label, and not the kept
+   part, surely outside) (tag ``ended_by=target``), or at ``max_images``
+   (``ended_by=max_images``); with ``resample_every_images`` (finetune) the pool is drawn again
+   from the model being trained every that many images, each pool a training run of its own
+   (``accumulate_pools``: on every pool so far), the probes on the job's run as ``goal/*``;
 4. the same ``eval_n`` samples from the unlearned model, measured against the base's by ground
    truth (toy regions), an independent classifier (classes) or the exact nearest-neighbour test
    (copies), never by the proxy, and with a reference the forget ratio above the reference's
@@ -292,6 +292,7 @@ class Judge:
 
     @property
     def reference_ratio(self) -> float:
+        """The reference's forget ratio: its share of the forget set over the base's."""
         return self.reference[0] / self.reference[1] / (self.k_before / self.n_before) if self.k_before else float("nan")
 
     def labels(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -324,7 +325,7 @@ class Judge:
     def reached(self, m: dict[str, float]) -> tuple[bool, str]:
         """Whether ``m`` (what :meth:`__call__` returned) meets the goal, and one clause of why.
         With bounds in ``m`` the verdict allows for the probe's sampling noise: the forget ratio's
-        upper bound must be at most the target, and a kept label is out of bounds only where its
+        (with a reference: its excess over the reference's) upper bound must be at most the target, and a kept label is out of bounds only where its
         own bound says so; without them (or at confidence 0.5) the point estimates decide."""
         (lo, hi), text = self.bounds, f"forget ratio {m.get('forget_ratio', float('nan')):.3f}"
         key = "forget_excess" if self.reference is not None else "forget_ratio"
